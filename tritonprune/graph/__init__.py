@@ -1,0 +1,52 @@
+"""Channel coupling: trace a model with torch.export and find the groups of channels pruned together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from . import layers as _layers  # noqa: F401  (registers the parameterised-op rules)
+from .assemble import assemble
+from .group import Group, Slot
+from .rules import Walker
+from .trace import TraceError, export, unwrap
+
+__all__ = ["find_groups", "Group", "Slot", "TraceError", "resolve_ignored"]
+
+
+def resolve_ignored(model: nn.Module, ignored_layers: Iterable[object]) -> set[str]:
+    """Qualified names of the ignored layers (modules or their names); unknown ones are an error."""
+    names = {id(m): n for n, m in model.named_modules()}
+    params = {id(p): n for n, p in model.named_parameters()}
+    out: set[str] = set()
+    for layer in ignored_layers or ():
+        if isinstance(layer, str):
+            if layer not in dict(model.named_modules()):
+                raise ValueError(f"ignored_layers: {layer!r} is not a module of {type(model).__name__}")
+            out.add(layer)
+        elif isinstance(layer, nn.Parameter) and id(layer) in params:
+            out.add(params[id(layer)].rsplit(".", 1)[0] if "." in params[id(layer)] else "")
+        elif isinstance(layer, nn.Module) and id(layer) in names:
+            out.add(names[id(layer)])
+        else:
+            raise ValueError(
+                f"ignored_layers: {type(layer).__name__} object is not part of {type(model).__name__}; "
+                "pass modules of this model or their qualified names"
+            )
+    return out
+
+
+def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = ()) -> list[Group]:
+    """Coupled channel groups of `model`, found from its exported ATen graph.
+
+    Channels reaching a model output or input, hard-coded positions (slices, fixed-size splits) and ops
+    without a rule are left out (the latter with a warning naming the op and module). Parameters are
+    named by their qualified names, so the groups apply to any copy of the model.
+    """
+    model = unwrap(model)
+    ignored = resolve_ignored(model, ignored_layers)
+    ep = export(model, example_inputs)
+    walker = Walker(ep, model)
+    walker.run()
+    return assemble(walker.space, ignored)

@@ -1,0 +1,156 @@
+"""Channel identities: every channel of every parameter dim gets an integer id; coupling rules union ids.
+
+Activations carry a compact id tensor with the activation's number of dims, each dim either 1 (ids
+constant along it) or the activation's size; -1 marks elements with no channel identity (batch,
+spatial, values from model inputs or constants). Parameters and buffers get 1-D ids per dim, made on
+first use, so a weight's rows and columns are separate channel spaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NONE = -1
+
+
+@dataclass
+class Registered:
+    """One parameter/buffer dim whose ids were handed out: the raw material of Slots."""
+
+    name: str
+    module: str
+    kind: str
+    role: str
+    dim: int
+    size: int  # number of ids (for blocked dims: blocks * tensor size along dim)
+    first: int  # first id
+    blocks: int = 1
+    is_bias: bool = False
+    is_buffer: bool = False
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return torch.arange(self.first, self.first + self.size)
+
+
+class IdSpace:
+    def __init__(self) -> None:
+        self.count = 0
+        self.registered: dict[tuple[str, int], Registered] = {}
+        self.edges_a: list[torch.Tensor] = []
+        self.edges_b: list[torch.Tensor] = []
+        self.excluded: list[torch.Tensor] = []
+        self.requirements: list[tuple[torch.Tensor, int]] = []  # (ids in order, blocks)
+
+    def fresh(self, n: int) -> torch.Tensor:
+        ids = torch.arange(self.count, self.count + n)
+        self.count += n
+        return ids
+
+    def param_ids(self, name: str, dim: int, size: int, *, module: str, kind: str, role: str,
+                  blocks: int = 1, is_bias: bool = False, is_buffer: bool = False) -> torch.Tensor:
+        key = (name, dim)
+        reg = self.registered.get(key)
+        if reg is None:
+            reg = Registered(name, module, kind, role, dim, size, self.count, blocks, is_bias, is_buffer)
+            self.count += size
+            self.registered[key] = reg
+        elif reg.size != size or reg.blocks != blocks:
+            # the same tensor dim used two incompatible ways (e.g. shared weights in a grouped and a
+            # plain conv): its channels cannot be pruned consistently
+            self.exclude(reg.ids)
+            return self.fresh(size).fill_(NONE)
+        return reg.ids
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Union ids elementwise (after broadcasting); pairs where either side is NONE are skipped."""
+        a, b = torch.broadcast_tensors(a, b)
+        a, b = a.reshape(-1), b.reshape(-1)
+        both = (a >= 0) & (b >= 0)
+        if both.any():
+            self.edges_a.append(a[both])
+            self.edges_b.append(b[both])
+
+    def exclude(self, ids: torch.Tensor) -> None:
+        ids = ids.reshape(-1)
+        ids = ids[ids >= 0]
+        if ids.numel():
+            self.excluded.append(ids.unique())
+
+    def require_blocks(self, ids: torch.Tensor, blocks: int) -> None:
+        if blocks > 1:
+            self.requirements.append((ids.reshape(-1).clone(), blocks))
+
+    def components(self) -> torch.Tensor:
+        """Component label of every id (the smallest id in its component)."""
+        labels = torch.arange(self.count)
+        if not self.edges_a:
+            return labels
+        a = torch.cat(self.edges_a)
+        b = torch.cat(self.edges_b)
+        while True:
+            la, lb = labels[a], labels[b]
+            low = torch.minimum(la, lb)
+            new = labels.clone()
+            new.scatter_reduce_(0, la, low, reduce="amin")
+            new.scatter_reduce_(0, lb, low, reduce="amin")
+            # pointer jumping until every id points at a fixed point of the label map
+            while True:
+                jumped = new[new]
+                if torch.equal(jumped, new):
+                    break
+                new = jumped
+            if torch.equal(new, labels):
+                return labels
+            labels = new
+
+    def excluded_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        bad = torch.zeros(self.count, dtype=torch.bool)
+        if self.excluded:
+            bad[labels[torch.cat(self.excluded)]] = True
+        return bad[labels]
+
+
+# ---- compact id tensors -------------------------------------------------------------------------
+
+
+def none_like(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    return torch.full((1,) * len(shape), NONE, dtype=torch.long)
+
+
+def varies(ids: torch.Tensor, dim: int) -> bool:
+    return ids.shape[dim] > 1
+
+
+def has_ids(ids: torch.Tensor | None) -> bool:
+    return ids is not None and bool((ids >= 0).any())
+
+
+def along(ids1d: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """A compact id tensor of `ndim` dims that varies along `dim` only."""
+    shape = [1] * ndim
+    shape[dim] = ids1d.numel()
+    return ids1d.reshape(shape)
+
+
+def expand_dims(ids: torch.Tensor, shape: tuple[int, ...], dims: list[int]) -> torch.Tensor:
+    """Materialize the compact ids along `dims` to the real sizes."""
+    target = list(ids.shape)
+    for d in dims:
+        target[d] = shape[d]
+    return ids.expand(target)
+
+
+def channel_vector(ids: torch.Tensor, dim: int, size: int) -> torch.Tensor | None:
+    """The 1-D ids along `dim` if ids vary along `dim` only (or are constant NONE); else None."""
+    others = [d for d in range(ids.dim()) if d != dim and ids.shape[d] > 1]
+    if others:
+        return None
+    if ids.shape[dim] == size:
+        return ids.reshape(-1)
+    flat = ids.reshape(-1)
+    if flat.numel() == 1 and flat.item() < 0:
+        return torch.full((size,), NONE, dtype=torch.long)
+    return None

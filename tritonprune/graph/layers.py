@@ -1,0 +1,238 @@
+"""Coupling rules for ops that own parameters: convolutions, linear maps, norms, PReLU, embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from . import group as g
+from .channels import NONE, along, channel_vector, expand_dims, none_like
+from .rules import Walker, no_identity, overloads, rule, unknown
+
+aten = torch.ops.aten
+
+
+def _arg(node: fx.Node, pos: int, name: str, default: object = None) -> object:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _link_channels(w: Walker, x_vec: torch.Tensor, ids: torch.Tensor) -> None:
+    """Input channels meet a parameter dim: same channel where the input has identity, fixed where not."""
+    w.space.union(x_vec, ids)
+    w.space.exclude(torch.where(x_vec < 0, ids, NONE))
+
+
+def _channel_input(w: Walker, node: fx.Node, x: fx.Node, dim: int) -> torch.Tensor | None:
+    ids = w.act(x)
+    shape = w.shape(x)
+    if not isinstance(ids, torch.Tensor) or shape is None:
+        return None
+    vec = channel_vector(ids, dim, shape[dim])
+    if vec is None:
+        w.warn(node, "input channels are spread over several dims")
+        w.space.exclude(ids)
+        return torch.full((shape[dim],), NONE, dtype=torch.long)
+    return vec
+
+
+def _is_param(w: Walker, *nodes: object) -> bool:
+    return all(n is None or w.tensor_name(n) is not None for n in nodes)
+
+
+# ---- convolutions -----------------------------------------------------------------------------
+
+
+def _conv(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object, groups: int,
+          transposed: bool) -> object:
+    if not _is_param(w, weight, bias):
+        return unknown(w, node)
+    wshape = w.shape(weight)
+    xshape = w.shape(x)
+    batched = len(xshape) == len(wshape)
+    cdim = 1 if batched else 0
+    out_shape = w.out_shape(node)
+    kind = g.CONV_T if transposed else g.CONV
+    x_vec = _channel_input(w, node, x, cdim)
+    if x_vec is None:
+        return no_identity(w, node)
+    in_ch = xshape[cdim]
+    if transposed:
+        in_dim, out_dim = 0, 1  # weight [in, out/groups, *k]
+        out_ch = wshape[1] * groups
+    else:
+        in_dim, out_dim = 1, 0  # weight [out, in/groups, *k]
+        out_ch = wshape[0]
+    per_in, per_out = in_ch // groups, out_ch // groups
+
+    if groups == 1:
+        _link_channels(w, x_vec, w.pid(weight, in_dim, kind=kind, role=g.IN))
+        out_ids = w.pid(weight, out_dim, kind=kind, role=g.OUT)
+    elif per_in == 1 and not transposed:
+        # depthwise (optionally with a channel multiplier): input channel j feeds output rows j*m..j*m+m-1
+        out_ids = w.pid(weight, 0, kind=kind, role=g.OUT)
+        _link_channels(w, x_vec.repeat_interleave(per_out), out_ids)
+    elif per_in == 1 and transposed and per_out == 1:
+        out_ids = w.pid(weight, 0, kind=kind, role=g.OUT)
+        _link_channels(w, x_vec, out_ids)
+    elif per_in > 1 and per_out >= 1:
+        # grouped: in and out are separate channel spaces, each pruned by the same count per conv group
+        if transposed:
+            in_ids = w.pid(weight, 0, kind=kind, role=g.IN)
+            out_ids = w.pid(weight, 1, kind=kind, role=g.OUT, blocks=groups, size=out_ch)
+        else:
+            in_ids = w.pid(weight, 1, kind=kind, role=g.IN, blocks=groups, size=in_ch)
+            out_ids = w.pid(weight, 0, kind=kind, role=g.OUT)
+        _link_channels(w, x_vec, in_ids)
+        w.space.require_blocks(in_ids, groups)
+        w.space.require_blocks(out_ids, groups)
+    else:
+        return unknown(w, node)
+    if bias is not None:
+        w.space.union(w.pid(bias, 0, kind=kind, role=g.OUT, is_bias=True), out_ids)
+    return along(out_ids, cdim, len(out_shape))
+
+
+@rule(*overloads(aten.conv1d, aten.conv2d, aten.conv3d))
+def conv(w: Walker, node: fx.Node) -> object:
+    return _conv(w, node, node.args[0], node.args[1], _arg(node, 2, "bias"), _arg(node, 6, "groups", 1), False)
+
+
+@rule(*overloads(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d))
+def conv_transpose(w: Walker, node: fx.Node) -> object:
+    return _conv(w, node, node.args[0], node.args[1], _arg(node, 2, "bias"), _arg(node, 6, "groups", 1), True)
+
+
+@rule(*overloads(aten.convolution, aten._convolution))
+def convolution(w: Walker, node: fx.Node) -> object:
+    return _conv(w, node, node.args[0], node.args[1], node.args[2], node.args[8], bool(node.args[6]))
+
+
+# ---- linear maps ------------------------------------------------------------------------------
+
+
+def _linear(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object, in_dim: int,
+            out_dim: int) -> object:
+    ids = w.act(x)
+    xshape = w.shape(x)
+    out_shape = w.out_shape(node)
+    if not isinstance(ids, torch.Tensor) or xshape is None:
+        return no_identity(w, node)
+    in_ids = w.pid(weight, in_dim, kind=g.LINEAR, role=g.IN)
+    last = len(xshape) - 1
+    full = expand_dims(ids, xshape, [last])
+    w.space.union(full, along(in_ids, last, full.dim()))
+    # a column fed by a value without identity anywhere in the batch is fixed
+    missing = (full < 0).reshape(-1, xshape[last]).any(0)
+    w.space.exclude(in_ids[missing])
+    out_ids = w.pid(weight, out_dim, kind=g.LINEAR, role=g.OUT)
+    if bias is not None:
+        w.space.union(w.pid(bias, 0, kind=g.LINEAR, role=g.OUT, is_bias=True), out_ids)
+    return along(out_ids, len(out_shape) - 1, len(out_shape))
+
+
+@rule(*overloads(aten.linear))
+def linear(w: Walker, node: fx.Node) -> object:
+    weight, bias = node.args[1], _arg(node, 2, "bias")
+    if not _is_param(w, weight, bias):
+        return unknown(w, node)
+    return _linear(w, node, node.args[0], weight, bias, 1, 0)
+
+
+@rule(*overloads(aten.addmm))
+def addmm(w: Walker, node: fx.Node) -> object:
+    bias, x, weight = node.args[0], node.args[1], node.args[2]
+    if not _is_param(w, weight, bias) or len(w.shape(weight)) != 2:
+        return unknown(w, node)
+    return _linear(w, node, x, weight, bias, 0, 1)  # x @ W with W [in, out] (GPT-2 Conv1D)
+
+
+@rule(*overloads(aten.mm, aten.matmul))
+def matmul(w: Walker, node: fx.Node) -> object:
+    x, weight = node.args[0], node.args[1]
+    if w.tensor_name(weight) is not None and len(w.shape(weight)) == 2:
+        return _linear(w, node, x, weight, None, 0, 1)
+    return unknown(w, node)
+
+
+# ---- norms and per-channel parameters -----------------------------------------------------------
+
+
+def _per_channel(w: Walker, node: fx.Node, x: fx.Node, dim: int, kind: str,
+                 params: list[tuple[object, str, bool]], blocks: int = 1) -> object:
+    """Norm-like op: every given per-channel tensor shares the input's channels along `dim`."""
+    if not _is_param(w, *[p for p, _, _ in params]):
+        return unknown(w, node)
+    ids = w.act(x)
+    xshape = w.shape(x)
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    x_vec = _channel_input(w, node, x, dim)
+    for p, role, is_bias in params:
+        if p is not None and w.shape(p)[0] == xshape[dim] and xshape[dim] > 1:
+            _link_channels(w, x_vec, w.pid(p, 0, kind=kind, role=role, is_bias=is_bias))
+    if blocks > 1:
+        w.space.require_blocks(x_vec, blocks)
+    val = node.meta["val"]
+    return [ids] + [none_like(v.shape) if isinstance(v, torch.Tensor) else None for v in val[1:]] \
+        if isinstance(val, (list, tuple)) else ids
+
+
+def _bn_params(node: fx.Node) -> list[tuple[object, str, bool]]:
+    return [(node.args[1], g.AFFINE, False), (node.args[2], g.AFFINE, True),
+            (node.args[3], g.STAT, False), (node.args[4], g.STAT, False)]
+
+
+@rule(*overloads(aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
+                 aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
+                 aten._batch_norm_with_update, aten._batch_norm_no_update, aten.cudnn_batch_norm))
+def batch_norm(w: Walker, node: fx.Node) -> object:
+    return _per_channel(w, node, node.args[0], 1, g.BATCHNORM, _bn_params(node))
+
+
+@rule(*overloads(aten.instance_norm))
+def instance_norm(w: Walker, node: fx.Node) -> object:
+    return _per_channel(w, node, node.args[0], 1, g.INSTANCENORM, _bn_params(node))
+
+
+@rule(*overloads(aten.group_norm, aten.native_group_norm))
+def group_norm(w: Walker, node: fx.Node) -> object:
+    if node.target.overloadpacket is aten.native_group_norm:
+        weight, bias, num_groups = node.args[1], node.args[2], node.args[6]
+    else:
+        num_groups, weight, bias = node.args[1], _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    return _per_channel(w, node, node.args[0], 1, g.GROUPNORM,
+                        [(weight, g.AFFINE, False), (bias, g.AFFINE, True)], blocks=num_groups)
+
+
+@rule(*overloads(aten.layer_norm, aten.native_layer_norm, aten.rms_norm))
+def layer_norm(w: Walker, node: fx.Node) -> object:
+    shape = node.args[1]
+    nd = len(w.shape(node.args[0]))
+    if len(shape) != 1:
+        ids = w.act(node.args[0])
+        if isinstance(ids, torch.Tensor) and any(ids.shape[d] > 1 for d in range(nd - len(shape), nd)):
+            w.warn(node, "LayerNorm over several dims holding channels")
+            w.space.exclude(ids)
+        return w.act(node.args[0])
+    weight = _arg(node, 2, "weight")
+    bias = _arg(node, 3, "bias") if node.target.overloadpacket is not aten.rms_norm else None
+    return _per_channel(w, node, node.args[0], nd - 1, g.LAYERNORM,
+                        [(weight, g.AFFINE, False), (bias, g.AFFINE, True)])
+
+
+@rule(*overloads(aten.prelu, aten._prelu_kernel))
+def prelu(w: Walker, node: fx.Node) -> object:
+    x = node.args[0]
+    dim = 1 if len(w.shape(x)) > 1 else 0
+    return _per_channel(w, node, x, dim, g.PRELU, [(node.args[1], g.AFFINE, False)])
+
+
+@rule(*overloads(aten.embedding))
+def embedding(w: Walker, node: fx.Node) -> object:
+    weight = node.args[0]
+    if not _is_param(w, weight):
+        return unknown(w, node)
+    out = w.out_shape(node)
+    return along(w.pid(weight, 1, kind=g.EMBEDDING, role=g.AFFINE), len(out) - 1, len(out))
