@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -52,6 +53,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     _, group_of_chan = torch.unique(sigs, dim=0, return_inverse=True)
     group_of_label = torch.full((space.count,), -1, dtype=torch.long)
     group_of_label[chans] = group_of_chan
+    group_sizes = torch.bincount(group_of_chan).tolist()
 
     # rows sorted by (group, registered dim, position)
     grp_rows = group_of_label[lab_all]
@@ -72,7 +74,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         labs, pos = lab_all[lo:hi], pos_all[lo:hi]
         reg = regs[ri]
         entry = built.setdefault(gi, {"order": None, "slots": [], "first": ri})
-        slot, chan_order, why = _slot_for(reg, labs, pos)
+        slot, chan_order, why = _slot_for(reg, labs, pos, group_sizes[gi])
         if slot is None:
             failed[gi] = why
             continue
@@ -83,19 +85,62 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
             continue
         entry["slots"].append((ri, slot))
 
-    # block requirements (grouped convs, GroupNorm, chunk): the blocks must be contiguous in the group
+    blocks, merges = _apply_requirements(space, labels, bad, group_of_label, built, failed)
+
+    groups = []
+    merged_member = {m for members in merges.values() for m in members[1:]}
+    for gi, entry in sorted(built.items(), key=lambda kv: kv[1]["first"]):
+        if gi in merged_member:
+            continue
+        members = merges.get(gi, [gi])
+        slots, size = [], 0
+        for m in members:
+            for _, slot in sorted(built[m]["slots"], key=lambda rs: rs[0]):
+                slots.append(replace(slot, offset=size))
+            size += int(built[m]["order"].numel())
+        why = next((failed[m] for m in members if m in failed), None)
+        if why is not None:
+            warnings.warn(f"tritonprune: channels of {slots[0].module or slots[0].name} are not pruned: {why}",
+                          stacklevel=3)
+            continue
+        if all(s.is_buffer for s in slots):
+            continue
+        origin = next((s.module for s in slots if s.role == g.OUT), slots[0].module or slots[0].name)
+        groups.append(g.Group(size=size, slots=tuple(slots), blocks=blocks.get(gi, 1), origin=origin,
+                              index=len(groups)))
+    return groups
+
+
+def _apply_requirements(space, labels, bad, group_of_label, built, failed):
+    """Equal-block requirements (grouped convs, GroupNorm, chunk).
+
+    Blocks inside one group must be contiguous runs of its channels. Blocks that fall into different
+    groups (chunk parts feeding different layers) merge those groups into one, each part a block.
+    """
     blocks: dict[int, int] = {}
+    merges: dict[int, list[int]] = {}
+    spanning = []
+
+    def index_in(gi: int, lab: torch.Tensor) -> torch.Tensor:
+        order = built[gi]["order"]
+        index = torch.full((space.count,), -1, dtype=torch.long)
+        index[order] = torch.arange(order.numel())
+        return index[lab]
+
     for ids, nb in space.requirements:
         lab = labels[ids]
         if bad[lab].any():
             continue
-        gi = int(group_of_label[lab[0]])
-        if gi in failed or gi not in built:
+        gis = group_of_label[lab]
+        runs, run_len = torch.unique_consecutive(gis, return_counts=True)
+        runs = runs.tolist()
+        if any(gi in failed or gi not in built for gi in runs):
             continue
-        order = built[gi]["order"]
-        index = torch.full((space.count,), -1, dtype=torch.long)
-        index[order] = torch.arange(order.numel())
-        if order.numel() != lab.numel() or not torch.equal(index[lab], torch.arange(lab.numel())):
+        if len(runs) > 1:
+            spanning.append((lab, nb, runs, run_len.tolist()))
+            continue
+        gi = runs[0]
+        if built[gi]["order"].numel() != lab.numel() or not torch.equal(index_in(gi, lab), torch.arange(lab.numel())):
             failed[gi] = f"{nb} equal blocks required by a grouped op do not line up with the group"
             continue
         combined = g.block_count(blocks.get(gi, 1), nb)
@@ -104,26 +149,41 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
             continue
         blocks[gi] = combined
 
-    groups = []
-    for gi, entry in sorted(built.items(), key=lambda kv: kv[1]["first"]):
-        slots = tuple(slot for _, slot in sorted(entry["slots"], key=lambda rs: rs[0]))
-        if gi in failed:
-            warnings.warn(f"tritonprune: channels of {slots[0].module or slots[0].name} are not pruned: "
-                          f"{failed[gi]}", stacklevel=3)
+    merged: set[int] = set()
+    for lab, nb, runs, run_len in spanning:
+        why = None
+        if len(runs) != nb or len(set(runs)) != nb or len(set(run_len)) != 1:
+            why = f"{nb} equal parts of a chunk do not each form a group"
+        elif merged & set(runs):
+            why = "channels are split by two different chunks"
+        else:
+            pos = 0
+            for gi, n in zip(runs, run_len):
+                part = lab[pos : pos + n]
+                pos += n
+                if built[gi]["order"].numel() != n or not torch.equal(index_in(gi, part), torch.arange(n)):
+                    why = f"a part of a {nb}-way chunk is only partly in a group"
+        if why is None:
+            inner = 1
+            for gi in runs:
+                inner = g.block_count(inner, blocks.get(gi, 1))
+            if inner == 0 or any(blocks.get(gi, 1) != inner for gi in runs):
+                why = "chunk parts have different block structure"
+        if why is not None:
+            for gi in runs:
+                failed[gi] = why
             continue
-        if all(s.is_buffer for s in slots):
-            continue
-        origin = next((s.module for s in slots if s.role == g.OUT), slots[0].module or slots[0].name)
-        groups.append(g.Group(size=int(entry["order"].numel()), slots=slots, blocks=blocks.get(gi, 1),
-                              origin=origin, index=len(groups)))
-    return groups
+        merged.update(runs)
+        merges[runs[0]] = runs
+        blocks[runs[0]] = nb * inner
+    return blocks, merges
 
 
 def _is_ignored(module: str, ignored: set[str]) -> bool:
     return any(module == m or module.startswith(m + ".") for m in ignored) if ignored else False
 
 
-def _slot_for(reg: Registered, labs: torch.Tensor, pos: torch.Tensor):
+def _slot_for(reg: Registered, labs: torch.Tensor, pos: torch.Tensor, size: int):
     """A Slot if the group's channels occupy an affine range of this dim, plus their channel order."""
     n_rows = labs.numel()
     # positions are sorted; a channel owning `repeat` consecutive positions shows up `repeat` times
@@ -135,7 +195,7 @@ def _slot_for(reg: Registered, labs: torch.Tensor, pos: torch.Tensor):
         return None, None, f"{reg.name} owns an uneven number of positions per channel"
     repeat = n_rows // n
     chan_order = labs[starts]
-    if chan_order.unique().numel() != n or not torch.equal(labs, chan_order.repeat_interleave(repeat)):
+    if n != size or not torch.equal(labs, chan_order.repeat_interleave(repeat)):
         return None, None, f"{reg.name} interleaves channels"
     start = int(pos[0])
     if not torch.equal(pos, torch.arange(start, start + n_rows)):

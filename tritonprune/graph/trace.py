@@ -52,9 +52,21 @@ def preserved(model: nn.Module) -> Iterator[None]:
                     b.copy_(saved)
 
 
+@contextlib.contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    # recording a Python stack trace per node is a third of export's time; we never read them
+    cfg = torch.fx.config
+    saved = cfg.do_not_emit_stack_traces
+    cfg.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        cfg.do_not_emit_stack_traces = saved
+
+
 def export(model: nn.Module, example_inputs: object) -> torch.export.ExportedProgram:
     args, kwargs = split_inputs(example_inputs)
-    with preserved(model):
+    with preserved(model), _no_stack_traces():
         try:
             return torch.export.export(model, args, kwargs, strict=False)
         except Exception as e:  # torch.export raises many types; keep its reason
