@@ -1,0 +1,28 @@
+"""tritonprune: structured-sparsity training and channel pruning for PyTorch.
+
+    groups = tpr.find_groups(model, example_inputs)
+    opt = tpr.RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, example_inputs,
+                                   regularizer=tpr.GroupNorm(reg=5e-4))
+    ...train as usual...
+    plan = tpr.prune(model, example_inputs, ratio=0.5, optimizer=opt)
+"""
+
+from .graph import Group, Slot, TraceError, find_groups
+from .optim import RegularizedOptimizer
+from .prune import PrunePlan, prune
+from .regularizers import BNScale, GroupLasso, GroupNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "find_groups",
+    "Group",
+    "Slot",
+    "TraceError",
+    "RegularizedOptimizer",
+    "GroupNorm",
+    "BNScale",
+    "GroupLasso",
+    "prune",
+    "PrunePlan",
+]

@@ -1,0 +1,30 @@
+"""Shared pytest setup: few threads (the suite runs on 2 cores, often with xdist), fixed seeds, and a
+`cuda` marker that skips where no CUDA device is present."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# tests import their helpers as top-level modules (`from zoo import ZOO`, `import tp_oracle`)
+sys.path.insert(0, os.path.dirname(__file__))
+
+torch.set_num_threads(2 if (os.cpu_count() or 1) >= 2 and "PYTEST_XDIST_WORKER" not in os.environ else 1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

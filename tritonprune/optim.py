@@ -1,0 +1,291 @@
+"""RegularizedOptimizer: wraps any torch optimizer and adds the sparsity term at every step.
+
+This module is the wrapper contract only (sharing state with the inner optimizer, closures, hooks,
+checkpoints, pickling). The mathematics lives in `tritonprune.engine` and `tritonprune.regularizers`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+# Indirections so the engine and regularizers are imported on first use (and can be swapped in tests).
+def _resolve_regularizer(regularizer: Any) -> Any:
+    from .regularizers import resolve_regularizer
+
+    return resolve_regularizer(regularizer)
+
+
+def _engine_class() -> type:
+    from .engine import Regularization
+
+    return Regularization
+
+
+class RegularizedOptimizer(Optimizer):
+    """Wrap a ``torch.optim`` optimizer so that every ``step()`` applies a channel-sparsity regularizer.
+
+    Adding it to a training loop is a one-line change; the loop itself stays the same::
+
+        import tritonprune as tpr
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = tpr.RegularizedOptimizer(opt, model, example_inputs, regularizer=tpr.GroupNorm(reg=5e-4))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)   # on the wrapper or not
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            loss.backward()
+            opt.step()          # regularize the gradients, then the inner step
+            opt.zero_grad()
+        sched.step()
+
+    The wrapper *is* the inner optimizer as far as the rest of PyTorch is concerned: ``param_groups``
+    is the inner optimizer's list and ``state`` its state, so LR schedulers, ``torch.amp.GradScaler``
+    (``scaler.step(opt)`` unscales first, and skips the whole step, regularization included, on
+    overflow), ``state_dict``/``load_state_dict`` checkpoints, ``zero_grad`` and step hooks keep
+    working. Gradient accumulation is fine: the term is added once per ``step()``, not per backward.
+    Parameters whose ``.grad`` is None (frozen or unused) are left untouched.
+
+    Args:
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
+        model: the model whose channels are regularized.
+        example_inputs: what ``torch.export`` takes (a tensor, a tuple of positional arguments or a
+            dict of keyword arguments); used to find the channel groups. Not needed if ``groups`` is given.
+        regularizer: a regularizer instance (``tpr.GroupNorm``, ``tpr.BNScale``, ``tpr.GroupLasso``) or
+            one of the strings ``"group_norm"``, ``"bn_scale"``, ``"group_lasso"``.
+        groups: precomputed groups (``tpr.find_groups(...)``); found from ``example_inputs`` if None.
+        ignored_layers: modules to leave alone when finding groups.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
+
+    Coupled or decoupled mode (``regularizer.decoupled``):
+
+    * Coupled (default, what DepGraph and Network Slimming do): ``step()`` adds the term to ``.grad``
+      and then runs the inner step, so the optimizer sees ``grad + term``. With SGD (momentum or not)
+      this is the classic penalty. Adaptive optimizers (Adam, AdamW, RMSprop, Adagrad) divide each
+      coordinate by a running gradient scale, which rescales the term too: weights with small
+      gradients get shrunk much harder than ``reg`` suggests, and large ones barely at all — the same
+      reason Adam's L2 ``weight_decay`` differs from AdamW's.
+    * Decoupled (``decoupled=True``): the inner step runs on the raw gradients, then each regularized
+      weight is shrunk in place by ``w -= lr * term``, with ``lr`` of the weight's param group (so LR
+      schedules apply), like AdamW's weight decay. Use it with adaptive optimizers, or whenever the
+      sparsity pressure should follow ``reg * lr`` exactly; keep the coupled mode to reproduce
+      Torch-Pruning / the papers with SGD.
+
+    ``regularize()`` adds the (coupled) term to the current gradients without stepping; ``step()``
+    calls it for you. After pruning, hand the new groups over with ``reset_groups(groups)``.
+
+    Notes: a closure passed to ``step`` is run here, once, under ``torch.enable_grad()``, and never
+    passed on (the inner optimizer would recompute the gradients and lose the term). Pickling or
+    deep-copying the wrapper copies the model and inner optimizer together and rebuilds the engine,
+    so a cached ``refresh_every`` importance is recomputed at the next step. Global optimizer hooks
+    (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire for both the wrapper and the
+    inner optimizer.
+    """
+
+    # GradScaler must unscale the gradients before our step(): never let it hand us scaled gradients
+    # with a found_inf flag, even when the inner optimizer (fused Adam, ...) supports that.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module,
+        example_inputs: Any = None,
+        *,
+        regularizer: Any,
+        groups: Iterable[Any] | None = None,
+        ignored_layers: Iterable[nn.Module] = (),
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"RegularizedOptimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, RegularizedOptimizer):
+            raise TypeError("RegularizedOptimizer: the optimizer is already regularized; wrap the inner one once")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"RegularizedOptimizer: model must be an nn.Module, got {type(model).__name__}")
+        _check_owns_model_params(optimizer, model)
+
+        ignored_layers = tuple(ignored_layers)
+        if groups is None:
+            if example_inputs is None:
+                raise ValueError(
+                    "RegularizedOptimizer: pass example_inputs (to trace the model and find its channel "
+                    "groups) or groups=tpr.find_groups(model, example_inputs)"
+                )
+            from .graph import find_groups
+
+            groups = find_groups(model, example_inputs, ignored_layers=ignored_layers)
+        elif ignored_layers:
+            raise ValueError(
+                "RegularizedOptimizer: ignored_layers only applies when groups are found here; with "
+                "groups=..., pass ignored_layers to tpr.find_groups instead"
+            )
+
+        # Optimizer.__init__ is not called: it would copy the param groups. Set up what it owns instead.
+        self._optimizer = optimizer
+        self.model = model
+        self.regularizer = _resolve_regularizer(regularizer)
+        self.backend = backend
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+        self._engine = _engine_class()(model, list(groups), self.regularizer, backend=backend)
+
+    # -------------------------------------------------------------- shared with the inner optimizer
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped optimizer."""
+        return self._optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        # A property, not a copy: load_state_dict replaces the inner list, and we must follow it.
+        return self._optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._optimizer.defaults = value
+
+    # ------------------------------------------------------------------------- regularization
+    @property
+    def groups(self) -> list[Any]:
+        """The channel groups being regularized."""
+        return self._engine.groups
+
+    def reset_groups(self, groups: Iterable[Any]) -> None:
+        """Regularize these groups from now on (after pruning changed the model's channels)."""
+        self._engine.set_groups(list(groups))
+
+    def regularize(self) -> None:
+        """Add the regularization term to the current ``.grad`` of the grouped parameters, in place.
+
+        ``step()`` calls this itself (coupled mode); call it by hand only to inspect the gradients.
+        Parameters whose ``.grad`` is None are skipped.
+        """
+        with torch.no_grad():
+            self._engine.apply_to_grads()
+
+    def _shrink_decoupled(self) -> None:
+        # Only parameters this optimizer steps and that got a gradient are shrunk, each with its lr.
+        lr_of_param: dict[int, float] = {}
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is not None:
+                    lr_of_param[id(p)] = lr
+        with torch.no_grad():
+            self._engine.apply_decoupled(lr_of_param)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Regularize, then run the inner optimizer's step (decoupled mode: step, then shrink).
+
+        A closure is evaluated here, once, under ``torch.enable_grad()``; its loss is returned.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if getattr(self.regularizer, "decoupled", False):
+            self._optimizer.step()
+            self._shrink_decoupled()
+        else:
+            self._optimizer.step()
+            self.regularize()
+        return loss
+
+    # ----------------------------------------------------------------------- forwarded methods
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict (hooks registered on the wrapper run around it)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the inner optimizer (hooks registered on the wrapper run around it)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._optimizer.load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __repr__(self) -> str:
+        inner = repr(self._optimizer).replace("\n", "\n  ")
+        return (
+            f"{type(self).__name__}(\n  regularizer={self.regularizer!r},\n"
+            f"  groups={len(self.groups)}, backend={self.backend!r},\n  optimizer={inner}\n)"
+        )
+
+    # ------------------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # Like torch's Optimizer, hooks are not pickled (they are often lambdas), nor is the step
+        # wrapper an LR scheduler sets on the instance. The engine is rebuilt from what it was made of.
+        return {
+            "_optimizer": self._optimizer,
+            "model": self.model,
+            "regularizer": self.regularizer,
+            "backend": self.backend,
+            "groups": list(self.groups),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        groups = state.pop("groups")
+        self.__dict__.update(state)
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+        self._engine = _engine_class()(self.model, groups, self.regularizer, backend=self.backend)
+
+
+def _check_owns_model_params(optimizer: Optimizer, model: nn.Module) -> None:
+    model_params = {id(p) for p in model.parameters()}
+    if not any(id(p) in model_params for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(
+            "RegularizedOptimizer: none of the optimizer's parameters belongs to the model; build the "
+            "optimizer from model.parameters() of the same model instance"
+        )

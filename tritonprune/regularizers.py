@@ -1,0 +1,169 @@
+"""The sparsity regularizers: their hyperparameters, validation, and which Slots they read and write.
+
+The mathematics lives in the backends (kernels/); a regularizer only says which slots count in the
+per-channel importance and which receive the update, following Torch-Pruning 1.6.1:
+
+- importance (GroupNorm): weights of Conv/ConvTranspose/Linear out-rows and in-columns and the affine
+  weights of BatchNorm and LayerNorm (their biases too with `bias=True`);
+- update (GroupNorm): Conv/ConvTranspose/Linear out-rows and in-columns and BatchNorm weights (biases with
+  `bias=True`); LayerNorm counts in importance but is not updated, as in Torch-Pruning;
+- BNScale and GroupLasso read and write BatchNorm affine weights only.
+
+Two ways to apply the term:
+- coupled (default, what Torch-Pruning does): `grad += term` before the optimizer step. Right for SGD;
+  an adaptive optimizer (Adam, RMSprop, Adagrad) divides the gradient by its running scale, so the term's
+  strength then depends on the gradient statistics.
+- decoupled (`decoupled=True`): after the inner step, `w -= lr * term` with each param group's lr, like
+  AdamW's weight decay. Use it with adaptive optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .graph.group import BATCHNORM, CONV, CONV_T, IN, LAYERNORM, LINEAR, OUT, Slot
+
+_WEIGHTED = (CONV, CONV_T, LINEAR)
+
+
+def _check_nonneg(cls: str, name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"tritonprune.{cls}: {name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _check_refresh(cls: str, refresh_every: int) -> int:
+    if int(refresh_every) != refresh_every or refresh_every < 1:
+        raise ValueError(f"tritonprune.{cls}: refresh_every must be an integer >= 1, got {refresh_every!r}")
+    return int(refresh_every)
+
+
+def _is_bn_weight(slot: Slot) -> bool:
+    return slot.kind == BATCHNORM and not slot.is_bias and not slot.is_buffer
+
+
+class Regularizer:
+    """Base class: `select(slot) -> (counts_in_importance, receives_update)`."""
+
+    name = "regularizer"
+    needs_batchnorm = False
+    reg: float
+    decoupled: bool
+    refresh_every: int = 1
+
+    def select(self, slot: Slot) -> tuple[bool, bool]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GroupNorm(Regularizer):
+    """DepGraph's group-norm regularizer: `grad += reg * gamma_c * w` on every coupled slice of channel c.
+
+    `n_c` is the L2 norm of channel c over all importance slots of its group and
+    `gamma_c = 2 ** (alpha * (n_max - n_c) / (n_max - n_min))`, in [1, 2**alpha]: weak channels are pushed
+    harder. gamma is 1 where a group has one channel or equal norms.
+
+    Args:
+        reg: strength (>= 0).
+        alpha: exponent range (>= 0); Torch-Pruning's `alpha=4`.
+        bias: also count and update biases (of Conv/Linear out-rows and norms).
+        decoupled: apply `w -= lr * reg * gamma * w` after the inner optimizer step, with each param
+            group's lr, like AdamW's weight decay, instead of adding to the gradient. Use it with adaptive
+            optimizers (Adam, RMSprop, Adagrad), which rescale a term added to the gradient; keep the
+            default (coupled, as in Torch-Pruning) for SGD.
+        refresh_every: recompute gamma every N applications (1: every step, as DepGraph does).
+    """
+
+    name = "group_norm"
+
+    def __init__(self, reg: float = 1e-4, alpha: float = 4, bias: bool = False, decoupled: bool = False,
+                 refresh_every: int = 1):
+        self.reg = _check_nonneg("GroupNorm", "reg", reg)
+        self.alpha = _check_nonneg("GroupNorm", "alpha", alpha)
+        self.bias = bool(bias)
+        self.decoupled = bool(decoupled)
+        self.refresh_every = _check_refresh("GroupNorm", refresh_every)
+
+    def select(self, slot: Slot) -> tuple[bool, bool]:
+        if slot.is_buffer or (slot.is_bias and not self.bias):
+            return False, False
+        if slot.kind in _WEIGHTED and slot.role in (OUT, IN):
+            return True, True
+        if slot.kind == BATCHNORM:
+            return True, True
+        if slot.kind == LAYERNORM:
+            return True, False
+        return False, False
+
+    def __repr__(self) -> str:
+        return (f"GroupNorm(reg={self.reg}, alpha={self.alpha}, bias={self.bias}, decoupled={self.decoupled}, "
+                f"refresh_every={self.refresh_every})")
+
+
+class BNScale(Regularizer):
+    """Network Slimming: `grad += reg * sign(w)` on every BatchNorm affine weight of the groups (L1 on gamma).
+
+    Args:
+        reg: strength (>= 0).
+        decoupled: apply `w -= lr * reg * sign(w)` after the inner step, with each param group's lr, like
+            AdamW's weight decay; use it with adaptive optimizers, which rescale a term added to the
+            gradient. The default (coupled) matches Torch-Pruning.
+
+    Needs BatchNorm layers in the groups; on a model without them it raises ValueError.
+    """
+
+    name = "bn_scale"
+    needs_batchnorm = True
+
+    def __init__(self, reg: float = 1e-5, decoupled: bool = False):
+        self.reg = _check_nonneg("BNScale", "reg", reg)
+        self.decoupled = bool(decoupled)
+
+    def select(self, slot: Slot) -> tuple[bool, bool]:
+        return (False, True) if _is_bn_weight(slot) else (False, False)
+
+    def __repr__(self) -> str:
+        return f"BNScale(reg={self.reg}, decoupled={self.decoupled})"
+
+
+class GroupLasso(Regularizer):
+    """Group lasso on BatchNorm weights: `grad += reg / sqrt(q_c + 1e-9) * w` with
+    `q_c = mean over the group's BatchNorm slots of w_c^2` (Torch-Pruning's `BNScalePruner(group_lasso=True)`).
+
+    Groups without BatchNorm are skipped; if no group has one, it raises ValueError.
+
+    Args:
+        reg: strength (>= 0).
+        decoupled: apply `w -= lr * term` after the inner step with each param group's lr, like AdamW's
+            weight decay; use it with adaptive optimizers, which rescale a term added to the gradient.
+        refresh_every: recompute the per-channel coefficients every N applications.
+    """
+
+    name = "group_lasso"
+    needs_batchnorm = True
+
+    def __init__(self, reg: float = 1e-5, decoupled: bool = False, refresh_every: int = 1):
+        self.reg = _check_nonneg("GroupLasso", "reg", reg)
+        self.decoupled = bool(decoupled)
+        self.refresh_every = _check_refresh("GroupLasso", refresh_every)
+
+    def select(self, slot: Slot) -> tuple[bool, bool]:
+        return (True, True) if _is_bn_weight(slot) else (False, False)
+
+    def __repr__(self) -> str:
+        return f"GroupLasso(reg={self.reg}, decoupled={self.decoupled}, refresh_every={self.refresh_every})"
+
+
+_BY_NAME = {"group_norm": GroupNorm, "bn_scale": BNScale, "group_lasso": GroupLasso}
+
+
+def resolve_regularizer(x: Regularizer | str) -> Regularizer:
+    """An instance passes through; "group_norm", "bn_scale" or "group_lasso" give one with default settings."""
+    if isinstance(x, Regularizer):
+        return x
+    if isinstance(x, str) and x in _BY_NAME:
+        return _BY_NAME[x]()
+    raise ValueError(
+        f"tritonprune: unknown regularizer {x!r}; pass GroupNorm(...), BNScale(...), GroupLasso(...) "
+        f"or one of {sorted(_BY_NAME)}"
+    )

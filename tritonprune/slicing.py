@@ -1,0 +1,405 @@
+"""Physical and soft removal of group channels: tensors, module attributes and optimizer state.
+
+Removing group channels is first turned into one `Cut` per (tensor, dim): the indices along that dim
+to drop. A tensor can be cut by several groups (a conv weight's rows by one group, its columns by
+another; a Linear read by two `cat` parts), so all cuts are collected first and each tensor is sliced
+once per dim. Everything is validated and every new tensor computed before the model is touched:
+a plan that does not fit raises and leaves the model as it was.
+
+A blocked cut (the in-columns of a grouped convolution) keeps a different column set in each conv
+group, with equal counts, and is done with a gather; plain cuts are an index_select.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .geometry import slot_geometry, slot_view
+from .graph.group import Group, Slot
+
+
+@dataclass
+class Cut:
+    """Indices to remove along one dim of one tensor.
+
+    `removed[j, i]` is True when index i goes in block j. `blocks` is 1 for a plain cut; for a blocked
+    cut (dim >= 1) block j is the j-th equal run of the tensor's dim-0 rows (a conv group).
+    """
+
+    name: str
+    dim: int
+    removed: torch.Tensor  # bool [blocks, size]
+
+    @property
+    def blocks(self) -> int:
+        return self.removed.shape[0]
+
+    def keep(self) -> torch.Tensor:
+        """Kept indices, [blocks, kept per block] (sorted)."""
+        kept = ~self.removed
+        counts = kept.sum(1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"{self.name}: dim {self.dim} keeps unequal counts per block {counts.tolist()}")
+        return kept.nonzero()[:, 1].view(self.blocks, -1)
+
+    def removed_before(self, index: int) -> int:
+        return int(self.removed[0, :index].sum())
+
+
+Removal = tuple[Group, Sequence[int]]
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by qualified name (shared tensors under their first name)."""
+    out: dict[str, torch.Tensor] = dict(model.named_parameters())
+    for name, b in model.named_buffers():
+        if b is not None:
+            out.setdefault(name, b)
+    return out
+
+
+def _channel_mask(group: Group, removed: Sequence[int]) -> torch.Tensor:
+    mask = torch.zeros(group.size, dtype=torch.bool)
+    if len(removed):
+        idx = torch.as_tensor(list(removed), dtype=torch.long)
+        if idx.min() < 0 or idx.max() >= group.size:
+            raise ValueError(f"group {group.origin!r}: channel indices must lie in [0, {group.size})")
+        mask[idx] = True
+    return mask
+
+
+def _check_slot_fits(slot: Slot, tensor: torch.Tensor) -> None:
+    if slot.dim >= tensor.dim():
+        raise ValueError(f"{slot.name}: slot uses dim {slot.dim} but the tensor has shape {tuple(tensor.shape)}")
+    n = tensor.shape[slot.dim]
+    if slot.blocks > 1:
+        per = slot.length // slot.blocks
+        if slot.length % slot.blocks or tensor.shape[0] % slot.blocks or slot.start + per > n or slot.dim == 0:
+            raise ValueError(
+                f"{slot.name}: blocked slot ({slot.blocks} blocks of {per} on dim {slot.dim}) does not fit shape "
+                f"{tuple(tensor.shape)}; the plan was made for another model"
+            )
+    elif slot.start + slot.length * slot.repeat > n:
+        raise ValueError(
+            f"{slot.name}: slot covers indices {slot.start}..{slot.start + slot.length * slot.repeat} of dim "
+            f"{slot.dim}, but the tensor has {n}; the plan was made for another model"
+        )
+
+
+def build_cuts(removals: Iterable[Removal], tensors: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], Cut]:
+    """Turn removed group channels into per-(tensor, dim) cuts. Raises ValueError on anything that does not fit."""
+    cuts: dict[tuple[str, int], Cut] = {}
+    for group, removed in removals:
+        mask = _channel_mask(group, removed)
+        if group.blocks > 1:
+            if group.size % group.blocks:
+                raise ValueError(f"group {group.origin!r}: size {group.size} is not a multiple of blocks {group.blocks}")
+            per_block = mask.view(group.blocks, -1).sum(1)
+            if (per_block != per_block[0]).any():
+                raise ValueError(
+                    f"group {group.origin!r}: removes {per_block.tolist()} channels from its {group.blocks} blocks; "
+                    "grouped layers need the same count removed from every block"
+                )
+        if mask.all():
+            raise ValueError(f"group {group.origin!r}: a plan may not remove every channel of a group")
+        for slot in group.slots:
+            if slot.name not in tensors:
+                raise ValueError(f"{slot.name}: no such parameter or buffer in the model; the plan was made for another model")
+            t = tensors[slot.name]
+            _check_slot_fits(slot, t)
+            sub = mask[slot.offset : slot.offset + slot.length]
+            key = (slot.name, slot.dim)
+            cut = cuts.get(key)
+            G = slot.blocks
+            if cut is None:
+                cut = cuts[key] = Cut(slot.name, slot.dim, torch.zeros(G, t.shape[slot.dim], dtype=torch.bool))
+            elif cut.blocks != G:
+                raise ValueError(
+                    f"{slot.name}: dim {slot.dim} is cut both per conv group ({max(G, cut.blocks)} blocks) and as a whole; "
+                    "the groups are inconsistent"
+                )
+            if not sub.any():
+                continue
+            if G > 1:
+                per = slot.length // G
+                cut.removed[:, slot.start : slot.start + per] |= sub.view(G, per)
+            else:
+                idx = sub.nonzero()[:, 0]
+                idx = (slot.start + idx[:, None] * slot.repeat + torch.arange(slot.repeat)).flatten()
+                cut.removed[0, idx] = True
+    # same count in every block, and conv-group rows cut evenly where columns are cut per conv group
+    for (name, dim), cut in cuts.items():
+        cut.keep()
+        if cut.blocks > 1 and (name, 0) in cuts:
+            rows = cuts[(name, 0)].removed[0].view(cut.blocks, -1).sum(1)
+            if (rows != rows[0]).any():
+                raise ValueError(f"{name}: rows removed per conv group differ ({rows.tolist()}); the conv would break")
+    return cuts
+
+
+# ------------------------------------------------------------------------------------------ slicing
+
+
+def slice_tensor(t: torch.Tensor, cuts: Mapping[int, Cut]) -> torch.Tensor:
+    """A new tensor with every cut applied (blocked dims by gather first, on the original rows)."""
+    out = t.detach()
+    changed = False
+    channels_last = out.dim() in (4, 5) and not out.is_contiguous() and out.is_contiguous(
+        memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d
+    )
+    for dim, cut in sorted(cuts.items(), key=lambda kv: kv[1].blocks == 1):
+        keep = cut.keep().to(out.device)
+        if cut.blocks > 1:
+            rows = out.shape[0]
+            idx = keep.repeat_interleave(rows // cut.blocks, dim=0)  # [rows, kept]
+            idx = idx.view(rows, *([1] * (dim - 1)), keep.shape[1], *([1] * (out.dim() - dim - 1)))
+            target = list(out.shape)
+            target[dim] = keep.shape[1]
+            out = torch.gather(out, dim, idx.expand(target))
+            changed = True
+        elif cut.removed.any():
+            out = out.index_select(dim, keep[0])
+            changed = True
+    if not changed:
+        return out.clone()
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d)
+    return out.contiguous() if not channels_last else out
+
+
+def _conv_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd)
+
+
+def _conv_groups(model: nn.Module, cuts: Mapping[tuple[str, int], Cut]) -> dict[str, int]:
+    """New `groups` of every grouped conv the cuts touch; raises if a cut would break its structure.
+
+    The dim-0 rows (out-channels of a conv, in-channels of a ConvTranspose) are cut either evenly in
+    every conv group (groups unchanged; the other channel dim is then cut per conv group) or, where a
+    conv group reads a single input channel (depthwise), whole conv groups at a time (groups shrinks).
+    """
+    out: dict[str, int] = {}
+    for mname, m in model.named_modules():
+        if not _conv_like(m) or m.groups == 1:
+            continue
+        wname = f"{mname}.weight" if mname else "weight"
+        rows, cols = cuts.get((wname, 0)), cuts.get((wname, 1))
+        G = m.groups
+        w = m.weight
+        if cols is not None and cols.removed.any() and cols.blocks != G:
+            raise ValueError(f"{mname}: dim 1 of a conv with {G} groups must be cut per conv group")
+        if rows is None or not rows.removed.any():
+            continue
+        per = rows.removed[0].view(G, -1).sum(1)
+        size = w.shape[0] // G
+        # whole conv groups can go only where each group reads a single input channel (depthwise)
+        single = (w.shape[1] == 1) if not m.transposed else (size == 1)
+        if (per == per[0]).all():
+            out[mname] = G
+        elif single and ((per == 0) | (per == size)).all():
+            out[mname] = int((per == 0).sum())
+            if cols is not None and cols.removed.any():
+                raise ValueError(f"{mname}: cannot drop whole conv groups and cut inside the others at once")
+        else:
+            raise ValueError(f"{mname}: rows removed per conv group differ ({per.tolist()}); the conv would break")
+    return out
+
+
+def _new_attributes(m: nn.Module, new: Mapping[str, torch.Tensor], groups: int | None = None) -> dict[str, Any]:
+    """Module attributes that follow from its new tensor shapes (local names: 'weight', 'running_mean')."""
+    w = new.get("weight")
+    if _conv_like(m) and w is not None:
+        G = m.groups if groups is None else groups
+        if m.transposed:
+            return {"in_channels": w.shape[0], "out_channels": w.shape[1] * G, "groups": G}
+        return {"in_channels": w.shape[1] * G, "out_channels": w.shape[0], "groups": G}
+    if isinstance(m, nn.Linear) and w is not None:
+        return {"in_features": w.shape[1], "out_features": w.shape[0]}
+    if isinstance(m, (nn.modules.batchnorm._NormBase,)):
+        ref = w if w is not None else new.get("running_mean")
+        return {} if ref is None else {"num_features": ref.shape[0]}
+    if isinstance(m, nn.LayerNorm) and w is not None:
+        return {"normalized_shape": tuple(w.shape)}
+    if isinstance(m, nn.GroupNorm) and w is not None:
+        return {"num_channels": w.shape[0]}
+    if isinstance(m, nn.PReLU) and w is not None:
+        return {"num_parameters": w.numel()}
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and w is not None:
+        return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
+    return {}
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
+    mname, _, local = name.rpartition(".")
+    return model.get_submodule(mname), mname, local
+
+
+def _slice_state(state: Mapping[str, Any], like: torch.Tensor, cuts: Mapping[int, Cut]) -> dict[str, Any]:
+    """Optimizer state of one parameter: tensors shaped like it are cut the same way, the rest kept."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.shape == like.shape and v.dim() > 0:
+            out[k] = slice_tensor(v, cuts).to(v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> None:
+    """Slice the model (and the optimizer state) by `cuts`. Validates and computes everything first."""
+    tensors = model_tensors(model)
+    by_tensor: dict[str, dict[int, Cut]] = {}
+    for (name, dim), cut in cuts.items():
+        if name not in tensors:
+            raise ValueError(f"{name}: no such parameter or buffer in the model")
+        if cut.removed.shape[1] != tensors[name].shape[dim]:
+            raise ValueError(f"{name}: cut for dim {dim} has {cut.removed.shape[1]} indices, tensor has {tensors[name].shape[dim]}")
+        by_tensor.setdefault(name, {})[dim] = cut
+    conv_groups = _conv_groups(model, cuts)
+
+    # 1. compute every new tensor and attribute; nothing is modified yet
+    new: dict[str, torch.Tensor] = {n: slice_tensor(tensors[n], c) for n, c in by_tensor.items() if any(x.removed.any() for x in c.values())}
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in new.items():
+        _, mname, local = _owner(model, name)
+        per_module.setdefault(mname, {})[local] = t
+    attrs = {
+        mname: _new_attributes(model.get_submodule(mname), locals_, conv_groups.get(mname))
+        for mname, locals_ in per_module.items()
+    }
+    params = dict(model.named_parameters())
+    old_to_new: dict[int, nn.Parameter] = {}
+    grads: dict[int, torch.Tensor | None] = {}
+    for name, t in new.items():
+        if name in params:
+            p = params[name]
+            np_ = nn.Parameter(t.to(p.dtype), requires_grad=p.requires_grad)
+            old_to_new[id(p)] = np_
+            g = p.grad
+            grads[id(p)] = slice_tensor(g, by_tensor[name]) if g is not None and g.shape == p.shape else None
+    states: dict[int, dict[str, Any]] = {}
+    names = {id(p): n for n, p in params.items()}
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in old_to_new and p in optimizer.state:
+                    states[id(p)] = _slice_state(optimizer.state[p], p, by_tensor[names[id(p)]])
+    new_groups = None
+    if optimizer is not None and hasattr(optimizer, "reset_groups"):
+        new_groups = remap_groups(list(optimizer.groups), cuts)
+
+    # 2. commit
+    for name, t in new.items():
+        if name in params:
+            continue
+        owner, _, local = _owner(model, name)
+        owner._buffers[local] = t.to(tensors[name].dtype)
+    for m in model.modules():
+        for local, p in list(m._parameters.items()):
+            if p is not None and id(p) in old_to_new:
+                np_ = old_to_new[id(p)]
+                np_.grad = grads[id(p)]
+                m._parameters[local] = np_
+    for mname, a in attrs.items():
+        mod = model.get_submodule(mname)
+        for k, v in a.items():
+            setattr(mod, k, v)
+    if optimizer is not None:
+        state = optimizer.state
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                np_ = old_to_new.get(id(p))
+                if np_ is None:
+                    continue
+                group["params"][i] = np_
+                if id(p) in states:
+                    state.pop(p, None)
+                    state[np_] = states[id(p)]
+        if new_groups is not None:
+            optimizer.reset_groups(new_groups)
+
+
+# ----------------------------------------------------------------------------------------- soft pruning
+
+
+def zero_channels(model: nn.Module, removals: Iterable[Removal]) -> None:
+    """Zero the removed channels in every slot, in place (shapes unchanged). Validate with build_cuts first."""
+    tensors = model_tensors(model)
+    with torch.no_grad():
+        for group, removed in removals:
+            mask = _channel_mask(group, removed)
+            if not mask.any():
+                continue
+            for slot in group.slots:
+                sub = mask[slot.offset : slot.offset + slot.length]
+                if not sub.any():
+                    continue
+                t = tensors[slot.name]
+                view = slot_view(t, slot_geometry(t, slot))
+                view.masked_fill_(sub.view(slot.blocks, 1, -1, 1).to(t.device), 0)
+
+
+# ---------------------------------------------------------------------------------------- group remap
+
+
+def _slot_removed(slot: Slot, cut: Cut | None) -> torch.Tensor:
+    """Which of the slot's group channels the cut removes ([slot.length] bool); raises if it splits one."""
+    if cut is None or not cut.removed.any():
+        return torch.zeros(slot.length, dtype=torch.bool)
+    if slot.blocks > 1:
+        if cut.blocks != slot.blocks:
+            raise ValueError(f"{slot.name}: cut per {cut.blocks} blocks, slot has {slot.blocks}")
+        per = slot.length // slot.blocks
+        return cut.removed[:, slot.start : slot.start + per].reshape(-1).clone()
+    if cut.blocks != 1:
+        raise ValueError(f"{slot.name}: dim {slot.dim} was cut per conv group, the slot reads it whole")
+    r = cut.removed[0, slot.start : slot.start + slot.length * slot.repeat].view(slot.length, slot.repeat)
+    if (r.any(1) != r.all(1)).any():
+        raise ValueError(f"{slot.name}: the cut removes part of a channel's {slot.repeat} indices")
+    return r.all(1)
+
+
+def remap_groups(groups: Iterable[Group], cuts: Mapping[tuple[str, int], Cut]) -> list[Group]:
+    """The groups as they are after `cuts`: same slots, new sizes, offsets and starts.
+
+    Raises ValueError if a group's slots disagree about which channels went (the groups were not the
+    ones the cuts were made from; find the groups again on the pruned model instead).
+    """
+    out: list[Group] = []
+    for group in groups:
+        removed = torch.zeros(group.size, dtype=torch.bool)
+        seen = torch.zeros(group.size, dtype=torch.bool)
+        per_slot = []
+        for slot in group.slots:
+            r = _slot_removed(slot, cuts.get((slot.name, slot.dim)))
+            rng = slice(slot.offset, slot.offset + slot.length)
+            clash = seen[rng] & (removed[rng] != r)
+            if clash.any():
+                raise ValueError(
+                    f"group {group.origin!r}: slot {slot.name} disagrees with the group's other slots about removed "
+                    "channels; call find_groups on the pruned model"
+                )
+            removed[rng] |= r
+            seen[rng] = True
+            per_slot.append(r)
+        for slot, r in zip(group.slots, per_slot):
+            if (removed[slot.offset : slot.offset + slot.length] != r).any():
+                raise ValueError(f"group {group.origin!r}: slot {slot.name} keeps channels the group removes")
+        size = int((~removed).sum())
+        if size == 0:
+            continue
+        slots = []
+        for slot, r in zip(group.slots, per_slot):
+            length = slot.length - int(r.sum())
+            if length == 0:
+                continue
+            cut = cuts.get((slot.name, slot.dim))
+            start = slot.start - (cut.removed_before(slot.start) if cut is not None and cut.blocks == 1 else 0)
+            slots.append(replace(slot, offset=slot.offset - int(removed[: slot.offset].sum()), length=length, start=start))
+        out.append(Group(size=size, slots=tuple(slots), blocks=group.blocks, origin=group.origin, index=len(out)))
+    return out
