@@ -16,7 +16,16 @@ from tritonprune.engine import Regularization
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LAYERNORM, LINEAR, OUT, STAT, Group, Slot
 from tritonprune.kernels import get_backend
 from tritonprune.layout import (
-    CHAN, DTYPE, FLAGS, G_PTR, GROUP, NUMEL, STRIDE_A, STRIDE_C, W_PTR, GroupBuffers,
+    CHAN,
+    DTYPE,
+    FLAGS,
+    G_PTR,
+    GROUP,
+    NUMEL,
+    STRIDE_A,
+    STRIDE_C,
+    W_PTR,
+    GroupBuffers,
 )
 from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
 

@@ -156,7 +156,7 @@ def test_hard_coded_channel_positions_are_excluded():
     assert any("slicing" in w for w in warns)
 
 
-def test_permuted_channels_are_refused():
+def test_channel_shuffle_gives_piecewise_slots_and_equal_blocks():
     class Shuffle(nn.Module):
         def __init__(self):
             super().__init__()
@@ -167,11 +167,15 @@ def test_permuted_channels_are_refused():
             y = self.a(x)
             n, c, h, w = y.shape
             y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
-            return self.b(y).flatten(1).sum(1)
+            return self.b(y).flatten(1)
 
     groups, warns = groups_of(Shuffle(), torch.randn(1, 3, 4, 4))
-    assert not any(s.name == "a.weight" for g in groups for s in g.slots)
-    assert warns
+    assert not warns
+    g = group_with(groups, "a.weight", 0)
+    assert g.blocks == 2  # the view into 2 shuffle groups must stay valid
+    cols = sorted((s.offset, s.start) for s in g.slots if s.name == "b.weight")
+    # channel k*... of shuffle group j lands at column 2*k + j
+    assert cols == [(c, 2 * (c % 4) + c // 4) for c in range(8)]
 
 
 def test_groups_apply_to_a_copy_by_name():
@@ -224,3 +228,33 @@ def test_bad_input_gets_clear_errors():
         G.find_groups(model, x, ignored_layers=[nn.Linear(2, 2)])
     with pytest.raises(TypeError, match="example_inputs"):
         G.find_groups(model, 3)
+
+
+def test_rotary_attention_needs_whole_heads():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=40, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = torch.randint(0, 50, (2, 6))
+    heads, _ = groups_of(model, x)
+    attn = [g for g in heads if g.unit > 1]
+    assert len(attn) == 1 and attn[0].exact
+    # 2 key/value heads of 8 dims, rotary pairs fold 2 dims into one channel: units of 4 channels
+    assert attn[0].size == 8 and attn[0].unit == 4
+    assert {s.name.rsplit(".", 2)[-2] for s in attn[0].slots} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    dims, warns = groups_of(model, x, head_pruning="dims")
+    assert not [g for g in dims if any("q_proj" in s.name and s.dim == 0 for s in g.slots)]
+    assert any("head_pruning='heads'" in w for w in warns)
+
+
+def test_multihead_attention_heads_and_packed_projection():
+    layer = nn.TransformerEncoderLayer(24, 4, 40, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.Linear(5, 24), nn.TransformerEncoder(layer, 1, enable_nested_tensor=False),
+                          nn.Linear(24, 3)).eval()
+    groups, _ = groups_of(model, torch.randn(2, 7, 5))
+    attn = [g for g in groups if g.unit > 1]
+    assert len(attn) == 1 and attn[0].size == 24 and attn[0].unit == 6
+    packed = sorted(s.start for s in attn[0].slots if s.name.endswith("in_proj_weight"))
+    assert packed == [0, 24, 48]  # q, k and v rows of the packed projection
+    stream = group_with(groups, "0.weight", 0)
+    assert not stream.exact  # LayerNorm over the residual stream

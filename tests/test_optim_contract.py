@@ -2,8 +2,7 @@
 
 Every expectation is computed by hand: a second copy of the model is trained by the plain inner
 optimizer on gradients regularized with `reference_terms` (the GroupNorm formula of DESIGN.md written
-out below), and the two copies are compared. Until `tritonprune.engine` exists the wrapper is run
-with a fake engine built on the same formula; once it imports, the real engine is used.
+out below, in float64), and the two copies are compared.
 """
 
 from __future__ import annotations
@@ -11,24 +10,16 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import tritonprune.optim as optim_mod
+import tritonprune as tpr
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LINEAR, OUT, STAT, Group, Slot
 from tritonprune.optim import RegularizedOptimizer
-
-try:
-    from tritonprune.engine import Regularization  # noqa: F401
-    from tritonprune.regularizers import GroupNorm
-
-    REAL_ENGINE = True
-except ImportError:  # the engine is written in parallel; fall back to the fake below
-    REAL_ENGINE = False
+from tritonprune.regularizers import GroupNorm
 
 REG = 0.05  # large enough that the term visibly changes the trajectory of every optimizer
 ALPHA = 4.0
@@ -141,7 +132,12 @@ def reference_gammas(params: dict[str, torch.Tensor], groups: list[Group], alpha
 
 
 def reference_terms(
-    params: dict[str, torch.Tensor], groups: list[Group], reg: float, alpha: float, bias: bool = False, gammas=None
+    params: dict[str, torch.Tensor],
+    groups: list[Group],
+    reg: float,
+    alpha: float,
+    bias: bool = False,
+    gammas=None,
 ) -> dict[str, torch.Tensor]:
     """name -> reg * gamma * w on every importance slot of every group, in float64."""
     if gammas is None:
@@ -153,60 +149,6 @@ def reference_terms(
             t = reg * _channel_scale(w, s, gamma) * w
             terms[s.name] = terms.get(s.name, 0) + t
     return terms
-
-
-# ------------------------------------------------------------------------- fake engine / regularizer
-
-
-@dataclass
-class FakeGroupNorm:
-    reg: float = 1e-4
-    alpha: float = 4.0
-    bias: bool = False
-    decoupled: bool = False
-    refresh_every: int = 1
-
-
-class FakeRegularization:
-    """The engine interface of tritonprune.engine, on the formula above (gamma cached refresh_every calls)."""
-
-    def __init__(self, model, groups, regularizer, backend="auto"):
-        self.model, self.regularizer, self.backend = model, regularizer, backend
-        self.set_groups(groups)
-
-    def set_groups(self, groups):
-        self.groups = list(groups)
-        self._calls, self._gammas = 0, None
-
-    def _terms(self):
-        r = self.regularizer
-        params = dict(self.model.named_parameters())
-        if self._gammas is None or self._calls % r.refresh_every == 0:
-            self._gammas = reference_gammas(params, self.groups, r.alpha, r.bias)
-        self._calls += 1
-        terms = reference_terms(params, self.groups, r.reg, r.alpha, r.bias, self._gammas)
-        return [(params[n], t) for n, t in terms.items()]
-
-    def apply_to_grads(self):
-        for p, t in self._terms():
-            if p.grad is not None:
-                p.grad += t.to(p.grad.dtype)
-
-    def apply_decoupled(self, lr_of_param):
-        for p, t in self._terms():
-            if id(p) in lr_of_param:
-                p.sub_(lr_of_param[id(p)] * t.to(p.dtype))
-
-
-if not REAL_ENGINE:
-    GroupNorm = FakeGroupNorm  # noqa: F811
-
-
-@pytest.fixture(autouse=True)
-def _engine(monkeypatch):
-    if not REAL_ENGINE:
-        monkeypatch.setattr(optim_mod, "_engine_class", lambda: FakeRegularization)
-        monkeypatch.setattr(optim_mod, "_resolve_regularizer", lambda r: r)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -280,7 +222,7 @@ def test_optimizers_match_hand_regularized_inner_step(name, variant):
     b, plain = copy.deepcopy(a), copy.deepcopy(a)
     opt, opt_b, opt_plain = wrap(make(a), a), make(b), make(plain)
     assert opt.param_groups is opt.optimizer.param_groups and opt.state is opt.optimizer.state
-    for i in range(3):
+    for i in range(2):  # the second step reads the state the first one wrote
         for m, o in ((a, opt), (b, opt_b), (plain, opt_plain)):
             o.zero_grad()
             loss_of(m, i).backward()
@@ -707,6 +649,71 @@ def test_errors_say_what_to_do():
         RegularizedOptimizer(sgd, make_net(), groups=net_groups(), regularizer=GroupNorm())
     with pytest.raises(ValueError, match="ignored_layers"):
         RegularizedOptimizer(sgd, m, groups=net_groups(), ignored_layers=[m.fc], regularizer=GroupNorm())
+    with pytest.raises(TypeError, match="LBFGS"):
+        RegularizedOptimizer(
+            torch.optim.LBFGS(m.parameters()), m, groups=net_groups(), regularizer=GroupNorm()
+        )
     opt = RegularizedOptimizer(sgd, m, groups=net_groups(), regularizer=GroupNorm())
     with pytest.raises(TypeError, match="already regularized"):
         RegularizedOptimizer(opt, m, groups=net_groups(), regularizer=GroupNorm())
+
+
+# ------------------------------------------------------------------- groups from find_groups
+
+
+def test_groups_found_from_example_inputs_and_string_regularizer():
+    m = make_net()
+    x = (batch(0)[0],)
+    opt = RegularizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, x, regularizer="group_norm")
+    assert opt.groups == net_groups()  # the hand-built groups are what find_groups sees
+    assert isinstance(opt.regularizer, GroupNorm) and opt.regularizer.reg == 1e-4
+    ignored = RegularizedOptimizer(
+        torch.optim.SGD(m.parameters(), lr=0.1), m, x, regularizer="group_norm", ignored_layers=[m.conv2]
+    )
+    assert ignored.groups == tpr.find_groups(m, x, ignored_layers=[m.conv2])
+    assert ignored.groups != opt.groups
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_bn_scale_through_the_wrapper(decoupled):
+    a = make_net()
+    b = copy.deepcopy(a)
+    reg, lr = 0.01, 0.1
+    opt = RegularizedOptimizer(
+        torch.optim.SGD(a.parameters(), lr=lr),
+        a,
+        groups=net_groups(),
+        regularizer=tpr.BNScale(reg, decoupled),
+    )
+    loss_of(a, 0).backward()
+    loss_of(b, 0).backward()
+    opt.step()
+    if not decoupled:
+        b.bn.weight.grad += reg * b.bn.weight.detach().sign()
+    torch.optim.SGD(b.parameters(), lr=lr).step()
+    if decoupled:
+        with torch.no_grad():
+            b.bn.weight -= lr * reg * b.bn.weight.sign()
+    assert_same_params(a, b)
+
+
+def test_training_continues_through_the_wrapper_after_pruning():
+    a = make_net()
+    x = (batch(0)[0],)
+    opt = wrap(torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a)
+    loss_of(a, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    tpr.prune(a, x, ratio=0.5, optimizer=opt)
+    assert [g.size for g in opt.groups] == [3, 2]
+    stepped = [p for g in opt.param_groups for p in g["params"]]
+    assert [id(p) for p in stepped] == [id(p) for p in a.parameters()]  # the sliced parameters
+    b = copy.deepcopy(a)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))  # the sliced momentum, not shared
+    loss_of(a, 1).backward()
+    loss_of(b, 1).backward()
+    add_reference_term(b, groups=opt.groups)
+    opt.step()
+    opt_b.step()
+    assert_same_params(a, b)

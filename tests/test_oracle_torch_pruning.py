@@ -140,7 +140,7 @@ def test_small_cnn_hand_groups(kind, dtype, backend):
 # ---------------------------------------------------------------------------------------- zoo models
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo_groups(name: str):
     from tritonprune.graph import find_groups
 
@@ -151,7 +151,7 @@ def zoo_groups(name: str):
         return tuple(find_groups(m, x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo_output_layers(name: str) -> tuple[str, ...]:
     m, x = zoo.ZOO[name]()
     names = {id(mod): n for n, mod in m.named_modules()}

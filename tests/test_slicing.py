@@ -33,19 +33,37 @@ from tritonprune.graph.group import (
     Slot,
 )
 from tritonprune.prune import PrunePlan, _class_name
-from tritonprune.slicing import apply_cuts, build_cuts, model_tensors, remap_groups, slice_tensor, zero_channels
+from tritonprune.slicing import (
+    apply_cuts,
+    build_cuts,
+    model_tensors,
+    remap_groups,
+    slice_tensor,
+    zero_channels,
+)
 
 # --------------------------------------------------------------------------------- slot builders
 
 
-def out_slots(mod: str, n: int, offset: int = 0, start: int = 0, bias: bool = True, kind: str = CONV, dim: int = 0):
+def out_slots(
+    mod: str, n: int, offset: int = 0, start: int = 0, bias: bool = True, kind: str = CONV, dim: int = 0
+):
     s = [Slot(f"{mod}.weight", mod, kind, OUT, dim, offset, n, start)]
     if bias:
         s.append(Slot(f"{mod}.bias", mod, kind, OUT, 0, offset, n, start, is_bias=True))
     return s
 
 
-def in_slot(mod: str, n: int, offset: int = 0, start: int = 0, repeat: int = 1, blocks: int = 1, kind: str = CONV, dim: int = 1):
+def in_slot(
+    mod: str,
+    n: int,
+    offset: int = 0,
+    start: int = 0,
+    repeat: int = 1,
+    blocks: int = 1,
+    kind: str = CONV,
+    dim: int = 1,
+):
     return [Slot(f"{mod}.weight", mod, kind, IN, dim, offset, n, start, repeat, blocks)]
 
 
@@ -113,7 +131,14 @@ class Net(nn.Module):
 
 def net_groups() -> list[Group]:
     return [
-        group(8, out_slots("conv1", 8), bn_slots("bn1", 8), out_slots("c", 8), in_slot("conv2", 8, blocks=4), blocks=4),
+        group(
+            8,
+            out_slots("conv1", 8),
+            bn_slots("bn1", 8),
+            out_slots("c", 8),
+            in_slot("conv2", 8, blocks=4),
+            blocks=4,
+        ),
         group(4, out_slots("a", 4), in_slot("c", 4, start=0)),
         group(6, out_slots("b", 6), in_slot("c", 6, start=4)),
         group(
@@ -163,13 +188,29 @@ def extras_groups() -> list[Group]:
     return [
         group(
             10,
-            [Slot("emb.weight", "emb", EMBEDDING, AFFINE, 1, 0, 10), Slot("scale", "", PARAM, AFFINE, 0, 0, 10)],
+            [
+                Slot("emb.weight", "emb", EMBEDDING, AFFINE, 1, 0, 10),
+                Slot("scale", "", PARAM, AFFINE, 0, 0, 10),
+            ],
             in_slot("fc1", 10, kind=LINEAR),
         ),
-        group(12, out_slots("fc1", 12, kind=LINEAR), with_prelu, bn_slots("bn", 12), in_slot("fc2", 12, kind=LINEAR)),
+        group(
+            12,
+            out_slots("fc1", 12, kind=LINEAR),
+            with_prelu,
+            bn_slots("bn", 12),
+            in_slot("fc2", 12, kind=LINEAR),
+        ),
         group(6, out_slots("conv", 6), in_slot("up", 6, kind=CONV_T, dim=0)),
-        group(5, [Slot("up.weight", "up", CONV_T, OUT, 1, 0, 5), Slot("up.bias", "up", CONV_T, OUT, 0, 0, 5, is_bias=True)],
-              bn_slots("bnu", 5), in_slot("out", 5)),
+        group(
+            5,
+            [
+                Slot("up.weight", "up", CONV_T, OUT, 1, 0, 5),
+                Slot("up.bias", "up", CONV_T, OUT, 0, 0, 5, is_bias=True),
+            ],
+            bn_slots("bnu", 5),
+            in_slot("out", 5),
+        ),
     ]
 
 
@@ -229,7 +270,9 @@ def test_module_attributes_follow_shapes():
     assert hard.conv2.in_channels == kept["conv1"] and hard.conv2.groups == 4
     assert hard.conv2.out_channels == kept["conv2"] and hard.conv2.weight.shape[1] == kept["conv1"] // 4
     # the depthwise conv stays depthwise, multiplier 2
-    assert hard.dw.groups == hard.dw.in_channels == kept["conv2"] and hard.dw.out_channels == 2 * kept["conv2"]
+    assert (
+        hard.dw.groups == hard.dw.in_channels == kept["conv2"] and hard.dw.out_channels == 2 * kept["conv2"]
+    )
     assert hard.c.in_channels == kept["a"] + kept["b"]
     assert hard.fc.in_features == 16 * kept["conv3"] and hard.fc.out_features == kept["fc"]
     assert hard.head.in_features == kept["fc"]
@@ -242,9 +285,15 @@ def test_extras_apply_equals_zero_and_attributes():
     model, soft, hard, x, rem = soft_and_hard(make_extras, extras_groups(), 0.5, 0)
     torch.testing.assert_close(run(hard, x), run(soft, x), atol=1e-5, rtol=1e-4)
     kept = [g.size - len(r) for g, r in rem]
-    assert hard.emb.embedding_dim == kept[0] and hard.scale.shape == (kept[0],) and hard.fc1.in_features == kept[0]
+    assert (
+        hard.emb.embedding_dim == kept[0]
+        and hard.scale.shape == (kept[0],)
+        and hard.fc1.in_features == kept[0]
+    )
     assert hard.act.num_parameters == kept[1] and hard.bn.num_features == kept[1]
-    assert hard.up.in_channels == kept[2] and hard.up.out_channels == kept[3] and hard.out.in_channels == kept[3]
+    assert (
+        hard.up.in_channels == kept[2] and hard.up.out_channels == kept[3] and hard.out.in_channels == kept[3]
+    )
     assert hard.up.weight.shape[:2] == (kept[2], kept[3])
 
 
@@ -278,12 +327,25 @@ def test_groupnorm_and_layernorm_attributes():
 
     m = M()
     gs = [
-        group(8, out_slots("conv", 8), [Slot("gn.weight", "gn", GROUPNORM, AFFINE, 0, 0, 8),
-                                        Slot("gn.bias", "gn", GROUPNORM, AFFINE, 0, 0, 8, is_bias=True)],
-              in_slot("conv2", 8), blocks=2),
-        group(6, out_slots("fc", 6, kind=LINEAR), [Slot("ln.weight", "ln", LAYERNORM, AFFINE, 0, 0, 6),
-                                                   Slot("ln.bias", "ln", LAYERNORM, AFFINE, 0, 0, 6, is_bias=True)],
-              in_slot("fc2", 6, kind=LINEAR)),
+        group(
+            8,
+            out_slots("conv", 8),
+            [
+                Slot("gn.weight", "gn", GROUPNORM, AFFINE, 0, 0, 8),
+                Slot("gn.bias", "gn", GROUPNORM, AFFINE, 0, 0, 8, is_bias=True),
+            ],
+            in_slot("conv2", 8),
+            blocks=2,
+        ),
+        group(
+            6,
+            out_slots("fc", 6, kind=LINEAR),
+            [
+                Slot("ln.weight", "ln", LAYERNORM, AFFINE, 0, 0, 6),
+                Slot("ln.bias", "ln", LAYERNORM, AFFINE, 0, 0, 6, is_bias=True),
+            ],
+            in_slot("fc2", 6, kind=LINEAR),
+        ),
     ]
     apply_cuts(m, build_cuts([(gs[0], [0, 5]), (gs[1], [1, 2, 3])], model_tensors(m)))
     assert m.gn.num_channels == 6 and m.gn.num_groups == 2 and m.conv2.in_channels == 6
@@ -321,7 +383,9 @@ def test_bad_cut_leaves_the_model_untouched():
         apply_cuts(model, build_cuts([(gs[1], [0]), (bad, [0])], model_tensors(model)))
     # a grouped conv whose rows would be removed unevenly is refused by the module check
     cuts = build_cuts([(gs[1], [0])], model_tensors(model))
-    cuts[("conv2.weight", 0)] = build_cuts([(group(12, out_slots("conv2", 12, bias=False)), [0])], model_tensors(model))[("conv2.weight", 0)]
+    cuts[("conv2.weight", 0)] = build_cuts(
+        [(group(12, out_slots("conv2", 12, bias=False)), [0])], model_tensors(model)
+    )[("conv2.weight", 0)]
     with pytest.raises(ValueError, match="conv2"):
         apply_cuts(model, cuts)
     for k, v in model.state_dict().items():
@@ -329,12 +393,15 @@ def test_bad_cut_leaves_the_model_untouched():
     assert model.c.in_channels == 10
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
-    lambda ps: torch.optim.Adam(ps, lr=1e-2),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
-    lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+    ],
+)
 def test_optimizer_state_follows_and_training_continues(make_opt):
     """Prune mid-training, keep training with the same optimizer; equals training the sliced copy with sliced state."""
     model, x = make_net()
@@ -456,3 +523,18 @@ def test_plan_check_refuses_shape_mismatch_and_other_models():
         plan.apply(model)  # already pruned
     with pytest.raises(TypeError):
         plan.apply("not a model")
+
+
+def test_dtype_memory_format_and_requires_grad_are_kept():
+    model, x = make_net()
+    model = model.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    model.conv3.weight.requires_grad_(False)
+    soft, hard = copy.deepcopy(model), copy.deepcopy(model)
+    rem = removals(net_groups(), 0.5, 0)
+    zero_channels(soft, rem)
+    apply_cuts(hard, build_cuts(rem, model_tensors(hard)))
+    assert all(p.dtype == torch.bfloat16 for p in hard.parameters())
+    assert hard.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not hard.conv3.weight.requires_grad and hard.conv1.weight.requires_grad
+    xb = x.to(torch.bfloat16)
+    torch.testing.assert_close(run(hard, xb), run(soft, xb), atol=2e-2, rtol=2e-2)

@@ -7,20 +7,27 @@ every program of a grid in Python.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+# Triton fixes interpreted vs compiled mode when it is first imported: without CUDA, interpret
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tritonprune.geometry import slot_view  # noqa: E402
-from tritonprune.graph.group import BATCHNORM, CONV, IN, LAYERNORM, LINEAR, OUT, Group, Slot  # noqa: E402
-from tritonprune.graph.group import AFFINE  # noqa: E402
-from tritonprune.layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers  # noqa: E402
+from torch import nn
+from zoo import ZOO
+
+import tritonprune.optim as optim
+from tritonprune.geometry import slot_view
+from tritonprune.graph import find_groups
+from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LAYERNORM, LINEAR, OUT, Group, Slot
+from tritonprune.layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
+from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
 
 ti = pytest.importorskip("tritonprune.kernels.triton_impl")
 if not ti.HAS_TRITON:  # pragma: no cover
@@ -28,7 +35,11 @@ if not ti.HAS_TRITON:  # pragma: no cover
 
 pytestmark = pytest.mark.triton
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+INTERPRETING = ti._interpreting()
+DEVICES = (["cpu"] if INTERPRETING else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICE = "cpu" if INTERPRETING else "cuda"  # for the tests that run on one device only
+if not DEVICES:  # pragma: no cover
+    pytest.skip("no CUDA and triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}  # ~1 ulp of the dtype
 
 
@@ -119,7 +130,7 @@ def _select_bn(slot: Slot) -> tuple[bool, bool]:
     return ok, ok
 
 
-def _build(select, dtype=torch.float32, device="cpu", seed=0, grads=True):
+def _build(select, dtype=torch.float32, device=DEVICE, seed=0, grads=True):
     torch.manual_seed(seed)
     m, groups = _case()
     m = m.to(device=device, dtype=dtype)
@@ -206,9 +217,10 @@ def test_geometry_of_case_covers_the_edge_cases():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sums_and_group_norm_coef(device, dtype):
     _, bufs = _build(_select_groupnorm, dtype, device)
-    sums = ti.channel_sq_sums(bufs)
+    sums = ti.channel_sq_sums(bufs).clone()
     want = _oracle_sums(bufs)
     _close(sums, want, torch.float32, "channel_sq_sums")  # accumulated in fp32 whatever the dtype
+    bufs.acc.fill_(float("nan"))  # the result lands in bufs.acc, every channel written
     assert torch.equal(sums, ti.channel_sq_sums(bufs)), "sums differ between two runs"
     coef = ti.group_norm_coef(bufs, sums, 1e-3, 4.0)
     _close(coef, _oracle_gamma(bufs, sums.cpu(), 1e-3, 4.0), torch.float32, "group_norm_coef")
@@ -218,7 +230,7 @@ def test_sums_and_group_norm_coef(device, dtype):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf in the interpreter's numpy
 def test_gamma_flat_and_nonfinite_groups_are_one():
     _, bufs = _build(_select_groupnorm)
-    sums = torch.ones(bufs.n_channels)
+    sums = torch.ones(bufs.n_channels, device=DEVICE)
     sums[:7] = torch.tensor([4.0, float("inf"), 1, 1, 1, 1, 1])  # non-finite spread
     sums[23:29] = torch.tensor([0.0, 1, 4, 9, 16, 25])  # a normal group: gamma from 16 down to 1
     coef = ti.group_norm_coef(bufs, sums, 0.5, 4.0)
@@ -262,10 +274,35 @@ def test_add_sign_and_group_lasso(dtype):
     assert torch.all(coef[7:23][11:] == 0)  # c3's concatenated channels have no BatchNorm
 
 
+def test_mixed_dtypes_and_float64():
+    """One launch per dtype present: fp16, bf16, fp32 and fp64 parameters in one set of buffers."""
+    torch.manual_seed(1)
+    m, groups = _case()
+    for name, dt in (("c2", torch.float16), ("c4", torch.bfloat16), ("fc", torch.float64), ("bn2w", torch.float16)):
+        p = getattr(m, name)
+        p.data = p.data.to(dt)
+    m = m.to(DEVICE)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    bufs = GroupBuffers.build(m, groups, _select_groupnorm)
+    assert len({code for code, *_ in ti._plan(bufs).update}) == 4
+    sums = ti.channel_sq_sums(bufs)
+    _close(sums, _oracle_sums(bufs), torch.float32, "mixed sums")
+    coef = ti.group_norm_coef(bufs, sums, 1e-2, 4.0)
+    want = _oracle_update(bufs, coef, False, "grad", None)
+    ti.add_scaled_(bufs, coef)
+    got = _targets(bufs, "grad")
+    for name, t in want.items():
+        _close(got[name], t, torch.bfloat16 if got[name].dtype == torch.bfloat16 else torch.float16
+               if got[name].dtype == torch.float16 else torch.float32, f"mixed add_scaled_ {name}")
+        assert got[name].dtype == getattr(m, name).dtype
+
+
 def test_bitwise_identical_runs_and_grad_pointer_change():
     m, bufs = _build(_select_groupnorm)
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    coef = torch.rand(bufs.n_channels)
+    coef = torch.rand(bufs.n_channels, device=DEVICE)
+    plan = ti._plan(bufs)
     outs = []
     for _ in range(2):
         for n, p in m.named_parameters():
@@ -275,12 +312,16 @@ def test_bitwise_identical_runs_and_grad_pointer_change():
         ti.add_scaled_(bufs, coef)
         outs.append([p.grad.clone() for n, p in m.named_parameters() if n in grads])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
-    assert len([k for k in bufs.cache if k == "triton"]) == 1
+    assert ti._plan(bufs) is plan  # launch metadata does not depend on the addresses
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(ti, "_interpreting", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ti.check_available("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set, but after triton was imported compiled
+    with pytest.raises(ValueError, match="before the first `import triton`"):
         ti.check_available("cpu")
 
 
@@ -297,7 +338,7 @@ def test_against_other_backends(backend, dtype):
     coef = ti.group_norm_coef(bufs, sums, 1e-2, 4.0)
     _close(coef, other.group_norm_coef(bufs, sums, 1e-2, 4.0), torch.float32, f"coef vs {backend}")
     saved = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    scale = torch.linspace(0.5, 1.5, bufs.n_slots)
+    scale = torch.linspace(0.5, 1.5, bufs.n_slots, device=DEVICE)
     other.add_scaled_(bufs, coef, slot_scale=scale)
     theirs = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     for n, p in m.named_parameters():
@@ -318,23 +359,15 @@ _GROUPS: dict[str, list] = {}
 
 
 def _zoo_params():
-    from zoo import ZOO
-
     return [n if n in FAST_ZOO else pytest.param(n, marks=pytest.mark.slow) for n in sorted(ZOO)]
 
 
 def _regularized_grads(name, regularizer, backend):
-    import copy
-
-    import tritonprune.optim as optim
-    from tritonprune.graph import find_groups
-    from zoo import ZOO
-
     torch.manual_seed(0)
     model, inputs = ZOO[name]()
     if name not in _GROUPS:
         _GROUPS[name] = find_groups(model, inputs)
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).to(DEVICE)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt = optim.RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
@@ -349,9 +382,7 @@ def _regularized_grads(name, regularizer, backend):
 
 @pytest.mark.parametrize("name", _zoo_params())
 def test_zoo_triton_matches_torch(name):
-    from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
-
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in __import__("zoo").ZOO[name]()[0].modules())
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ZOO[name]()[0].modules())
     regs = [GroupNorm(reg=1e-2, alpha=4)]
     if name in FAST_ZOO:  # all regularizers and the decoupled path on a few models, GroupNorm on the rest
         regs.append(GroupNorm(reg=1e-2, decoupled=True))
@@ -370,7 +401,11 @@ def test_get_backend_dispatch(monkeypatch):
     from tritonprune.kernels import get_backend
 
     assert get_backend("auto", "cpu").__name__.endswith("torch_impl")
-    assert get_backend("triton", "cpu") is ti  # TRITON_INTERPRET=1 here
+    if torch.cuda.is_available():
+        assert get_backend("auto", "cuda") is ti
+    if INTERPRETING:
+        assert get_backend("triton", "cpu") is ti
+    monkeypatch.setattr(ti, "_interpreting", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='torch'"):
         get_backend("triton", "cpu")

@@ -1,33 +1,100 @@
-"""`tritonprune inspect` (and, as they land, `demo` and `bench`)."""
+"""tritonprune command line: `demo` (the main job), `bench` (regularize timings), `inspect` (a model's groups).
+
+    tritonprune demo                       sparse training vs plain pruning on digits (a few CPU minutes)
+    tritonprune bench --sizes 16,32,64     regularize() against Torch-Pruning and a naive loop
+    tritonprune inspect MODULE:FACTORY --input-shape 1,3,224,224
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import json
+import os
 import sys
 
 import torch
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+           "long": torch.int64, "int32": torch.int32}
+
+
+def _fail(command: str, message: str) -> SystemExit:
+    return SystemExit(f"tritonprune {command}: {message}")
+
 
 def _load_factory(spec: str):
+    """MODULE:FACTORY or path/to/file.py:FACTORY -> the callable (or nn.Module instance) it names."""
     if ":" not in spec:
-        raise SystemExit(f"tritonprune inspect: expected MODULE:FACTORY, got {spec!r}")
-    mod_name, attr = spec.split(":", 1)
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SystemExit(f"tritonprune inspect: cannot import {mod_name!r}: {e}") from e
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise SystemExit(f"tritonprune inspect: {mod_name!r} has no attribute {attr!r}")
-    return factory
+        raise _fail("inspect", f"expected MODULE:FACTORY (e.g. tritonprune.examples:small_resnet), got {spec!r}")
+    mod_name, attr = spec.rsplit(":", 1)
+    if not mod_name or not attr:
+        raise _fail("inspect", f"expected MODULE:FACTORY with both parts, got {spec!r}")
+    if mod_name.endswith(".py"):
+        if not os.path.isfile(mod_name):
+            raise _fail("inspect", f"no such file {mod_name!r}")
+        loader_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+    else:
+        # like `python -m`, let modules of the current directory be found
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise _fail("inspect", f"cannot import {mod_name!r}: {e}") from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise _fail("inspect", f"{mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(spec: str) -> torch.nn.Module:
+    obj = _load_factory(spec)
+    if not isinstance(obj, torch.nn.Module):
+        if not callable(obj):
+            raise _fail("inspect", f"{spec} is neither an nn.Module nor callable")
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise _fail("inspect", f"{spec}() failed: {e} (the factory must build the model without arguments)") from e
+    if not isinstance(obj, torch.nn.Module):
+        raise _fail("inspect", f"{spec}() returned a {type(obj).__name__}, not an nn.Module")
+    return obj
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(s) for s in text.replace("x", ",").split(",") if s)
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-shape: expected comma-separated ints, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 1,3,224,224, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 1,3,224,224, got {text!r}")
+    return shape
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 16,32,64, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive ints like 16,32,64, got {text!r}")
+    return vals
+
+
+def _ratio(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= r < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return r
 
 
 def group_table(groups) -> str:
@@ -41,22 +108,37 @@ def group_table(groups) -> str:
     return "\n".join(lines)
 
 
+def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype):
+    def make(shape):
+        if dtype.is_floating_point:
+            return torch.randn(*shape, dtype=dtype)
+        return torch.randint(0, 2, shape, dtype=dtype)  # token ids, masks: small valid values
+
+    xs = [make(s) for s in shapes]
+    return xs[0] if len(xs) == 1 else tuple(xs)
+
+
 def inspect(args: argparse.Namespace) -> int:
     import tritonprune as tpr
 
     if args.model:
-        model = _load_factory(args.model)()
-        shape = args.input_shape
-        if shape is None:
-            raise SystemExit("tritonprune inspect: give --input-shape for MODULE:FACTORY models (e.g. 1,3,224,224)")
+        if not args.input_shape:
+            raise _fail("inspect", "give --input-shape for MODULE:FACTORY models (e.g. --input-shape 1,3,224,224)")
+        model, shapes = _build(args.model), args.input_shape
     else:
         from .examples import small_resnet
 
-        model, shape = small_resnet(), args.input_shape or (1, 1, 8, 8)
-        print("example model: tritonprune.examples:small_resnet (input 1 x 8 x 8)")
+        model, shapes = small_resnet(), args.input_shape or [(1, 1, 8, 8)]
+        print("example model: tritonprune.examples:small_resnet (input 1 x 1 x 8 x 8)")
     model.eval()
-    x = torch.randn(*shape)
-    groups = tpr.find_groups(model, x)
+    x = _example_inputs(shapes, _DTYPES[args.input_dtype])
+    ignored = args.ignore or []
+    try:
+        groups = tpr.find_groups(model, x, ignored_layers=ignored)
+    except tpr.TraceError as e:
+        raise _fail("inspect", f"could not trace {type(model).__name__} on inputs of shape {shapes}: {e}") from e
+    except ValueError as e:  # ignored layers that do not exist, bad inputs
+        raise _fail("inspect", str(e)) from e
     print(group_table(groups))
     if args.ratio:
         plan = tpr.prune(model, x, ratio=args.ratio, groups=groups, dry_run=True)
@@ -65,15 +147,70 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tritonprune", description=__doc__)
+def bench(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _fail("bench", "--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    backends = args.backends.split(",") if args.backends else None
+    for b in backends or ():
+        if b not in ("torch", "triton", "reference"):
+            raise _fail("bench", f"--backends: unknown backend {b!r}; choose from torch, triton, reference")
+    print(f"regularize(): GroupNorm(reg={benchmark.REG}) on SmallResNet widths {args.sizes}, device {dev}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows = benchmark.run(args.sizes, backends, args.device, torch_pruning=not args.no_torch_pruning,
+                         min_time=args.min_time, progress=None if args.quiet else lambda m: print(f"  {m}", flush=True))
+    print()
+    print(benchmark.table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(benchmark.to_json(rows), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tritonprune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="print the channel groups of a model")
-    p.add_argument("model", nargs="?", help="MODULE:FACTORY returning an nn.Module (default: a built-in ResNet)")
-    p.add_argument("--input-shape", type=_shape, default=None, help="example input shape, e.g. 1,3,224,224")
-    p.add_argument("--ratio", type=float, default=0.5, help="show a dry-run plan at this ratio (0 to skip)")
+
+    from . import demo
+
+    p = sub.add_parser("demo", help="sparse training vs plain pruning on scikit-learn's digits (a few CPU minutes)")
+    demo.add_arguments(p)
+    p.set_defaults(fn=demo.main)
+
+    p = sub.add_parser("bench", help="time regularize() against Torch-Pruning and a naive per-group loop")
+    p.add_argument("--sizes", type=_ints, default=[16, 32, 64],
+                   help="SmallResNet widths, comma-separated (default 16,32,64; 128 and 256 are ResNet-18 sized)")
+    p.add_argument("--backends", default=None, help="comma-separated: torch, triton (CUDA), reference (slow)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per method (default 0.3)")
+    p.add_argument("--no-torch-pruning", action="store_true", help="leave Torch-Pruning out")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=bench)
+
+    p = sub.add_parser("inspect", help="print the channel groups of a model (and a dry-run pruning plan)")
+    p.add_argument("model", nargs="?",
+                   help="MODULE:FACTORY or file.py:FACTORY returning an nn.Module (default: the built-in SmallResNet)")
+    p.add_argument("--input-shape", type=_shape, action="append", default=None,
+                   help="example input shape, e.g. 1,3,224,224; repeat for models with several inputs")
+    p.add_argument("--input-dtype", choices=sorted(_DTYPES), default="float32",
+                   help="dtype of the example inputs (int64 for token ids)")
+    p.add_argument("--ignore", action="append", default=None, metavar="MODULE",
+                   help="qualified name of a module to leave alone (repeatable)")
+    p.add_argument("--ratio", type=_ratio, default=0.5, help="show a dry-run plan at this ratio (0 to skip)")
     p.set_defaults(fn=inspect)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

@@ -69,7 +69,15 @@ def _einsum_macs(equation: str, operands) -> int:
 
 _CONV = {F.conv1d, F.conv2d, F.conv3d}
 _CONV_T = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.Tensor.mm, torch.Tensor.bmm}
+_MATMUL = {
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.mm,
+    torch.bmm,
+    torch.Tensor.mm,
+    torch.Tensor.bmm,
+}
 _ADDMM = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
 
 

@@ -7,7 +7,8 @@ summed over the Slots and divided by the number of Slots that contributed ("mean
 then divided by the group's mean (normalizer "mean"), its max ("max"), or left alone (None).
 Per-Slot scores are computed on the Slot's `[G, A, C, B]` view (tritonprune.geometry) in fp32.
 
-Known differences from Torch-Pruning: for the in-columns of a grouped conv the score of channel
+Known differences from Torch-Pruning (the regularizers make the same choices): depthwise conv weights
+count (Torch-Pruning leaves them out, and raises on a depthwise conv with a multiplier); for the in-columns of a grouped conv the score of channel
 j*C + p sums column p over the rows of conv group j only (Torch-Pruning sums it over all rows and
 repeats it per group); Taylor importance includes BatchNorm weights (Torch-Pruning's check of the
 BatchNorm case never matches); a group with no importance Slot falls back to all its parameter Slots
@@ -17,7 +18,6 @@ for magnitude and Taylor (Torch-Pruning skips it), and to None (not pruned) for 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ METHODS = ("l1", "l2", "bn_scale", "taylor", "random")
 NORMALIZERS = ("mean", "max", None)
 
 ImportanceFn = Callable[[Group], torch.Tensor]
-Importance = Union[str, ImportanceFn]
+Importance = str | ImportanceFn
 
 
 def _view(tensor: torch.Tensor, slot: Slot) -> torch.Tensor:
@@ -92,7 +92,11 @@ def magnitude(
 
 def bn_scale(group: Group, tensors: Mapping[str, torch.Tensor], normalizer="mean") -> torch.Tensor | None:
     """Network Slimming: mean |gamma| over the group's BatchNorm weights; None without BatchNorm."""
-    slots = [s for s in group.slots if s.kind == BATCHNORM and not s.is_bias and not s.is_buffer and s.name in tensors]
+    slots = [
+        s
+        for s in group.slots
+        if s.kind == BATCHNORM and not s.is_bias and not s.is_buffer and s.name in tensors
+    ]
     scores = [(s, _per_channel(_view(tensors[s.name].detach(), s).float().abs())) for s in slots]
     imp = _reduce(group, scores)
     return None if imp is None else normalize(imp, normalizer)
@@ -148,7 +152,9 @@ def compute_importance(
                         f"it must return a tensor of shape ({g.size},)"
                     )
             elif importance in ("l1", "l2"):
-                imp = magnitude(g, tensors, p=1 if importance == "l1" else 2, normalizer=normalizer, bias=bias)
+                imp = magnitude(
+                    g, tensors, p=1 if importance == "l1" else 2, normalizer=normalizer, bias=bias
+                )
             elif importance == "bn_scale":
                 imp = bn_scale(g, tensors, normalizer=normalizer)
             elif importance == "taylor":
@@ -156,10 +162,14 @@ def compute_importance(
             elif importance == "random":
                 imp = torch.rand(g.size, generator=generator)
             else:
-                raise ValueError(f"importance {importance!r} is not one of {METHODS} or a callable group -> tensor")
+                raise ValueError(
+                    f"importance {importance!r} is not one of {METHODS} or a callable group -> tensor"
+                )
             if imp is not None:
                 imp = imp.detach().float().cpu()
                 if not torch.isfinite(imp).all():
-                    raise ValueError(f"importance of group {g.origin!r} is not finite; check the model's weights")
+                    raise ValueError(
+                        f"importance of group {g.origin!r} is not finite; check the model's weights"
+                    )
             out.append(imp)
     return out

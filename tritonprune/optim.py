@@ -14,6 +14,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .engine import Regularization
+from .regularizers import resolve_regularizer
+
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
     "_optimizer_step_post_hooks",
@@ -22,19 +25,6 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
-
-
-# Indirections so the engine and regularizers are imported on first use (and can be swapped in tests).
-def _resolve_regularizer(regularizer: Any) -> Any:
-    from .regularizers import resolve_regularizer
-
-    return resolve_regularizer(regularizer)
-
-
-def _engine_class() -> type:
-    from .engine import Regularization
-
-    return Regularization
 
 
 class RegularizedOptimizer(Optimizer):
@@ -90,7 +80,10 @@ class RegularizedOptimizer(Optimizer):
     calls it for you. After pruning, hand the new groups over with ``reset_groups(groups)``.
 
     Notes: a closure passed to ``step`` is run here, once, under ``torch.enable_grad()``, and never
-    passed on (the inner optimizer would recompute the gradients and lose the term). Pickling or
+    passed on (the inner optimizer would recompute the gradients and lose the term); for that reason
+    LBFGS, which needs its closure, cannot be wrapped. Gradient clipping done before ``step()`` does
+    not clip the term, which is added inside ``step()``. Every grouped parameter of ``model`` that has
+    a ``.grad`` gets the coupled term, whether or not this optimizer steps it. Pickling or
     deep-copying the wrapper copies the model and inner optimizer together and rebuilds the engine,
     so a cached ``refresh_every`` importance is recomputed at the next step. Global optimizer hooks
     (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire for both the wrapper and the
@@ -116,8 +109,15 @@ class RegularizedOptimizer(Optimizer):
             raise TypeError(
                 f"RegularizedOptimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "RegularizedOptimizer: LBFGS re-evaluates its closure inside step(), which would drop the "
+                "regularization term; use a first-order optimizer (SGD, Adam, ...)"
+            )
         if isinstance(optimizer, RegularizedOptimizer):
-            raise TypeError("RegularizedOptimizer: the optimizer is already regularized; wrap the inner one once")
+            raise TypeError(
+                "RegularizedOptimizer: the optimizer is already regularized; wrap the inner one once"
+            )
         if not isinstance(model, nn.Module):
             raise TypeError(f"RegularizedOptimizer: model must be an nn.Module, got {type(model).__name__}")
         _check_owns_model_params(optimizer, model)
@@ -141,12 +141,12 @@ class RegularizedOptimizer(Optimizer):
         # Optimizer.__init__ is not called: it would copy the param groups. Set up what it owns instead.
         self._optimizer = optimizer
         self.model = model
-        self.regularizer = _resolve_regularizer(regularizer)
+        self.regularizer = resolve_regularizer(regularizer)
         self.backend = backend
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._engine = _engine_class()(model, list(groups), self.regularizer, backend=backend)
+        self._engine = Regularization(model, list(groups), self.regularizer, backend=backend)
 
     # -------------------------------------------------------------- shared with the inner optimizer
     @property
@@ -222,8 +222,8 @@ class RegularizedOptimizer(Optimizer):
             self._optimizer.step()
             self._shrink_decoupled()
         else:
-            self._optimizer.step()
             self.regularize()
+            self._optimizer.step()
         return loss
 
     # ----------------------------------------------------------------------- forwarded methods
@@ -279,7 +279,7 @@ class RegularizedOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._engine = _engine_class()(self.model, groups, self.regularizer, backend=self.backend)
+        self._engine = Regularization(self.model, groups, self.regularizer, backend=self.backend)
 
 
 def _check_owns_model_params(optimizer: Optimizer, model: nn.Module) -> None:

@@ -96,7 +96,9 @@ class PrunePlan:
         tensors = model_tensors(model)
         for tname, shape in self.shapes.items():
             if tname not in tensors:
-                raise ValueError(f"{tname}: the plan touches this tensor but the model has no such parameter or buffer")
+                raise ValueError(
+                    f"{tname}: the plan touches this tensor but the model has no such parameter or buffer"
+                )
             if list(tensors[tname].shape) != list(shape):
                 raise ValueError(
                     f"{tname}: the plan expects shape {tuple(shape)}, the model has {tuple(tensors[tname].shape)} "
@@ -119,7 +121,11 @@ class PrunePlan:
 
     def remap(self, groups: Iterable[Group], model: nn.Module | None = None) -> list[Group]:
         """`groups` (of the unpruned model) as they are after this plan is applied."""
-        tensors = {n: torch.empty(s, device="meta") for n, s in self.shapes.items()} if model is None else model_tensors(model)
+        tensors = (
+            {n: torch.empty(s, device="meta") for n, s in self.shapes.items()}
+            if model is None
+            else model_tensors(model)
+        )
         return remap_groups(groups, build_cuts(self._removals(), tensors))
 
     # ------------------------------------------------------------------ reporting
@@ -132,14 +138,17 @@ class PrunePlan:
         return build_cuts(self._removals() if removals is None else removals, tensors)
 
     def summary(self) -> str:
-        """Per group: channels, params and MACs before and after; then the model totals."""
+        """Per group: channels, then params and MACs of the layers it touches, before and after pruning
+        that group alone (groups share layers, so these do not add up); then the model totals."""
         macs_w: dict[str, int] = self.info.get("macs_by_weight", {})
-        lines = [f"PrunePlan for {self.model_class}: {len(self.groups)} groups, {self.num_removed} channels removed"]
+        lines = [
+            f"PrunePlan for {self.model_class}: {len(self.groups)} groups, {self.num_removed} channels removed"
+        ]
         lines.append(f"{'#':>4} {'group':<36} {'channels':>13} {'params':>21} {'MACs':>25}")
         for i, (g, r) in enumerate(zip(self.groups, self.removed)):
             cuts = self._meta_cuts([(g, r)])
             after = _numel_after(self.shapes, cuts)
-            names = sorted({n for n, _ in cuts})
+            names = sorted({s.name for s in g.slots if not s.is_buffer})
             pb = sum(math.prod(self.shapes[n]) for n in names)
             pa = sum(after[n] for n in names)
             mb = sum(macs_w.get(n, 0) for n in names)
@@ -151,7 +160,9 @@ class PrunePlan:
         if "params_before" in info:
             lines.append(f"params: {info['params_before']:,} -> {info['params_after']:,}")
         if info.get("macs_before") is not None:
-            lines.append(f"MACs:   {info['macs_before']:,} -> {info['macs_after']:,} (estimated from weight sizes)")
+            lines.append(
+                f"MACs:   {info['macs_before']:,} -> {info['macs_after']:,} (estimated from weight sizes)"
+            )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -164,8 +175,13 @@ class PrunePlan:
             "version": VERSION,
             "model_class": self.model_class,
             "groups": [
-                {"size": g.size, "blocks": g.blocks, "origin": g.origin, "removed": list(map(int, r)),
-                 "slots": [asdict(s) for s in g.slots]}
+                {
+                    "size": g.size,
+                    "blocks": g.blocks,
+                    "origin": g.origin,
+                    "removed": list(map(int, r)),
+                    "slots": [asdict(s) for s in g.slots],
+                }
                 for g, r in zip(self.groups, self.removed)
             ],
             "shapes": {n: list(map(int, s)) for n, s in self.shapes.items()},
@@ -181,9 +197,23 @@ class PrunePlan:
         groups, removed = [], []
         for i, g in enumerate(d["groups"]):
             slots = tuple(Slot(**s) for s in g["slots"])
-            groups.append(Group(size=g["size"], slots=slots, blocks=g.get("blocks", 1), origin=g.get("origin", ""), index=i))
+            groups.append(
+                Group(
+                    size=g["size"],
+                    slots=slots,
+                    blocks=g.get("blocks", 1),
+                    origin=g.get("origin", ""),
+                    index=i,
+                )
+            )
             removed.append(sorted(int(x) for x in g["removed"]))
-        return cls(d["model_class"], groups, removed, {n: list(s) for n, s in d["shapes"].items()}, dict(d.get("info", {})))
+        return cls(
+            d["model_class"],
+            groups,
+            removed,
+            {n: list(s) for n, s in d["shapes"].items()},
+            dict(d.get("info", {})),
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -265,7 +295,7 @@ def select(
         removed[i] = _removed_from(order, _kept_per_block(cb, target, kmin, round_to, b))
     if pool:
         units = []  # (score, rank in group, pool position): removing one channel from every block
-        for pos, (i, order, imp, cb, kmin) in enumerate(pool):
+        for pos, (_, order, imp, _, _) in enumerate(pool):
             scores = torch.gather(imp.view(order.shape[0], -1), 1, order).mean(0)
             units += [(float(s), k, pos) for k, s in enumerate(scores.tolist())]
         units.sort()
@@ -276,11 +306,11 @@ def select(
         for _, k, pos in units:
             if done >= goal:
                 break
-            i, order, imp, cb, kmin = pool[pos]
+            _, order, _, cb, kmin = pool[pos]
             if k == taken[pos] and cb - taken[pos] > kmin:
                 taken[pos] += 1
                 done += order.shape[0]
-        for pos, (i, order, imp, cb, kmin) in enumerate(pool):
+        for pos, (i, order, _, cb, kmin) in enumerate(pool):
             k = _kept_per_block(cb, cb - taken[pos], kmin, round_to, order.shape[0])
             removed[i] = _removed_from(order, k)
     return removed
@@ -308,7 +338,8 @@ def _check_ratio(r: Any, what: str) -> float:
 def _touches(group: Group, ignored: Sequence[str]) -> bool:
     """A hand-built group is dropped if an ignored module produces or normalizes its channels."""
     return any(
-        s.role != IN and any(s.module == n or s.module.startswith(n + ".") for n in ignored) for s in group.slots
+        s.role != IN and any(s.module == n or s.module.startswith(n + ".") for n in ignored)
+        for s in group.slots
     )
 
 
@@ -317,7 +348,9 @@ def _params_after(shapes: Mapping[str, Sequence[int]], base: int, cuts, param_na
     return base - sum(math.prod(shapes[n]) - a for n, a in after.items() if n in param_names)
 
 
-def _macs_after(shapes: Mapping[str, Sequence[int]], shapes0: Mapping[str, Sequence[int]], macs0: MacCount, cuts) -> int:
+def _macs_after(
+    shapes: Mapping[str, Sequence[int]], shapes0: Mapping[str, Sequence[int]], macs0: MacCount, cuts
+) -> int:
     now = {n: math.prod(s) for n, s in shapes.items()}
     now.update(_numel_after(shapes, cuts))
     return estimate_macs(macs0, {n: math.prod(s) for n, s in shapes0.items()}, now)
@@ -347,8 +380,13 @@ def prune(
     """Choose channels to remove and (unless `dry_run`) remove them; returns the PrunePlan.
 
     `ratio` defaults to 0.5; see the module docstring for layer_ratios, max_ratio, round_to, steps and
-    the targets. `groups` skips `find_groups` (hand-built groups, or groups found earlier on this model).
-    `optimizer` (any torch optimizer or a RegularizedOptimizer) has its state sliced along.
+    the targets. `groups` skips `find_groups` (hand-built groups, or groups found earlier on this model);
+    without it, the groups of a RegularizedOptimizer passed as `optimizer` are used (unless
+    `ignored_layers` is given), else `find_groups(model, example_inputs, ignored_layers)`.
+    `optimizer` (any torch optimizer or a RegularizedOptimizer) has its state sliced along, and a
+    RegularizedOptimizer gets the groups of the pruned model. `dry_run=True` only returns the plan.
+    importance: "l1" | "l2" | "bn_scale" | "taylor" | "random" | callable(group) -> tensor[group.size];
+    normalizer: "mean" | "max" | None (per group, as in Torch-Pruning); seed: for "random".
     """
     model = _unwrap(model)
     if target_params is not None and target_macs is not None:
@@ -377,7 +415,9 @@ def prune(
     ignored_layers = list(ignored_layers)
     ignored = sorted(resolve_ignored(model, ignored_layers))
 
-    if groups is None:
+    if groups is None and not ignored_layers and hasattr(optimizer, "reset_groups"):
+        groups = list(optimizer.groups)  # prune what the RegularizedOptimizer regularized; no new trace
+    elif groups is None:
         groups = find_groups(model, example_inputs, ignored_layers=ignored_layers)
     else:
         groups = [g for g in groups if not _touches(g, ignored)]
@@ -403,22 +443,24 @@ def prune(
     for step in range(1, steps + 1):
         cur_tensors = model_tensors(work)
         cur_shapes = {n: list(cur_tensors[n].shape) for n in shapes0}
-        imps = compute_importance(work, cur_groups, importance, normalizer=normalizer, bias=bias, generator=gen)
+        imps = compute_importance(
+            work, cur_groups, importance, normalizer=normalizer, bias=bias, generator=gen
+        )
         if target is not None:
             if target_params is not None:
                 base = count_params(work)
                 goal = params0 - (params0 - target) * step / steps
 
-                def metric(cuts):
-                    return _params_after(cur_shapes, base, cuts, param_names)
+                def metric(cuts, shapes=cur_shapes, base=base):
+                    return _params_after(shapes, base, cuts, param_names)
             else:
                 goal = macs0.total - (macs0.total - target) * step / steps
 
-                def metric(cuts):
-                    return _macs_after(cur_shapes, shapes0, macs0, cuts)
+                def metric(cuts, shapes=cur_shapes):
+                    return _macs_after(shapes, shapes0, macs0, cuts)
 
-            def choose(r: float) -> list[list[int]]:
-                return select(cur_groups, imps, r, global_pruning, layer_ratios, max_ratio, round_to)
+            def choose(r: float, groups=cur_groups, imps=imps) -> list[list[int]]:
+                return select(groups, imps, r, global_pruning, layer_ratios, max_ratio, round_to)
 
             removed = _search(choose, cur_groups, cur_shapes, metric, goal)
         else:
@@ -430,7 +472,8 @@ def prune(
             gone = set(rem)
             a[:] = [c for j, c in enumerate(a) if j not in gone]
         if steps > 1 or not dry_run:
-            cur_groups = step_plan.remap(cur_groups, work)
+            if step < steps:
+                cur_groups = step_plan.remap(cur_groups, work)
             step_plan.apply(work, optimizer if work is model else None)
 
     removed_all = [sorted(set(range(g.size)) - set(a)) for g, a in zip(groups, alive)]
@@ -438,7 +481,9 @@ def prune(
     cuts = plan._meta_cuts()
     plan.info = {
         "ratio": None if target is not None else ratio,
-        "importance": importance if isinstance(importance, str) else getattr(importance, "__name__", "callable"),
+        "importance": importance
+        if isinstance(importance, str)
+        else getattr(importance, "__name__", "callable"),
         "global_pruning": bool(global_pruning),
         "steps": steps,
         "params_before": params0,

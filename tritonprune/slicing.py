@@ -75,11 +75,18 @@ def _channel_mask(group: Group, removed: Sequence[int]) -> torch.Tensor:
 
 def _check_slot_fits(slot: Slot, tensor: torch.Tensor) -> None:
     if slot.dim >= tensor.dim():
-        raise ValueError(f"{slot.name}: slot uses dim {slot.dim} but the tensor has shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"{slot.name}: slot uses dim {slot.dim} but the tensor has shape {tuple(tensor.shape)}"
+        )
     n = tensor.shape[slot.dim]
     if slot.blocks > 1:
         per = slot.length // slot.blocks
-        if slot.length % slot.blocks or tensor.shape[0] % slot.blocks or slot.start + per > n or slot.dim == 0:
+        if (
+            slot.length % slot.blocks
+            or tensor.shape[0] % slot.blocks
+            or slot.start + per > n
+            or slot.dim == 0
+        ):
             raise ValueError(
                 f"{slot.name}: blocked slot ({slot.blocks} blocks of {per} on dim {slot.dim}) does not fit shape "
                 f"{tuple(tensor.shape)}; the plan was made for another model"
@@ -91,14 +98,18 @@ def _check_slot_fits(slot: Slot, tensor: torch.Tensor) -> None:
         )
 
 
-def build_cuts(removals: Iterable[Removal], tensors: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], Cut]:
+def build_cuts(
+    removals: Iterable[Removal], tensors: Mapping[str, torch.Tensor]
+) -> dict[tuple[str, int], Cut]:
     """Turn removed group channels into per-(tensor, dim) cuts. Raises ValueError on anything that does not fit."""
     cuts: dict[tuple[str, int], Cut] = {}
     for group, removed in removals:
         mask = _channel_mask(group, removed)
         if group.blocks > 1:
             if group.size % group.blocks:
-                raise ValueError(f"group {group.origin!r}: size {group.size} is not a multiple of blocks {group.blocks}")
+                raise ValueError(
+                    f"group {group.origin!r}: size {group.size} is not a multiple of blocks {group.blocks}"
+                )
             per_block = mask.view(group.blocks, -1).sum(1)
             if (per_block != per_block[0]).any():
                 raise ValueError(
@@ -109,7 +120,9 @@ def build_cuts(removals: Iterable[Removal], tensors: Mapping[str, torch.Tensor])
             raise ValueError(f"group {group.origin!r}: a plan may not remove every channel of a group")
         for slot in group.slots:
             if slot.name not in tensors:
-                raise ValueError(f"{slot.name}: no such parameter or buffer in the model; the plan was made for another model")
+                raise ValueError(
+                    f"{slot.name}: no such parameter or buffer in the model; the plan was made for another model"
+                )
             t = tensors[slot.name]
             _check_slot_fits(slot, t)
             sub = mask[slot.offset : slot.offset + slot.length]
@@ -117,7 +130,9 @@ def build_cuts(removals: Iterable[Removal], tensors: Mapping[str, torch.Tensor])
             cut = cuts.get(key)
             G = slot.blocks
             if cut is None:
-                cut = cuts[key] = Cut(slot.name, slot.dim, torch.zeros(G, t.shape[slot.dim], dtype=torch.bool))
+                cut = cuts[key] = Cut(
+                    slot.name, slot.dim, torch.zeros(G, t.shape[slot.dim], dtype=torch.bool)
+                )
             elif cut.blocks != G:
                 raise ValueError(
                     f"{slot.name}: dim {slot.dim} is cut both per conv group ({max(G, cut.blocks)} blocks) and as a whole; "
@@ -133,12 +148,14 @@ def build_cuts(removals: Iterable[Removal], tensors: Mapping[str, torch.Tensor])
                 idx = (slot.start + idx[:, None] * slot.repeat + torch.arange(slot.repeat)).flatten()
                 cut.removed[0, idx] = True
     # same count in every block, and conv-group rows cut evenly where columns are cut per conv group
-    for (name, dim), cut in cuts.items():
+    for (name, _), cut in cuts.items():
         cut.keep()
         if cut.blocks > 1 and (name, 0) in cuts:
             rows = cuts[(name, 0)].removed[0].view(cut.blocks, -1).sum(1)
             if (rows != rows[0]).any():
-                raise ValueError(f"{name}: rows removed per conv group differ ({rows.tolist()}); the conv would break")
+                raise ValueError(
+                    f"{name}: rows removed per conv group differ ({rows.tolist()}); the conv would break"
+                )
     return cuts
 
 
@@ -149,8 +166,10 @@ def slice_tensor(t: torch.Tensor, cuts: Mapping[int, Cut]) -> torch.Tensor:
     """A new tensor with every cut applied (blocked dims by gather first, on the original rows)."""
     out = t.detach()
     changed = False
-    channels_last = out.dim() in (4, 5) and not out.is_contiguous() and out.is_contiguous(
-        memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d
+    channels_last = (
+        out.dim() in (4, 5)
+        and not out.is_contiguous()
+        and out.is_contiguous(memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d)
     )
     for dim, cut in sorted(cuts.items(), key=lambda kv: kv[1].blocks == 1):
         keep = cut.keep().to(out.device)
@@ -206,11 +225,15 @@ def _conv_groups(model: nn.Module, cuts: Mapping[tuple[str, int], Cut]) -> dict[
             if cols is not None and cols.removed.any():
                 raise ValueError(f"{mname}: cannot drop whole conv groups and cut inside the others at once")
         else:
-            raise ValueError(f"{mname}: rows removed per conv group differ ({per.tolist()}); the conv would break")
+            raise ValueError(
+                f"{mname}: rows removed per conv group differ ({per.tolist()}); the conv would break"
+            )
     return out
 
 
-def _new_attributes(m: nn.Module, new: Mapping[str, torch.Tensor], groups: int | None = None) -> dict[str, Any]:
+def _new_attributes(
+    m: nn.Module, new: Mapping[str, torch.Tensor], groups: int | None = None
+) -> dict[str, Any]:
     """Module attributes that follow from its new tensor shapes (local names: 'weight', 'running_mean')."""
     w = new.get("weight")
     if _conv_like(m) and w is not None:
@@ -258,12 +281,18 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
         if name not in tensors:
             raise ValueError(f"{name}: no such parameter or buffer in the model")
         if cut.removed.shape[1] != tensors[name].shape[dim]:
-            raise ValueError(f"{name}: cut for dim {dim} has {cut.removed.shape[1]} indices, tensor has {tensors[name].shape[dim]}")
+            raise ValueError(
+                f"{name}: cut for dim {dim} has {cut.removed.shape[1]} indices, tensor has {tensors[name].shape[dim]}"
+            )
         by_tensor.setdefault(name, {})[dim] = cut
     conv_groups = _conv_groups(model, cuts)
 
     # 1. compute every new tensor and attribute; nothing is modified yet
-    new: dict[str, torch.Tensor] = {n: slice_tensor(tensors[n], c) for n, c in by_tensor.items() if any(x.removed.any() for x in c.values())}
+    new: dict[str, torch.Tensor] = {
+        n: slice_tensor(tensors[n], c)
+        for n, c in by_tensor.items()
+        if any(x.removed.any() for x in c.values())
+    }
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in new.items():
         _, mname, local = _owner(model, name)
@@ -399,7 +428,15 @@ def remap_groups(groups: Iterable[Group], cuts: Mapping[tuple[str, int], Cut]) -
             if length == 0:
                 continue
             cut = cuts.get((slot.name, slot.dim))
-            start = slot.start - (cut.removed_before(slot.start) if cut is not None and cut.blocks == 1 else 0)
-            slots.append(replace(slot, offset=slot.offset - int(removed[: slot.offset].sum()), length=length, start=start))
-        out.append(Group(size=size, slots=tuple(slots), blocks=group.blocks, origin=group.origin, index=len(out)))
+            start = slot.start - (
+                cut.removed_before(slot.start) if cut is not None and cut.blocks == 1 else 0
+            )
+            slots.append(
+                replace(
+                    slot, offset=slot.offset - int(removed[: slot.offset].sum()), length=length, start=start
+                )
+            )
+        out.append(
+            Group(size=size, slots=tuple(slots), blocks=group.blocks, origin=group.origin, index=len(out))
+        )
     return out

@@ -37,16 +37,22 @@ def resolve_ignored(model: nn.Module, ignored_layers: Iterable[object]) -> set[s
     return out
 
 
-def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = ()) -> list[Group]:
+def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = (), *,
+                head_pruning: str = "heads") -> list[Group]:
     """Coupled channel groups of `model`, found from its exported ATen graph.
 
     Channels reaching a model output or input, hard-coded positions (slices, fixed-size splits) and ops
     without a rule are left out (the latter with a warning naming the op and module). Parameters are
     named by their qualified names, so the groups apply to any copy of the model.
+
+    `head_pruning` chooses how attention channels are grouped: "heads" removes whole heads (whole
+    key/value groups under GQA), "dims" removes the same number of dims from every head.
     """
+    if head_pruning not in ("heads", "dims"):
+        raise ValueError(f"head_pruning must be 'heads' or 'dims', got {head_pruning!r}")
     model = unwrap(model)
     ignored = resolve_ignored(model, ignored_layers)
     ep = export(model, example_inputs)
-    walker = Walker(ep, model)
+    walker = Walker(ep, model, head_pruning)
     walker.run()
     return assemble(walker.space, ignored)

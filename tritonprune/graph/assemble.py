@@ -11,6 +11,7 @@ from . import group as g
 from .channels import IdSpace, Registered
 
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant, as a signed int64
+MAX_SLOTS_PER_TENSOR = 256  # more pieces than this in one tensor dim: treat as scattered
 
 
 def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
@@ -22,6 +23,10 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     for reg in regs:
         if reg.role != g.IN and _is_ignored(reg.module, ignored):
             bad[labels[reg.ids]] = True  # an ignored layer keeps its own channels; its inputs may shrink
+    _check_balanced(space, labels, bad)
+    mixed = torch.zeros(space.count, dtype=torch.bool)
+    if space.mixing:
+        mixed[labels[torch.cat(space.mixing)]] = True
 
     # one row per (registered dim, position) of a channel that may be pruned
     lab_rows, reg_rows, pos_rows = [], [], []
@@ -53,50 +58,47 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     _, group_of_chan = torch.unique(sigs, dim=0, return_inverse=True)
     group_of_label = torch.full((space.count,), -1, dtype=torch.long)
     group_of_label[chans] = group_of_chan
-    group_sizes = torch.bincount(group_of_chan).tolist()
 
     # rows sorted by (group, registered dim, position)
     grp_rows = group_of_label[lab_all]
     max_pos = int(pos_all.max()) + 1
-    key = (grp_rows * n_regs + reg_all) * max_pos + pos_all
-    order = torch.argsort(key)
+    order = torch.argsort((grp_rows * n_regs + reg_all) * max_pos + pos_all)
     lab_all, reg_all, pos_all, grp_rows = lab_all[order], reg_all[order], pos_all[order], grp_rows[order]
     seg_key, seg_len = torch.unique_consecutive(grp_rows * n_regs + reg_all, return_counts=True)
-    bounds = [0] + torch.cumsum(seg_len, 0).tolist()
+    bounds = [0, *torch.cumsum(seg_len, 0).tolist()]
 
+    # channel order of a group: first appearance in its first registered dim
+    index_of = torch.full((space.count,), -1, dtype=torch.long)
     built: dict[int, dict] = {}
     failed: dict[int, str] = {}
     for s, key_s in enumerate(seg_key.tolist()):
         gi, ri = divmod(key_s, n_regs)
         if gi in failed:
             continue
-        lo, hi = bounds[s], bounds[s + 1]
-        labs, pos = lab_all[lo:hi], pos_all[lo:hi]
-        reg = regs[ri]
-        entry = built.setdefault(gi, {"order": None, "slots": [], "first": ri})
-        slot, chan_order, why = _slot_for(reg, labs, pos, group_sizes[gi])
-        if slot is None:
+        labs, pos = lab_all[bounds[s] : bounds[s + 1]], pos_all[bounds[s] : bounds[s + 1]]
+        entry = built.get(gi)
+        if entry is None:
+            order_labs = _first_appearance(labs)
+            index_of[order_labs] = torch.arange(order_labs.numel())
+            entry = built[gi] = {"order": order_labs, "slots": [], "first": ri}
+        slots, why = _slots_for(regs[ri], labs, pos, index_of, entry["order"].numel())
+        if slots is None:
             failed[gi] = why
             continue
-        if entry["order"] is None:
-            entry["order"] = chan_order
-        elif not torch.equal(entry["order"], chan_order):
-            failed[gi] = f"channels of {reg.name} are permuted relative to {regs[entry['first']].name}"
-            continue
-        entry["slots"].append((ri, slot))
+        entry["slots"].extend((ri, slot) for slot in slots)
 
-    blocks, merges = _apply_requirements(space, labels, bad, group_of_label, built, failed)
+    blocks, units, merges = _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed)
 
     groups = []
     merged_member = {m for members in merges.values() for m in members[1:]}
-    for gi, entry in sorted(built.items(), key=lambda kv: kv[1]["first"]):
+    for gi, _ in sorted(built.items(), key=lambda kv: kv[1]["first"]):
         if gi in merged_member:
             continue
         members = merges.get(gi, [gi])
         slots, size = [], 0
         for m in members:
-            for _, slot in sorted(built[m]["slots"], key=lambda rs: rs[0]):
-                slots.append(replace(slot, offset=size))
+            for _, slot in sorted(built[m]["slots"], key=lambda rs: (rs[0], rs[1].offset)):
+                slots.append(replace(slot, offset=slot.offset + size))
             size += int(built[m]["order"].numel())
         why = next((failed[m] for m in members if m in failed), None)
         if why is not None:
@@ -106,48 +108,140 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         if all(s.is_buffer for s in slots):
             continue
         origin = next((s.module for s in slots if s.role == g.OUT), slots[0].module or slots[0].name)
+        exact = not any(bool(mixed[built[m]["order"]].any()) for m in members)
         groups.append(g.Group(size=size, slots=tuple(slots), blocks=blocks.get(gi, 1), origin=origin,
-                              index=len(groups)))
+                              unit=units.get(gi, 1), exact=exact, index=len(groups)))
     return groups
 
 
-def _apply_requirements(space, labels, bad, group_of_label, built, failed):
-    """Equal-block requirements (grouped convs, GroupNorm, chunk).
+def _is_ignored(module: str, ignored: set[str]) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in ignored) if ignored else False
 
-    Blocks inside one group must be contiguous runs of its channels. Blocks that fall into different
-    groups (chunk parts feeding different layers) merge those groups into one, each part a block.
+
+def _first_appearance(labs: torch.Tensor) -> torch.Tensor:
+    uniq, inverse = torch.unique(labs, return_inverse=True)
+    first = torch.full((uniq.numel(),), labs.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(labs.numel()), reduce="amin")
+    return labs[first.sort().values]
+
+
+def _unique_rows(rows: torch.Tensor) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    for r in rows:
+        if not any(torch.equal(r, q) for q in seen):
+            seen.append(r)
+    return seen
+
+
+def _check_balanced(space: IdSpace, labels: torch.Tensor, bad: torch.Tensor) -> None:
+    """Ops that index a dim by position (select, equal split) need each channel equally in every part."""
+    for parts, why in space.balanced:
+        lab = labels[parts.clamp_min(0)]
+        lab = torch.where(parts >= 0, lab, -1)
+        uniq, inv = torch.unique(lab, return_inverse=True)
+        counts = torch.zeros(parts.shape[0], uniq.numel(), dtype=torch.long)
+        counts.scatter_add_(1, inv, torch.ones_like(inv))
+        uneven = (counts != counts[:1]).any(0) & (uniq >= 0)
+        if uneven.any():
+            hit = uniq[uneven]
+            fresh = hit[~bad[hit]]
+            if fresh.numel():
+                warnings.warn(f"tritonprune: {why}; the channels it touches are not pruned", stacklevel=4)
+            bad[hit] = True
+
+
+def _slots_for(reg: Registered, labs: torch.Tensor, pos: torch.Tensor, index_of: torch.Tensor, size: int):
+    """Slots covering a group's positions in one registered dim: runs of consecutive group channels at
+    consecutive positions, each channel owning `repeat` consecutive positions."""
+    n_rows = labs.numel()
+    change = torch.ones(n_rows, dtype=torch.bool)
+    change[1:] = (labs[1:] != labs[:-1]) | (pos[1:] != pos[:-1] + 1)
+    starts = torch.nonzero(change).flatten()
+    lengths = torch.diff(torch.cat([starts, torch.tensor([n_rows])]))
+    repeat = int(lengths[0])
+    if not bool((lengths == repeat).all()):
+        return None, f"{reg.name} owns an uneven number of positions per channel"
+    idx = index_of[labs[starts]]
+    if bool((idx < 0).any()):
+        return None, f"{reg.name} holds channels outside the group"
+    first_pos = pos[starts]
+    breaks = torch.ones(idx.numel(), dtype=torch.bool)
+    breaks[1:] = (idx[1:] != idx[:-1] + 1) | (first_pos[1:] != first_pos[:-1] + repeat)
+    piece_starts = torch.nonzero(breaks).flatten()
+    if piece_starts.numel() > MAX_SLOTS_PER_TENSOR:
+        return None, f"channels of {reg.name} are scattered (permuted relative to the group)"
+    piece_len = torch.diff(torch.cat([piece_starts, torch.tensor([idx.numel()])]))
+    if reg.blocks > 1 and (piece_starts.numel() != 1 or int(first_pos[0]) != 0 or repeat != 1 or n_rows != reg.size):
+        return None, f"{reg.name} is a grouped conv whose conv groups are only partly in the group"
+    slots = []
+    for ps, pl in zip(piece_starts.tolist(), piece_len.tolist()):
+        slots.append(g.Slot(
+            name=reg.name, module=reg.module, kind=reg.kind, role=reg.role, dim=reg.dim,
+            offset=int(idx[ps]), length=pl, start=int(first_pos[ps]), repeat=repeat, blocks=reg.blocks,
+            is_bias=reg.is_bias, is_buffer=reg.is_buffer,
+        ))
+    return slots, ""
+
+
+def _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed):
+    """Equal-block and whole-unit requirements (grouped convs, GroupNorm, chunk, attention heads).
+
+    Blocks or units inside one group must be contiguous runs of its channels. Chunk parts that fall
+    into different groups (parts feeding different layers) merge those groups, each part a block.
     """
     blocks: dict[int, int] = {}
+    units: dict[int, int] = {}
     merges: dict[int, list[int]] = {}
     spanning = []
 
-    def index_in(gi: int, lab: torch.Tensor) -> torch.Tensor:
-        order = built[gi]["order"]
-        index = torch.full((space.count,), -1, dtype=torch.long)
-        index[order] = torch.arange(order.numel())
-        return index[lab]
+    def in_order(gi: int, lab: torch.Tensor) -> bool:
+        return built[gi]["order"].numel() == lab.numel() and torch.equal(index_of[lab], torch.arange(lab.numel()))
 
-    for ids, nb in space.requirements:
-        lab = labels[ids]
-        if bad[lab].any():
-            continue
-        gis = group_of_label[lab]
-        runs, run_len = torch.unique_consecutive(gis, return_counts=True)
-        runs = runs.tolist()
-        if any(gi in failed or gi not in built for gi in runs):
-            continue
-        if len(runs) > 1:
-            spanning.append((lab, nb, runs, run_len.tolist()))
-            continue
-        gi = runs[0]
-        if built[gi]["order"].numel() != lab.numel() or not torch.equal(index_in(gi, lab), torch.arange(lab.numel())):
-            failed[gi] = f"{nb} equal blocks required by a grouped op do not line up with the group"
-            continue
-        combined = g.block_count(blocks.get(gi, 1), nb)
-        if combined == 0:
-            failed[gi] = f"incompatible block counts {blocks.get(gi, 1)} and {nb}"
-            continue
-        blocks[gi] = combined
+    soft = [(ids, nb) for ids, nb in space.soft_requirements]
+    for kind, reqs in (("blocks", space.requirements), ("unit", space.units), ("soft", soft)):
+        target = units if kind == "unit" else blocks
+        for ids, nb in reqs:
+            lab = labels[ids]
+            if bad[lab].any():
+                continue
+            if kind == "soft":
+                rows = lab.reshape(nb, -1)
+                if bool((rows == rows[:1]).all()):
+                    continue  # the parts are copies of one channel set (packed q/k/v): sizes stay equal
+                gi = int(group_of_label[lab[0]])
+                if gi in units or gi in failed or gi not in built:
+                    continue  # attention heads state their own structure
+            gis = group_of_label[lab]
+            runs, run_len = torch.unique_consecutive(gis, return_counts=True)
+            runs = runs.tolist()
+            if any(gi in failed or gi not in built for gi in runs):
+                continue
+            if len(runs) > 1:
+                if kind != "unit":
+                    spanning.append((lab, nb, runs, run_len.tolist()))
+                else:
+                    for gi in runs:
+                        failed[gi] = "attention heads are split over several groups"
+                continue
+            gi = runs[0]
+            uniq = _first_appearance(lab)
+            if kind == "unit":
+                # one row per head; repeated key/value heads (GQA) and rotary pairs repeat labels
+                heads = _unique_rows(lab.reshape(-1, nb))
+                per_head = [_first_appearance(h) for h in heads]
+                if len({h.numel() for h in per_head}) != 1:
+                    failed[gi] = "attention heads hold uneven channel copies"
+                    continue
+                uniq = torch.cat(per_head)
+                nb = per_head[0].numel()
+            if not in_order(gi, uniq):
+                failed[gi] = f"{nb} equal parts required by a grouped op do not line up with the group"
+                continue
+            combined = g.block_count(target.get(gi, 1), nb)
+            if combined == 0:
+                failed[gi] = f"incompatible {kind} sizes {target.get(gi, 1)} and {nb}"
+                continue
+            target[gi] = combined
 
     merged: set[int] = set()
     for lab, nb, runs, run_len in spanning:
@@ -156,15 +250,16 @@ def _apply_requirements(space, labels, bad, group_of_label, built, failed):
             why = f"{nb} equal parts of a chunk do not each form a group"
         elif merged & set(runs):
             why = "channels are split by two different chunks"
+        elif any(gi in units for gi in runs):
+            why = "a chunk splits attention heads"
         else:
             pos = 0
             for gi, n in zip(runs, run_len):
-                part = lab[pos : pos + n]
-                pos += n
-                if built[gi]["order"].numel() != n or not torch.equal(index_in(gi, part), torch.arange(n)):
+                if not in_order(gi, lab[pos : pos + n]):
                     why = f"a part of a {nb}-way chunk is only partly in a group"
+                pos += n
+        inner = 1
         if why is None:
-            inner = 1
             for gi in runs:
                 inner = g.block_count(inner, blocks.get(gi, 1))
             if inner == 0 or any(blocks.get(gi, 1) != inner for gi in runs):
@@ -176,34 +271,34 @@ def _apply_requirements(space, labels, bad, group_of_label, built, failed):
         merged.update(runs)
         merges[runs[0]] = runs
         blocks[runs[0]] = nb * inner
-    return blocks, merges
+    _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, failed)
+    for gi in set(blocks) & set(units):
+        if blocks[gi] % 1 == 0 and (built[gi]["order"].numel() // blocks[gi]) % units[gi]:
+            failed[gi] = "equal blocks and whole attention heads do not fit together"
+    return blocks, units, merges
 
 
-def _is_ignored(module: str, ignored: set[str]) -> bool:
-    return any(module == m or module.startswith(m + ".") for m in ignored) if ignored else False
-
-
-def _slot_for(reg: Registered, labs: torch.Tensor, pos: torch.Tensor, size: int):
-    """A Slot if the group's channels occupy an affine range of this dim, plus their channel order."""
-    n_rows = labs.numel()
-    # positions are sorted; a channel owning `repeat` consecutive positions shows up `repeat` times
-    change = torch.ones(n_rows, dtype=torch.bool)
-    change[1:] = labs[1:] != labs[:-1]
-    starts = torch.nonzero(change).flatten()
-    n = starts.numel()
-    if n_rows % n:
-        return None, None, f"{reg.name} owns an uneven number of positions per channel"
-    repeat = n_rows // n
-    chan_order = labs[starts]
-    if n != size or not torch.equal(labs, chan_order.repeat_interleave(repeat)):
-        return None, None, f"{reg.name} interleaves channels"
-    start = int(pos[0])
-    if not torch.equal(pos, torch.arange(start, start + n_rows)):
-        return None, None, f"{reg.name} holds the channels at scattered positions"
-    if reg.blocks > 1 and (start != 0 or repeat != 1 or n_rows != reg.size):
-        return None, None, f"{reg.name} is a grouped conv whose conv groups are only partly in the group"
-    slot = g.Slot(
-        name=reg.name, module=reg.module, kind=reg.kind, role=reg.role, dim=reg.dim, offset=0, length=n,
-        start=start, repeat=repeat, blocks=reg.blocks, is_bias=reg.is_bias, is_buffer=reg.is_buffer,
-    )
-    return slot, chan_order, ""
+def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, failed) -> None:
+    """A dim whose size the code fixes survives pruning only if each of its lines is a whole unit."""
+    for lines, why in space.fixed_lines:
+        lab = labels[lines.clamp_min(0)]
+        valid = lines >= 0
+        for row in range(lab.shape[0]):
+            line = lab[row][valid[row]]
+            if not line.numel() or bool(bad[line].any()):
+                continue
+            gis = group_of_label[line].unique().tolist()
+            gis = [gi for gi in gis if gi >= 0 and gi in built]
+            if len(gis) != 1:
+                for gi in gis:
+                    failed.setdefault(gi, why)
+                continue
+            gi = gis[0]
+            unit = units.get(gi, 0)
+            uniq = _first_appearance(line)
+            idx = index_of[uniq]
+            whole = (unit and uniq.numel() == unit and int(idx[0]) % unit == 0
+                     and torch.equal(idx, idx[0] + torch.arange(unit)))
+            if not whole:
+                failed.setdefault(gi, why + (" (prune whole heads: head_pruning='heads')" if gi in units or
+                                             "rotary" in why else ""))

@@ -43,6 +43,18 @@ class IdSpace:
         self.edges_b: list[torch.Tensor] = []
         self.excluded: list[torch.Tensor] = []
         self.requirements: list[tuple[torch.Tensor, int]] = []  # (ids in order, blocks)
+        # blocks implied by a reshape splitting a channel dim (channel shuffle, heads): weaker than
+        # the blocks and units an op states, which override them
+        self.soft_requirements: list[tuple[torch.Tensor, int]] = []
+        self.units: list[tuple[torch.Tensor, int]] = []  # (ids in order, unit): remove whole runs only
+        self.mixing: list[torch.Tensor] = []  # ids an op mixes (norms, means over channels)
+        # (ids [parts, n], why): every channel must own as many elements in each part (select/split)
+        self.balanced: list[tuple[torch.Tensor, str]] = []
+        # (lines [n, L], why): each line runs along a dim whose size the code fixes (slices of it, or
+        # elementwise partners without identity such as rotary cos/sin); pruning must never shorten
+        # it, so every line must be one whole unit (attention head) of its group
+        self.fixed_lines: list[tuple[torch.Tensor, str]] = []
+        self.poisoned: set[str] = set()  # tensors fed to ops without a rule: never pruned
 
     def fresh(self, n: int) -> torch.Tensor:
         ids = torch.arange(self.count, self.count + n)
@@ -57,6 +69,8 @@ class IdSpace:
             reg = Registered(name, module, kind, role, dim, size, self.count, blocks, is_bias, is_buffer)
             self.count += size
             self.registered[key] = reg
+            if name in self.poisoned:
+                self.exclude(reg.ids)
         elif reg.size != size or reg.blocks != blocks:
             # the same tensor dim used two incompatible ways (e.g. shared weights in a grouped and a
             # plain conv): its channels cannot be pruned consistently
@@ -82,6 +96,26 @@ class IdSpace:
     def require_blocks(self, ids: torch.Tensor, blocks: int) -> None:
         if blocks > 1:
             self.requirements.append((ids.reshape(-1).clone(), blocks))
+
+    def require_units(self, ids: torch.Tensor, unit: int) -> None:
+        if unit > 1:
+            self.units.append((ids.reshape(-1).clone(), unit))
+
+    def fix_dim(self, ids: torch.Tensor, dim: int, why: str) -> None:
+        lines = ids.movedim(dim, -1).reshape(-1, ids.shape[dim])
+        lines = torch.unique(lines, dim=0) if lines.shape[0] > 1 else lines
+        self.fixed_lines.append((lines, why))
+
+    def mix(self, ids: torch.Tensor) -> None:
+        ids = ids.reshape(-1)
+        ids = ids[ids >= 0]
+        if ids.numel():
+            self.mixing.append(ids.unique())
+
+    def require_balanced(self, parts: torch.Tensor, why: str) -> None:
+        """Each row of `parts` is one part of a dim an op indexes by position; pruning must keep the parts
+        equal, so every channel must own the same number of elements in each part."""
+        self.balanced.append((parts.reshape(parts.shape[0], -1).clone(), why))
 
     def components(self) -> torch.Tensor:
         """Component label of every id (the smallest id in its component)."""

@@ -70,14 +70,19 @@ class Group:
     """A set of coupled channels.
 
     `blocks` > 1 means the channels come in `blocks` contiguous equal runs (the conv groups of a grouped
-    convolution, the groups of a GroupNorm): pruning must remove the same count from every run.
-    `origin` names the producer the group was found from, for messages and summaries.
+    convolution, the groups of a GroupNorm, attention heads when pruning head dims): pruning must remove
+    the same count from every run. `unit` > 1 means channels are removed only in whole contiguous runs
+    of `unit` (whole attention heads). `exact` is False when an op mixes the channels (a norm or a mean
+    over them): removing a channel then changes the others slightly, so the pruned model is not
+    exactly the soft-pruned one. `origin` names the producer the group was found from.
     """
 
     size: int
     slots: tuple[Slot, ...]
     blocks: int = 1
     origin: str = ""
+    unit: int = 1
+    exact: bool = True
     index: int = field(default=0, compare=False)
 
     def slots_of(self, *kinds: str, roles: tuple[str, ...] | None = None) -> list[Slot]:
@@ -96,6 +101,7 @@ class Group:
 
     def __repr__(self) -> str:
         blocks = f", blocks={self.blocks}" if self.blocks > 1 else ""
+        blocks += f", unit={self.unit}" if self.unit > 1 else ""
         mods = ", ".join(self.modules[:4]) + (", ..." if len(self.modules) > 4 else "")
         return f"Group(#{self.index} {self.origin!r}, size={self.size}{blocks}, slots={len(self.slots)}: {mods})"
 

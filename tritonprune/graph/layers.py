@@ -169,6 +169,8 @@ def _per_channel(w: Walker, node: fx.Node, x: fx.Node, dim: int, kind: str,
     if not isinstance(ids, torch.Tensor):
         return no_identity(w, node)
     x_vec = _channel_input(w, node, x, dim)
+    if kind in (g.LAYERNORM, g.GROUPNORM):
+        w.space.mix(x_vec)
     for p, role, is_bias in params:
         if p is not None and w.shape(p)[0] == xshape[dim] and xshape[dim] > 1:
             _link_channels(w, x_vec, w.pid(p, 0, kind=kind, role=role, is_bias=is_bias))
@@ -236,3 +238,41 @@ def embedding(w: Walker, node: fx.Node) -> object:
         return unknown(w, node)
     out = w.out_shape(node)
     return along(w.pid(weight, 1, kind=g.EMBEDDING, role=g.AFFINE), len(out) - 1, len(out))
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+
+@rule(*overloads(aten.scaled_dot_product_attention))
+def sdpa(w: Walker, node: fx.Node) -> object:
+    """q [.., H, T, d], k [.., Hk, S, d], v [.., Hk, S, d]: head h's dim j of q, k, v and the output is one
+    channel (query heads share their key/value head under GQA). Heads are pruned whole (`unit` = d) or,
+    with head_pruning="dims", by the same count in every key/value head (`blocks` = Hk)."""
+    q, k, v = node.args[:3]
+    ids = [w.act(t) for t in (q, k, v)]
+    shapes = [w.shape(t) for t in (q, k, v)]
+    if not all(isinstance(t, torch.Tensor) for t in ids) or any(len(s) != 4 for s in shapes):
+        return unknown(w, node)
+    (_, H, _, d), (_, Hk, _, dk), (_, Hv, _, dv) = shapes
+    if not (d == dk == dv and Hk == Hv and H % Hk == 0):
+        return unknown(w, node)
+    spread = [t for t in ids if t.shape[2] > 1 or (t.shape[1] > 1 and t.shape[3] == 1)]
+    if spread:
+        return unknown(w, node)  # channels along tokens, or heads without dims: not an attention layout
+    r = H // Hk
+    full = [expand_dims(t, s, [1, 3]) for t, s in zip(ids, shapes)]
+    qf, kf, vf = full
+    kf, vf = kf.repeat_interleave(r, 1), vf.repeat_interleave(r, 1)
+    for a, b in ((qf, kf), (qf, vf)):
+        w.space.union(a, b)
+        w.space.exclude(torch.where(b < 0, a, NONE))
+        w.space.exclude(torch.where(a < 0, b, NONE))
+    heads = torch.where(full[1] >= 0, full[1], full[2])[0, :, 0, :]  # [Hk, d] in key/value order
+    if w.head_pruning == "dims":
+        w.space.require_blocks(heads, Hk)
+    else:
+        w.space.require_units(heads, d * 1)
+    scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
+    if w.head_pruning == "dims" and scale is None:
+        w.space.mix(heads)  # the default scale 1/sqrt(d) follows the pruned head dim
+    return torch.where(qf >= 0, qf, kf)

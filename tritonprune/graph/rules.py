@@ -44,7 +44,8 @@ def overloads(*packets: object) -> list[object]:
 class Walker:
     """Walks the graph once, applying rules; collects everything assemble.py needs."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module):
+    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, head_pruning: str = "heads"):
+        self.head_pruning = head_pruning
         self.ep = ep
         self.model = model
         self.space = IdSpace()
@@ -68,6 +69,8 @@ class Walker:
                 fn = RULES.get(node.target)
                 if fn is None and hasattr(node.target, "overloadpacket"):
                     fn = RULES.get(node.target.overloadpacket)
+                if fn is None and getattr(node.target, "__name__", "").split(".")[0] in NO_OPS:
+                    continue  # runtime checks without outputs
                 self.ids[node] = (fn or unknown)(self, node)
             elif node.op == "output":
                 for arg in fx.node.map_arg(node.args, lambda n: n).__iter__():
@@ -137,8 +140,8 @@ class Walker:
         # its channels run along its last non-trivial dim.
         shape = self.shape(node)
         dims = [d for d, s in enumerate(shape) if s > 1]
-        if not dims:
-            return none_like(shape)
+        if not dims or not node.meta["val"].is_floating_point():
+            return none_like(shape)  # index and mask buffers (position ids) carry no channels
         d = dims[-1]
         name, is_buffer = self.tensor_name(node)
         kind = g.PARAM
@@ -190,12 +193,25 @@ def no_identity(w: Walker, node: fx.Node) -> object:
 
 
 def unknown(w: Walker, node: fx.Node) -> object:
-    touched = any(has_ids(w.act(a)) if isinstance(w.act(a), torch.Tensor) else w.tensor_name(a) is not None
-                  for a in node.all_input_nodes)
+    touched = False
+    for a in node.all_input_nodes:
+        name = w.tensor_name(a)
+        if name is not None:
+            # a parameter fed to an op without a rule: none of its dims may be pruned, now or later
+            touched |= name[0] in {n for n, _ in w.space.registered} or a in w.ids and w.ids[a] is not None
+            w.space.poisoned.add(name[0])
+        else:
+            ids = w.act(a)
+            touched |= isinstance(ids, torch.Tensor) and has_ids(ids)
+            touched |= isinstance(ids, (list, tuple)) and any(isinstance(t, torch.Tensor) and has_ids(t) for t in ids)
     if touched:
         w.warn(node, "no coupling rule for this op")
         w.exclude_all(node)
     return no_identity(w, node)
+
+
+NO_OPS = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_constrain_range",
+          "sym_constrain_range_for_size", "_functional_assert_async", "_print"}
 
 
 # ---- shape-preserving and elementwise ops -----------------------------------------------------
@@ -237,12 +253,22 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
         elif not op_spread:
             a, b = torch.broadcast_tensors(acc_ids, ids)
             w.space.union(a, b)
-            # channels meeting values without identity (model inputs, constants) are fixed
-            w.space.exclude(torch.where(b < 0, a, NONE))
-            w.space.exclude(torch.where(a < 0, b, NONE))
+            _meet_without_identity(w, node, a, b, shape)
+            _meet_without_identity(w, node, b, a, acc_shape)
             acc_ids = torch.where(a >= 0, a, b)
         acc_shape = tuple(max(x, y) for x, y in zip(acc_shape, shape))
     return acc_ids if acc_ids is not None else none_like(out)
+
+
+def _meet_without_identity(w: Walker, node: fx.Node, ids: torch.Tensor, other: torch.Tensor,
+                           other_shape: tuple[int, ...]) -> None:
+    """Channels meeting values without identity (model inputs, constants, rotary tables) at the same
+    positions: the dims where the partner has real extent keep their size, so they must be whole units."""
+    if not bool(((ids >= 0) & (other < 0)).any()):
+        return
+    for d in range(ids.dim()):
+        if ids.shape[d] > 1 and other_shape[d] > 1:
+            w.space.fix_dim(torch.where(other < 0, ids, NONE), d, _where(w, node, "channels meet values of fixed size"))
 
 
 ELEMENTWISE = overloads(
@@ -324,19 +350,38 @@ def reshape_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int]
     return runs
 
 
-def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...]) -> torch.Tensor | None:
+def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
+                space: IdSpace | None = None) -> torch.Tensor | None:
     runs = reshape_runs(src, dst)
     if runs is None:
         return None
-    spread = [d for si, _ in runs if any(ids.shape[k] > 1 for k in si) for d in si]
+    varying = [any(ids.shape[k] > 1 for k in si) for si, _ in runs]
+    spread = [d for (si, _), v in zip(runs, varying) if v for d in si]
     full = expand_dims(ids, src, spread)
     target = []
-    for si, sj in runs:
-        if any(ids.shape[k] > 1 for k in si):
-            target.extend(dst[k] for k in sj)
-        else:
-            target.extend(1 for _ in sj)
-    return full.reshape(target)
+    for (_, sj), v in zip(runs, varying):
+        target.extend(dst[k] if v else 1 for k in sj)
+    new = full.reshape(target)
+    if space is not None and sum(varying) == 1:
+        _split_structure(space, new, runs, varying, dst)
+    return new
+
+
+def _split_structure(space: IdSpace, new: torch.Tensor, runs, varying, dst) -> None:
+    """A channel dim split into (outer, inner) dims keeps its outer count after pruning (channel
+    shuffle's groups, attention heads): record it as equal blocks."""
+    sj = runs[varying.index(True)][1]
+    big = [k for k in sj if dst[k] > 1]
+    if len(big) < 2:
+        return
+    sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
+    sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
+    rows = torch.unique_consecutive(sub, dim=0) if sub.shape[0] > 1 else sub
+    rows = torch.unique(rows, dim=0, sorted=False) if rows.shape[0] > 1 else rows
+    flat = rows.reshape(-1)
+    if rows.shape[0] > 1 and bool((flat >= 0).all()) and flat.unique().numel() == flat.numel():
+        order = torch.argsort(rows[:, 0])
+        space.soft_requirements.append((rows[order].reshape(-1).clone(), rows.shape[0]))
 
 
 @rule(*overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
@@ -345,7 +390,7 @@ def view(w: Walker, node: fx.Node) -> object:
     ids = w.act(node.args[0])
     if not isinstance(ids, torch.Tensor):
         return no_identity(w, node)
-    new = reshape_ids(ids, w.shape(node.args[0]), w.out_shape(node))
+    new = reshape_ids(ids, w.shape(node.args[0]), w.out_shape(node), w.space)
     if new is None:
         w.warn(node, "cannot follow channels through this reshape")
         w.space.exclude(ids)
@@ -402,13 +447,17 @@ def slice_(w: Walker, node: fx.Node) -> object:
         return ids
     if out[d] == src[d]:
         return ids
-    w.warn(node, "slicing along a channel dim hard-codes channel positions")
-    w.space.exclude(ids)
+    w.space.fix_dim(ids, d, _where(w, node, "slicing along a channel dim hard-codes channel positions"))
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     step = node.args[4] if len(node.args) > 4 else 1
     start = start % src[d] if start < 0 else min(start, src[d])
     return ids.narrow(d, 0, 1).expand(*[out[k] if k == d else ids.shape[k] for k in range(ids.dim())]) \
         if step != 1 else ids.narrow(d, start, out[d])
+
+
+def parts_along(ids: torch.Tensor, d: int) -> torch.Tensor:
+    """The ids of each index along dim `d`, one row per index."""
+    return ids.movedim(d, 0).reshape(ids.shape[d], -1)
 
 
 @rule(*overloads(aten.select))
@@ -418,10 +467,14 @@ def select(w: Walker, node: fx.Node) -> object:
         return no_identity(w, node)
     d = node.args[1] % ids.dim()
     if ids.shape[d] > 1:
-        w.warn(node, "selecting one channel hard-codes its position")
-        w.space.exclude(ids)
+        # fine while pruning never changes the size of this dim (q/k/v of a packed projection)
+        w.space.require_balanced(parts_along(ids, d), _where(w, node, "selecting by position along a channel dim"))
         return ids.select(d, node.args[2])
     return ids.squeeze(d)
+
+
+def _where(w: Walker, node: fx.Node, why: str) -> str:
+    return f"{why} (op {node.target} in module {w.module_of(node)!r})"
 
 
 @rule(*overloads(aten.chunk))
@@ -454,9 +507,17 @@ def split(w: Walker, node: fx.Node) -> object:
     vals = node.meta["val"]
     if ids.shape[d] == 1:
         return [ids if node.target.overloadpacket is not aten.unbind else ids.squeeze(d) for _ in vals]
-    w.warn(node, "split with fixed sizes along a channel dim (use chunk for an equal, prunable split)")
-    w.space.exclude(ids)
     sizes = [int(v.shape[d]) for v in vals] if node.target.overloadpacket is not aten.unbind else [1] * len(vals)
+    full = expand_dims(ids, src, [d])
+    if len(set(sizes)) == 1 and sum(sizes) == src[d]:
+        # equal parts (q, k, v of a fused projection): allowed while every channel owns as many
+        # elements in each part, so the parts stay equal after pruning
+        parts = full.movedim(d, 0).reshape(len(sizes), sizes[0], -1).flatten(1)
+        w.space.require_balanced(parts, _where(w, node, "split along a channel dim into parts that pruning would make unequal"))
+    else:
+        w.warn(node, "split with fixed unequal sizes along a channel dim (use chunk for an equal, prunable split)")
+        w.space.exclude(ids)
+    ids = full
     parts = list(ids.split(sizes, d))
     return [p.squeeze(d) for p in parts] if node.target.overloadpacket is aten.unbind else parts
 
@@ -577,8 +638,11 @@ def reduce(w: Walker, node: fx.Node) -> object:
         dims = list(range(nd))
     dims = sorted({int(d) % nd for d in dims}) if nd else []
     if any(ids.shape[d] > 1 for d in dims):
-        w.warn(node, "reduction over a channel dim mixes channels")
-        w.space.exclude(ids)
+        if node.target.overloadpacket in (aten.argmax, aten.argmin, aten.prod):
+            w.warn(node, "index or product over a channel dim")
+            w.space.exclude(ids)
+        else:
+            w.space.mix(ids)  # a statistic over channels (RMSNorm's mean, CBAM): prunable, not exact
         return no_identity(w, node)
     out = val[0] if isinstance(val, (list, tuple)) else val
     if not isinstance(out, torch.Tensor):
@@ -597,7 +661,9 @@ def softmax(w: Walker, node: fx.Node) -> object:
         return no_identity(w, node)
     d = node.args[1] % ids.dim()
     if ids.shape[d] > 1:
-        w.warn(node, "softmax over a channel dim mixes channels")
-        w.space.exclude(ids)
-        return no_identity(w, node)
+        if node.target.overloadpacket is aten.cumsum:
+            w.warn(node, "cumulative sum over a channel dim")
+            w.space.exclude(ids)
+            return no_identity(w, node)
+        w.space.mix(ids)
     return ids

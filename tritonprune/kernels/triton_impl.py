@@ -85,8 +85,19 @@ _GAMMA_BLOCK = 256
 _INT32_MAX = 2**31 - 1
 
 
-def _interpreting() -> bool:
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter. Triton fixes this for the whole process when it is
+    first imported (its own library functions are decorated then), so TRITON_INTERPRET=1 must be set
+    before that."""
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.sum, InterpretedFunction)
 
 
 def check_available(device: torch.device | str) -> None:
@@ -98,6 +109,11 @@ def check_available(device: torch.device | str) -> None:
         return
     if device.type == "cpu" and _interpreting():
         return
+    if device.type == "cpu" and _env_interpret():
+        raise ValueError(
+            "tritonprune.kernels.triton_impl: TRITON_INTERPRET=1 was set after triton was imported; set it before "
+            "the first `import triton` (e.g. at the start of the process) or use backend='torch'"
+        )
     raise ValueError(
         f"tritonprune.kernels.triton_impl: the Triton backend needs CUDA tensors, the parameters are on {device}; "
         "use backend='torch' (or set TRITON_INTERPRET=1 to run the kernels slowly in the interpreter)"
@@ -106,9 +122,8 @@ def check_available(device: torch.device | str) -> None:
 
 # ------------------------------------------------------------------------------------------ kernels
 #
-# Kernels are plain functions decorated on first use (`_kernels`), because `triton.jit` picks compiled
-# or interpreted mode from TRITON_INTERPRET when it decorates; decorating lazily lets a process set the
-# variable after importing tritonprune. They call no helpers, so no other jit function must exist.
+# Kernels are plain functions decorated on first use (`_kernels`), so importing this module costs no
+# Triton work and a process without a GPU can import it freely. They call no jit helpers of their own.
 
 
 def _sumsq_kernel(table_ptr, work_ptr, part_ptr, DTYPE: tl.constexpr, CH_FAST: tl.constexpr,
@@ -225,7 +240,7 @@ def _lasso_kernel(sums_ptr, count_ptr, out_ptr, n_channels, reg, BLOCK: tl.const
 
 def _update_kernel(table_ptr, work_ptr, slist_ptr, coef_ptr, scale_ptr, reg, DTYPE: tl.constexpr,
                    SIGN: tl.constexpr, TO_PARAM: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   IDX32: tl.constexpr, BLOCK: tl.constexpr):
     # One work item = one tile [q0, q1) of a parameter, in element positions relative to the W_PTR of the
     # parameter's first update slot. slist rows (slot, delta): the slot's position of element q is q + delta.
     pid = tl.program_id(0).to(tl.int64)
@@ -252,6 +267,7 @@ def _update_kernel(table_ptr, work_ptr, slist_ptr, coef_ptr, scale_ptr, reg, DTY
         w_ptr = wbase.to(tl.pointer_type(tl.float64))
         t_ptr = tbase.to(tl.pointer_type(tl.float64))
     ACC = tl.float64 if DTYPE == 3 else tl.float32
+    IT = tl.int32 if IDX32 else tl.int64
     r = tl.arange(0, BLOCK).to(tl.int64)
     # parameters without .grad are skipped whatever the target (a block, not a scalar: the interpreter
     # turns `block & scalar-bool` into an int64 mask)
@@ -265,12 +281,12 @@ def _update_kernel(table_ptr, work_ptr, slist_ptr, coef_ptr, scale_ptr, reg, DTY
             s = tl.load(slist_ptr + li * 2)
             delta = tl.load(slist_ptr + li * 2 + 1)
             row = table_ptr + s * 16
-            n_a = tl.load(row + 3)
-            n_c = tl.load(row + 4)
-            n_b = tl.load(row + 5)
-            st_a = tl.load(row + 7)
-            n_rows = tl.load(row + 2) * n_a
-            p = tl.maximum(q + delta, 0)
+            n_a = tl.load(row + 3).to(IT)
+            n_c = tl.load(row + 4).to(IT)
+            n_b = tl.load(row + 5).to(IT)
+            st_a = tl.load(row + 7).to(IT)
+            n_rows = tl.load(row + 2).to(IT) * n_a
+            p = tl.maximum(q + delta, 0).to(IT)  # int32 division is much cheaper than int64 on GPUs
             a = p // st_a  # g*A + a: the stride of g is A*stride_a
             col = p - a * st_a
             ok = in_tile & (q + delta >= 0) & (a < n_rows) & (col < n_c * n_b)
@@ -301,14 +317,13 @@ _RAW = {
     "lasso": _lasso_kernel,
     "update": _update_kernel,
 }
-_JITTED: dict[bool, dict] = {}
+_JITTED: dict = {}
 
 
 def _kernels() -> dict:
-    mode = _interpreting()
-    if mode not in _JITTED:
-        _JITTED[mode] = {name: triton.jit(fn) for name, fn in _RAW.items()}
-    return _JITTED[mode]
+    if not _JITTED:
+        _JITTED.update({name: triton.jit(fn) for name, fn in _RAW.items()})
+    return _JITTED
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -325,7 +340,7 @@ class _Plan:
     pidx: torch.Tensor | None = None
     pstart: torch.Tensor | None = None
     blen: torch.Tensor | None = None
-    update: list = field(default_factory=list)  # (dtype, work, slist, n_items)
+    update: list = field(default_factory=list)  # (dtype, idx32, work, slist, n_items)
 
 
 def _sumsq_items(s: int, geo, first_partial: int, tile) -> tuple[list, int, list]:
@@ -399,6 +414,7 @@ def _build_plan(bufs) -> _Plan:
         if flags & FLAG_UPDATE and geo.numel:
             by_param.setdefault(id(prm), []).append(s)
     up: dict[int, tuple[list, list]] = {}
+    small: dict[int, bool] = {}  # per dtype: every parameter's positions fit in int32
     for slots in by_param.values():
         s0 = slots[0]
         off0 = bufs.geometries[s0].offset
@@ -412,11 +428,13 @@ def _build_plan(bufs) -> _Plan:
             lo = -delta if lo is None else min(lo, -delta)
             hi = extent - delta if hi is None else max(hi, extent - delta)
             slist.append([s, delta])
+        small[codes[s0]] = small.get(codes[s0], True) and -_INT32_MAX < lo and hi < _INT32_MAX
         for q0 in range(lo, hi, tiles.up_item):
             items.append([l0, len(slist), q0, min(hi, q0 + tiles.up_item)])
     for code, (items, slist) in sorted(up.items()):
         plan.update.append((
             code,
+            small[code],
             torch.tensor(items, dtype=torch.int64).reshape(-1, _UP_COLS).to(dev),
             torch.tensor(slist, dtype=torch.int64).reshape(-1, 2).to(dev),
             len(items),
@@ -427,7 +445,7 @@ def _build_plan(bufs) -> _Plan:
 def _plan(bufs) -> _Plan:
     if bufs.table.shape[1:] != (N_COLS,):
         raise ValueError(f"tritonprune.kernels.triton_impl: table has {bufs.table.shape[1]} columns, expected {N_COLS}")
-    key = (bufs.n_slots, bufs.n_channels, id(bufs.table), _interpreting())
+    key = (bufs.n_slots, bufs.n_channels, id(bufs.table))
     hit = bufs.cache.get("triton")
     if hit is None or hit[0] != key:
         check_available(bufs.device)
@@ -517,10 +535,11 @@ def _update(bufs, coef, reg, sign: bool, target: str, slot_scale) -> None:
     dummy = bufs.table  # any tensor: an unused pointer argument
     k = _kernels()["update"]
     with _guard(bufs.device):
-        for code, work, slist, n_items in plan.update:
+        for code, idx32, work, slist, n_items in plan.update:
             k[(n_items,)](bufs.table, work, slist, dummy if coef is None else coef,
                           dummy if slot_scale is None else slot_scale, float(reg), DTYPE=code, SIGN=sign,
-                          TO_PARAM=target == "param", HAS_SCALE=slot_scale is not None, BLOCK=plan.tiles.up_block)
+                          TO_PARAM=target == "param", HAS_SCALE=slot_scale is not None, IDX32=idx32,
+                          BLOCK=plan.tiles.up_block)
 
 
 def add_scaled_(bufs, coef: torch.Tensor, *, target: str = "grad", slot_scale: torch.Tensor | None = None) -> None:
