@@ -281,6 +281,31 @@ def test_bad_arguments():
     )
 
 
+def test_units_are_removed_whole_and_survive_save_load_and_remap(tmp_path):
+    from dataclasses import replace
+
+    from tritonprune.slicing import build_cuts, model_tensors, remap_groups
+
+    model, x = make_net()
+    gs = net_groups()
+    gs[4] = replace(gs[4], size=5, unit=1)  # conv3 group unchanged
+    g_fc = replace(gs[5], unit=1)
+    heads = group(12, out_slots("conv2", 12, bias=False))  # 4 "heads" of 3 channels
+    heads = replace(heads, unit=3, exact=False)
+    imp = torch.tensor([1.0, 1, 1, 9, 9, 9, 0.5, 0.5, 20, 8, 8, 8])
+    assert select([heads], [imp], 0.5) == [[0, 1, 2, 6, 7, 8]]  # unit scores 1, 9, 7, 8
+    assert select([heads], [imp], 0.5, global_pruning=True) == [[0, 1, 2, 6, 7, 8]]
+    assert select([heads], [imp], 0.3, round_to=6) == [[0, 1, 2, 6, 7, 8]]  # 9 kept -> 6
+    with pytest.raises(ValueError, match="whole runs of 3"):
+        build_cuts([(heads, [0, 1])], model_tensors(model))
+    new = remap_groups([heads, g_fc], build_cuts([(heads, [0, 1, 2]), (g_fc, [0])], model_tensors(model)))
+    assert new[0].unit == 3 and not new[0].exact and new[0].size == 9
+    plan = PrunePlan("x", [heads], [[0, 1, 2]], {"conv2.weight": [12, 2, 3, 3]})
+    plan.save(tmp_path / "p.json")
+    back = PrunePlan.load(tmp_path / "p.json").groups[0]
+    assert back.unit == 3 and back.exact is False
+
+
 def test_select_direct():
     g = group(6, out_slots("fc", 6, kind=LINEAR), in_slot("head", 6, kind=LINEAR))
     imp = torch.tensor([5.0, 1.0, 4.0, 2.0, 6.0, 3.0])
@@ -440,7 +465,7 @@ def test_zoo_prune(name):
 
         groups = find_groups(model, inputs)
     assert groups
-    mixing = any(s.kind in MIXING_NORMS for g in groups for s in g.slots)
+    mixing = not all(g.exact for g in groups) or any(s.kind in MIXING_NORMS for g in groups for s in g.slots)
     for ratio in (0.3, 0.7):
         plan = prune(model, inputs, ratio=ratio, groups=groups, dry_run=True)
         soft, hard = copy.deepcopy(model), copy.deepcopy(model)

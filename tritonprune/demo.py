@@ -123,19 +123,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, batch: torch.Tensor, runs: int) -> float:
-    """Median wall time of one forward pass on `batch` (eval mode), after two warm-up passes."""
-    model.eval()
-    for _ in range(2):
-        model(batch)
-    times = []
+def latency_ms(models: list[nn.Module], batch: torch.Tensor, runs: int) -> list[float]:
+    """Median wall time of one forward pass on `batch` (eval mode) per model, after two warm-up passes.
+
+    The models take turns, run after run, so that a busy machine slows them all alike.
+    """
+    for m in models:
+        m.eval()
+        for _ in range(2):
+            m(batch)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(runs):
-        _sync(batch.device)
-        t0 = time.perf_counter()
-        model(batch)
-        _sync(batch.device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for m, t in zip(models, times):
+            _sync(batch.device)
+            t0 = time.perf_counter()
+            m(batch)
+            _sync(batch.device)
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def channel_norms(model: nn.Module, groups) -> list[torch.Tensor]:
@@ -226,9 +231,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     def sgd(model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
-    def measure(name, model, acc, acc_pruned=None, history=()) -> Row:
-        return Row(name, acc, acc_pruned, count_params(model), count_macs(model, one).total,
-                   latency_ms(model, lat_batch, cfg.latency_runs), history=list(history))
+    def measure(name, model, acc, acc_pruned=None, history=()) -> Row:  # latency comes at the end
+        return Row(name, acc, acc_pruned, count_params(model), count_macs(model, one).total, 0.0,
+                   history=list(history))
 
     timings: dict[str, float] = {}
     rows: list[Row] = []
@@ -279,6 +284,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     hist_n, _, _ = train(naive, opt_naive, data, cfg.finetune_epochs, cfg.finetune_lr, cfg.batch_size, "l2 ft",
                          cfg.progress, cfg.seed + 1)
     rows.append(measure("l2 + prune (no sparse training)", naive, hist_n[-1], acc_c0, hist + hist_n))
+    for row, ms in zip(rows, latency_ms([dense, sparse, naive], lat_batch, cfg.latency_runs)):
+        row.latency_ms = ms
     timings["total_s"] = time.perf_counter() - t_start
 
     return {

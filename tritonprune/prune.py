@@ -178,6 +178,8 @@ class PrunePlan:
                 {
                     "size": g.size,
                     "blocks": g.blocks,
+                    "unit": g.unit,
+                    "exact": g.exact,
                     "origin": g.origin,
                     "removed": list(map(int, r)),
                     "slots": [asdict(s) for s in g.slots],
@@ -202,6 +204,8 @@ class PrunePlan:
                     size=g["size"],
                     slots=slots,
                     blocks=g.get("blocks", 1),
+                    unit=g.get("unit", 1),
+                    exact=g.get("exact", True),
                     origin=g.get("origin", ""),
                     index=i,
                 )
@@ -229,7 +233,7 @@ class PrunePlan:
 
 
 def _kept_per_block(cb: int, target: int, kmin: int, round_to: int | None, blocks: int) -> int:
-    """Final kept count per block from a target, the floor, and round_to."""
+    """Final kept count per block from a target, the floor, and round_to (`blocks`: channels per kept unit row)."""
     k = min(cb, max(target, kmin))
     if round_to and round_to > 1 and k < cb:
         q = round_to // math.gcd(round_to, blocks)  # kept total = blocks * k must be a multiple of round_to
@@ -266,6 +270,20 @@ def _ratio_of(group: Group, layer_ratios: Mapping[str, float]) -> float | None:
     return best
 
 
+def _units(g: Group, imp: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Scores of the removable units (`g.unit` contiguous channels, e.g. whole heads), unit size, units per block."""
+    u = max(1, g.unit)
+    if g.size % u or (g.size // u) % g.blocks:
+        raise ValueError(
+            f"group {g.origin!r}: size {g.size} does not split into {g.blocks} blocks of whole units of {u}"
+        )
+    return (imp.view(-1, u).mean(1) if u > 1 else imp), u, g.size // u // g.blocks
+
+
+def _channels(removed_units: list[int], u: int) -> list[int]:
+    return [c * u + r for c in removed_units for r in range(u)] if u > 1 else removed_units
+
+
 def select(
     groups: Sequence[Group],
     imps: Sequence[torch.Tensor | None],
@@ -275,28 +293,31 @@ def select(
     max_ratio: float = 1.0,
     round_to: int | None = None,
 ) -> list[list[int]]:
-    """Removed channels per group (see the module docstring for the rules)."""
+    """Removed channels per group (see the module docstring for the rules).
+
+    Counting is done in units (`Group.unit` channels removed together) per block (`Group.blocks`).
+    """
     layer_ratios = layer_ratios or {}
     removed: list[list[int]] = [[] for _ in groups]
-    pool = []  # (index, order, cb, kmin) of groups ranked globally
+    pool = []  # (index, order, unit scores, units per block, floor, unit) of groups ranked globally
     for i, (g, imp) in enumerate(zip(groups, imps)):
         if imp is None or g.size == 0:
             continue
+        uimp, u, cb = _units(g, imp)
         b = g.blocks
-        cb = g.size // b
         kmin = max(1, math.ceil(cb * (1 - max_ratio) - 1e-9))
-        order = _order(imp, b)
+        order = _order(uimp, b)
         r = _ratio_of(g, layer_ratios)
         if r is None and global_pruning:
-            pool.append((i, order, imp, cb, kmin))
+            pool.append((i, order, uimp, cb, kmin, u))
             continue
         r = ratio if r is None else r
         target = math.floor(cb * (1 - r) + 1e-9)
-        removed[i] = _removed_from(order, _kept_per_block(cb, target, kmin, round_to, b))
+        removed[i] = _channels(_removed_from(order, _kept_per_block(cb, target, kmin, round_to, b * u)), u)
     if pool:
-        units = []  # (score, rank in group, pool position): removing one channel from every block
-        for pos, (_, order, imp, _, _) in enumerate(pool):
-            scores = torch.gather(imp.view(order.shape[0], -1), 1, order).mean(0)
+        units = []  # (score, rank in group, pool position): one unit from every block
+        for pos, (_, order, uimp, _, _, _) in enumerate(pool):
+            scores = torch.gather(uimp.view(order.shape[0], -1), 1, order).mean(0)
             units += [(float(s), k, pos) for k, s in enumerate(scores.tolist())]
         units.sort()
         total = sum(groups[i].size for i, *_ in pool)
@@ -306,13 +327,13 @@ def select(
         for _, k, pos in units:
             if done >= goal:
                 break
-            _, order, _, cb, kmin = pool[pos]
+            _, order, _, cb, kmin, u = pool[pos]
             if k == taken[pos] and cb - taken[pos] > kmin:
                 taken[pos] += 1
-                done += order.shape[0]
-        for pos, (i, order, _, cb, kmin) in enumerate(pool):
-            k = _kept_per_block(cb, cb - taken[pos], kmin, round_to, order.shape[0])
-            removed[i] = _removed_from(order, k)
+                done += order.shape[0] * u
+        for pos, (i, order, _, cb, kmin, u) in enumerate(pool):
+            k = _kept_per_block(cb, cb - taken[pos], kmin, round_to, order.shape[0] * u)
+            removed[i] = _channels(_removed_from(order, k), u)
     return removed
 
 

@@ -118,6 +118,16 @@ def build_cuts(
                 )
         if mask.all():
             raise ValueError(f"group {group.origin!r}: a plan may not remove every channel of a group")
+        if group.unit > 1:
+            if group.size % group.unit:
+                raise ValueError(
+                    f"group {group.origin!r}: size {group.size} is not a multiple of unit {group.unit}"
+                )
+            runs = mask.view(-1, group.unit)
+            if (runs.any(1) != runs.all(1)).any():
+                raise ValueError(
+                    f"group {group.origin!r}: channels must be removed in whole runs of {group.unit} (whole heads)"
+                )
         for slot in group.slots:
             if slot.name not in tensors:
                 raise ValueError(
@@ -436,7 +446,5 @@ def remap_groups(groups: Iterable[Group], cuts: Mapping[tuple[str, int], Cut]) -
                     slot, offset=slot.offset - int(removed[: slot.offset].sum()), length=length, start=start
                 )
             )
-        out.append(
-            Group(size=size, slots=tuple(slots), blocks=group.blocks, origin=group.origin, index=len(out))
-        )
+        out.append(replace(group, size=size, slots=tuple(slots), index=len(out)))
     return out

@@ -271,14 +271,14 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
         merged.update(runs)
         merges[runs[0]] = runs
         blocks[runs[0]] = nb * inner
-    _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, failed)
+    _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed)
     for gi in set(blocks) & set(units):
         if blocks[gi] % 1 == 0 and (built[gi]["order"].numel() // blocks[gi]) % units[gi]:
             failed[gi] = "equal blocks and whole attention heads do not fit together"
     return blocks, units, merges
 
 
-def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, failed) -> None:
+def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed) -> None:
     """A dim whose size the code fixes survives pruning only if each of its lines is a whole unit."""
     for lines, why in space.fixed_lines:
         lab = labels[lines.clamp_min(0)]
@@ -300,5 +300,5 @@ def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, unit
             whole = (unit and uniq.numel() == unit and int(idx[0]) % unit == 0
                      and torch.equal(idx, idx[0] + torch.arange(unit)))
             if not whole:
-                failed.setdefault(gi, why + (" (prune whole heads: head_pruning='heads')" if gi in units or
-                                             "rotary" in why else ""))
+                hint = " (prune whole heads: head_pruning='heads')" if gi in units or gi in blocks else ""
+                failed.setdefault(gi, why + hint)

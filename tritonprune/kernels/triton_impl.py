@@ -39,8 +39,14 @@ from an int64 table, which Dynamo cannot trace as tensor dataflow; compile the t
 regularization outside the compiled region (the wrapper's `step()` is not compiled: Dynamo breaks the
 graph around it), or mark the call with `torch.compiler.disable`. Not tested on a GPU here.
 
-On CPU tensors the kernels run only under the Triton interpreter (`TRITON_INTERPRET=1`, read when this
-module first launches a kernel), which is how CI tests them.
+On CPU tensors the kernels run only under the Triton interpreter, which is how CI tests them.
+`TRITON_INTERPRET=1` must be set before triton is first imported in the process (Triton decorates its
+own library then); `check_available` says so if it was set too late.
+
+Performance: not measured (written without a GPU; see bench/bench_triton_gpu.py). Known costs: a weight
+that is the out-rows of one group and the in-columns of another is read once per importance slot by
+the sums (the update reads it once); the sums' tile coordinates use one int32 division per element and
+the update three per element and slot.
 """
 
 from __future__ import annotations
