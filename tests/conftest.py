@@ -12,6 +12,11 @@ import torch
 # tests import their helpers as top-level modules (`from zoo import ZOO`, `import tp_oracle`)
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Triton picks interpreted or compiled mode once, at import: without CUDA, its kernels run in the
+# interpreter on CPU tensors, so set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(2 if (os.cpu_count() or 1) >= 2 and "PYTEST_XDIST_WORKER" not in os.environ else 1)
 
 
