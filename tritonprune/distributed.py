@@ -87,7 +87,8 @@ def _copy_structure(model: nn.Module, tensor_of: Callable[[str, torch.Tensor], t
         if id(m) in memo:  # a module used twice stays one module
             return memo[id(m)]
         c = object.__new__(_plain_class(m))
-        d = dict(m.__dict__)
+        # composable-API state (fully_shard's registry) stays behind, so the copy can be sharded again
+        d = {k: v for k, v in m.__dict__.items() if not k.startswith("__composable_api")}
         for k, v in d.items():
             if "hook" in k and isinstance(v, dict):  # FSDP's all-gather hooks, and any other hooks
                 d[k] = OrderedDict()

@@ -451,8 +451,7 @@ def slice_(w: Walker, node: fx.Node) -> object:
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     step = node.args[4] if len(node.args) > 4 else 1
     start = start % src[d] if start < 0 else min(start, src[d])
-    return ids.narrow(d, 0, 1).expand(*[out[k] if k == d else ids.shape[k] for k in range(ids.dim())]) \
-        if step != 1 else ids.narrow(d, start, out[d])
+    return ids.index_select(d, torch.arange(start, start + out[d] * step, step))
 
 
 def parts_along(ids: torch.Tensor, d: int) -> torch.Tensor:
