@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import copy
-import os
+import time
 import traceback
 
 import pytest
@@ -38,25 +38,49 @@ def _entry(rank: int, fn, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        result = fn(rank)
-        torch.save(result, f"{out}.{rank}")
-    except BaseException:
-        with open(f"{out}.{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+        torch.save(fn(rank), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(fn, tmp_path) -> list:
-    """Run fn(rank) on WORLD gloo processes; return their results (raises with the worker's traceback)."""
+def _spawn(fn, tmp_path, timeout: float = 150.0) -> list:
+    """Run fn(rank) on WORLD gloo processes; their results (a worker's exception re-raised with its trace).
+
+    A deadlock (unpaired collectives) fails the test after `timeout` seconds instead of hanging CI."""
     store, out = str(tmp_path / "store"), str(tmp_path / "out")
-    try:
-        mp.spawn(_entry, args=(fn, store, out), nprocs=WORLD, join=True)
-    except Exception as e:
-        errs = [open(f"{out}.{r}.err").read() for r in range(WORLD) if os.path.exists(f"{out}.{r}.err")]
-        raise AssertionError("worker failed:\n" + "\n".join(errs)) from e
+    ctx = mp.start_processes(_entry, args=(fn, store, out), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError(f"distributed workers did not finish within {timeout} s (deadlock?)")
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+
+
+def _guarded(part, rank: int) -> dict:
+    """Run one part of the worker; a failure is returned (and reported by its test), not raised."""
+    try:
+        return part(rank)
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
+def _worker(rank: int) -> dict:
+    return {"ddp": _guarded(_ddp_part, rank), "fsdp": _guarded(_fsdp_part, rank)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One pair of processes for the DDP and FSDP2 tests: each process pays torch.export's warm-up once."""
+    return _spawn(_worker, tmp_path_factory.mktemp("dist"))
+
+
+def _part(results, name: str) -> tuple[dict, dict]:
+    for rank, r in enumerate(results):
+        if "error" in r[name]:
+            pytest.fail(f"rank {rank}, {name}:\n{r[name]['error']}")
+    return results[0][name], results[1][name]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -81,7 +105,7 @@ class DDPNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def _ddp_worker(rank: int) -> dict:
+def _ddp_part(rank: int) -> dict:
     torch.manual_seed(0)
     base = DDPNet()
     x = torch.randn(8, 3, 4, 4)
@@ -89,12 +113,15 @@ def _ddp_worker(rank: int) -> dict:
 
     # single process, whole batch
     ref = copy.deepcopy(base)
-    ref_opt = tpr.RegularizedOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), ref, x, regularizer=reg)
+    ref_groups = tpr.find_groups(base, x)
+    ref_opt = tpr.RegularizedOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), ref, groups=ref_groups,
+                                       regularizer=reg)
     ref(x).square().mean().backward()
     ref_opt.step()
 
     model = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
     opt = tpr.RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, x, regularizer=reg)
+    assert opt.groups == ref_groups  # traced through the wrapper: the inner module's names
     half = x[rank * 4 : (rank + 1) * 4]
     model(half).square().mean().backward()
     opt.step()
@@ -115,7 +142,7 @@ def _ddp_worker(rank: int) -> dict:
     model(half).square().mean().backward()
     opt.step()
     opt.zero_grad()
-    own = tpr.prune(copy.deepcopy(ref), x, ratio=0.5, importance="random", dry_run=True)
+    own = tpr.prune(copy.deepcopy(ref), x, ratio=0.5, importance="random", dry_run=True, groups=ref_groups)
     return {
         "plan": plan.to_dict(),
         "own": own.to_dict()["groups"],
@@ -125,8 +152,8 @@ def _ddp_worker(rank: int) -> dict:
     }
 
 
-def test_ddp_step_equals_single_process_and_plan_broadcast(tmp_path):
-    r0, r1 = _spawn(_ddp_worker, tmp_path)
+def test_ddp_step_equals_single_process_and_plan_broadcast(results):
+    r0, r1 = _part(results, "ddp")
     assert r0["plan"] == r1["plan"]
     assert r0["own"] != r1["own"]  # each rank's own choice differs: the broadcast is what aligns them
     assert r0["shapes"] == r1["shapes"] and r0["shapes"]["conv1.weight"] == (3, 3, 3, 3)
@@ -172,7 +199,7 @@ def _make_opt(kind, params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind == "sgd" else torch.optim.Adam(params, lr=0.01)
 
 
-def _fsdp_worker(rank: int) -> dict:
+def _fsdp_part(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -192,8 +219,9 @@ def _fsdp_worker(rank: int) -> dict:
         model = copy.deepcopy(base)
         fully_shard(model.conv2, mesh=mesh)  # nested, as with per-block wrapping
         fully_shard(model, mesh=mesh)
-        groups = tpd.find_groups(model, x)
-        assert groups == ref_groups, name
+        if name == SETTINGS[0][0]:  # traced through the meta skeleton once; the same groups after
+            assert tpd.find_groups(model, x) == ref_groups
+        groups = ref_groups
         opt = tpr.RegularizedOptimizer(_make_opt(kind, model.parameters()), model, groups=groups,
                                        regularizer=make_reg())
         model(x).square().mean().backward()  # same batch on both ranks: the averaged grad is the batch's
@@ -214,8 +242,8 @@ def _fsdp_worker(rank: int) -> dict:
         assert engine.sharded is not None
         n_channels = sum(g.size for g in groups)
         assert calls == ([] if name == "bn_scale" else [n_channels]), (name, calls)
-        if engine._coef is not None:
-            _close(engine._coef, ref_opt._engine._coef, f"{name}: reg * gamma")
+        if engine._coef is not None:  # fp32 partial sums add up in another order; exp2 amplifies by ~alpha
+            torch.testing.assert_close(engine._coef, ref_opt._engine._coef, atol=1e-6, rtol=1e-5)
         for (n, p), q in zip(model.named_parameters(), ref.parameters()):
             _close(p.full_tensor(), q.detach(), f"{name}: {n}")
         out[name] = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
@@ -226,10 +254,10 @@ def _fsdp_worker(rank: int) -> dict:
     for (n, p), q in zip(full.named_parameters(), ref.parameters()):
         _close(p.detach(), q.detach(), f"unsharded_copy: {n}")
     torch.manual_seed(100 + rank)
-    plan = tpd.prune_distributed(full, x, ratio=0.4, importance="random")
+    plan = tpd.prune_distributed(full, x, ratio=0.4, importance="random", groups=ref_groups)
     fully_shard(full, mesh=mesh)
     opt = tpr.RegularizedOptimizer(torch.optim.SGD(full.parameters(), lr=0.1), full,
-                                   groups=tpd.find_groups(full, x), regularizer=tpr.GroupNorm(reg=0.1))
+                                   groups=plan.remap(ref_groups), regularizer=tpr.GroupNorm(reg=0.1))
     full(x).square().mean().backward()
     opt.step()
     out["plan"] = plan.to_dict()
@@ -237,8 +265,8 @@ def _fsdp_worker(rank: int) -> dict:
     return out
 
 
-def test_fsdp2_step_equals_single_process(tmp_path):
-    r0, r1 = _spawn(_fsdp_worker, tmp_path)
+def test_fsdp2_step_equals_single_process(results):
+    r0, r1 = _part(results, "fsdp")
     # uneven shards really happened: 9 rows -> 5 + 4, 1 row -> 1 + 0
     assert r0["group_norm"]["conv2.weight"][0] == 5 and r1["group_norm"]["conv2.weight"][0] == 4
     assert r1["group_norm"]["fc.weight"][0] == 0

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .attention_attrs import attention_updates, commit, conv1d_attributes
 from .geometry import slot_geometry, slot_view
 from .graph.group import Group, Slot
 
@@ -264,7 +265,7 @@ def _new_attributes(
         return {"num_parameters": w.numel()}
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and w is not None:
         return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
-    return {}
+    return conv1d_attributes(m, w)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
@@ -311,6 +312,8 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
         mname: _new_attributes(model.get_submodule(mname), locals_, conv_groups.get(mname))
         for mname, locals_ in per_module.items()
     }
+    # head counts, head dims, hidden sizes and config fields of attention layers (raises if a cut splits a head)
+    attention = attention_updates(model, tensors, cuts)
     params = dict(model.named_parameters())
     old_to_new: dict[int, nn.Parameter] = {}
     grads: dict[int, torch.Tensor | None] = {}
@@ -348,6 +351,7 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
         mod = model.get_submodule(mname)
         for k, v in a.items():
             setattr(mod, k, v)
+    commit(attention)
     if optimizer is not None:
         state = optimizer.state
         for group in optimizer.param_groups:

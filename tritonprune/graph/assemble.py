@@ -44,7 +44,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
 
     # footprint of a channel = which registered dims it touches and how many positions in each
     n_regs = len(regs)
-    pair, counts = torch.unique(lab_all * n_regs + reg_all, return_counts=True)
+    pair, counts = torch.unique_consecutive(torch.sort(lab_all * n_regs + reg_all).values, return_counts=True)
     pair_lab, pair_reg = pair // n_regs, pair % n_regs
     gen = torch.Generator().manual_seed(0)
     salt1 = torch.randint(1, 2**62, (n_regs,), generator=gen)
@@ -119,10 +119,11 @@ def _is_ignored(module: str, ignored: set[str]) -> bool:
 
 
 def _first_appearance(labs: torch.Tensor) -> torch.Tensor:
-    uniq, inverse = torch.unique(labs, return_inverse=True)
-    first = torch.full((uniq.numel(),), labs.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(labs.numel()), reduce="amin")
-    return labs[first.sort().values]
+    """Distinct labels in the order they first appear."""
+    ordered, perm = torch.sort(labs, stable=True)
+    first = torch.ones(labs.numel(), dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return labs[perm[first].sort().values]
 
 
 def _unique_rows(rows: torch.Tensor) -> list[torch.Tensor]:

@@ -1,45 +1,439 @@
-"""The vectorised PyTorch backend: strided views of every slot, a constant number of ops per slot.
+"""The vectorised PyTorch backend: per-parameter work planned once per structure, a constant number of ops.
 
-Per step there is no Python loop over channels and no host sync: index tensors, coefficient buffers and
-the weight views are built once per structure (GroupBuffers.cache) and reused; per-group max/min are
-segment reductions over `channel_group`.
+A conv/linear weight usually sits in two slots (its out-rows in one group, its in-columns in another),
+so working per slot reads it twice for the sums of squares and updates it twice. This backend works per
+PARAMETER instead (the "matrix" path): the weight is seen as `M = [G, R, J]` in its physical layout
+(out-rows `G*R` outermost, `J` the rest in memory order, `G` > 1 for grouped-conv in-columns), every
+slot of it becomes a map from rows or from columns to flat channels, and
 
-A slot's channels are one contiguous range of the flat channel space, so per-slot sums land with one
-`index_add_`. Two shapes of slot get different treatment because CPU reductions and broadcasts are fast
-only along the innermost dims:
-- rows (A == 1: out-rows, norm weights): `[G, C, B]`, reduce/broadcast along B;
-- columns (A > 1: in-columns): `[G, A, C*B]`, reduce over A first, and update with a coefficient vector
-  expanded to `[G, 1, C*B]`, so the inner loop runs over C*B contiguous elements.
+- one pass over w gives both row and column sums of squares (row chunks that stay in cache, so the
+  squared temporary never goes to memory), scattered into the flat channel sums with one `index_add_`
+  for the whole model;
+- one pass updates it: `t += (coef_rows[:, None] + coef_cols[None, :]) * w`, the small coefficient
+  block built per row chunk in cache.
+
+1-D parameters (norm weights, biases) are batched with `torch._foreach_*` ops. Parameters whose slots fit
+no such form (slots on two non-leading dims, overlapping slots, no dense layout) take the per-slot path
+(`_SlotPath`): strided views of each slot, as the reference computes them.
+
+Everything indexable (maps, views, chunk lists, scratch) is built once per structure and cached in
+`bufs.cache["torch"]`; a step has no Python loop over channels and no host sync.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..geometry import slot_geometry, slot_view
+from ..geometry import physical_order, slot_geometry, slot_view
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 
 _F32 = torch.float32
+
+# elements per row chunk of the matrix path: the squared / coefficient block of a chunk stays in L2
+CHUNK_ELEMS = 1 << 16
+# False sends every parameter through the per-slot path (tests keep both paths checked)
+MATRIX_PATH = True
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, _F32)
 
 
-class _Plan:
-    """Per-structure state of one GroupBuffers: slot lists, index tensors, coefficient buffers."""
+def _target(p: torch.Tensor, target: str) -> torch.Tensor:
+    if target == "grad":
+        return p.grad
+    if target == "param":
+        return p.detach()
+    raise ValueError(f"tritonprune.kernels.torch: target must be 'grad' or 'param', got {target!r}")
 
-    def __init__(self, bufs: GroupBuffers):
+
+# ----------------------------------------------------------------------------------- matrix path plan
+
+
+class _Unsupported(Exception):
+    """This parameter's slots fit no per-parameter form: it takes the per-slot path."""
+
+
+def _index_map(size: int, slots, geo_of, lead: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channel maps of one dim of a parameter: `[lead, size]` tensors of (importance channel, update
+    channel, slot id, covered), sentinel -1 where no slot of that kind covers an index."""
+    imp = torch.full((lead, size), -1, dtype=torch.int64)
+    upd = torch.full((lead, size), -1, dtype=torch.int64)
+    sid = torch.full((lead, size), -1, dtype=torch.int64)
+    cover = torch.zeros((lead, size), dtype=torch.bool)
+    for k, slot, chan, flags in slots:
+        geo = geo_of(k)
+        per = geo.C  # channels per block (== slot.length when not blocked)
+        pos = slot.start + torch.arange(per * slot.repeat)
+        ch = torch.arange(per).repeat_interleave(slot.repeat)
+        for g in range(lead if slot.blocks > 1 else 1):
+            rows = slice(g, g + 1) if slot.blocks > 1 else slice(None)
+            if cover[rows, pos].any():
+                raise _Unsupported  # two slots of one dim share an index
+            cover[rows, pos] = True
+            c = chan + g * per + ch
+            if flags & FLAG_IMPORTANCE:
+                imp[rows, pos] = c
+            if flags & FLAG_UPDATE:
+                upd[rows, pos] = c
+            sid[rows, pos] = k
+    return imp, upd, sid, cover
+
+
+class _Matrix:
+    """One parameter of dim >= 1 on the matrix path: `M = [G, R, J]`, row and column maps, chunk plans."""
+
+    def __init__(self, p: torch.nn.Parameter, slots: list, bufs: GroupBuffers):
+        shape, nd = tuple(p.shape), p.dim()
+        if nd == 0 or p.numel() == 0:
+            raise _Unsupported
+        dims = {s.dim for _, s, _, _ in slots}
+        col_dims = dims - {0}
+        if len(col_dims) > 1:
+            raise _Unsupported
+        blocks = {s.blocks for _, s, _, _ in slots if s.blocks > 1}
+        G = 1
+        if blocks:
+            # one conv-group count, blocked slots on the column dim only, and all column slots blocked
+            if len(blocks) > 1 or any((s.blocks > 1) != (s.dim != 0) for _, s, _, _ in slots):
+                raise _Unsupported
+            G = blocks.pop()
+        if shape[0] % G:
+            raise _Unsupported
+        order = physical_order(shape, tuple(p.stride()))
+        if order is None:
+            raise _Unsupported
+        if shape[0] == 1:  # a size-1 dim sorts anywhere; the rows go first
+            order = [0] + [d for d in order if d != 0]
+        if order[0] != 0:
+            raise _Unsupported
+        self.p, self.order, self.G = p, order, G
+        self.O, self.R = shape[0], shape[0] // G
+        self.J = p.numel() // shape[0]
+        self.dtype, self.acc = p.dtype, _acc_dtype(p.dtype)
+
+        geo_of = lambda k: bufs.geometries[k]  # noqa: E731
+        rows = [s for s in slots if s[1].dim == 0]
+        cols = [s for s in slots if s[1].dim != 0]
+        self.has_rows, self.has_cols = bool(rows), bool(cols)
+        maps_imp, maps_upd, maps_sid = [], [], []
+        if rows:
+            imp, upd, sid, _ = _index_map(self.O, rows, geo_of, 1)
+            maps_imp.append(imp.reshape(-1))
+            maps_upd.append(upd.reshape(-1))
+            maps_sid.append(sid.reshape(-1))
+        if cols:
+            d = col_dims.pop()
+            imp, upd, sid, _ = _index_map(shape[d], cols, geo_of, G)
+            # spread the [G, size_d] map over the columns of M: dims 1.. in physical order
+            view = [G] + [shape[i] if i == d else 1 for i in range(1, nd)]
+            perm = [0] + list(order[1:])
+            for m, out in ((imp, maps_imp), (upd, maps_upd), (sid, maps_sid)):
+                full = m.view(view).expand([G, *shape[1:]]).permute(perm)
+                out.append(full.reshape(G * self.J))
+        self.map_imp = torch.cat(maps_imp)
+        self.map_upd = torch.cat(maps_upd)
+        self.map_sid = torch.cat(maps_sid)
+        self.need_rows = bool(rows) and bool((self.map_imp[: self.O] >= 0).any())
+        self.need_cols = bool(cols) and bool((self.map_imp[self.O if rows else 0 :] >= 0).any())
+        self.upd_rows = bool(rows) and bool((self.map_upd[: self.O] >= 0).any())
+        self.upd_cols = bool(cols) and bool((self.map_upd[self.O if rows else 0 :] >= 0).any())
+        self.updates = self.upd_rows or self.upd_cols
+        self.length = len(self.map_imp)
+        # chunk plan (G == 1 only: grouped convs are small, they are done in one block)
+        self.rpc = self.R if G > 1 else max(1, min(self.R, CHUNK_ELEMS // max(self.J, 1)))
+        self.n_chunks = math.ceil(self.R / self.rpc)
+        self.scratch_elems = self.G * self.rpc * self.J
+        self.w_ptr = -1
+        self.identity = list(order) == list(range(nd))
+
+    # views of a tensor laid out like the parameter; None when the layout differs
+    def mview(self, t: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return (t if self.identity else t.permute(self.order)).view(self.G, self.R, self.J)
+        except RuntimeError:
+            return None
+
+    def bind(self, offset: int, parts: torch.Tensor, gathered: torch.Tensor, scratch: dict,
+             colpart: dict) -> None:
+        """Static views into the plan's flat buffers (called once the offsets are known)."""
+        self.offset = offset
+        o = offset
+        self.rows_dst = self.cols_dst = self.rowc = self.colc = None
+        if self.has_rows:
+            self.rows_dst = parts.narrow(0, o, self.O)
+            self.rowc = gathered.narrow(0, o, self.O).view(self.G, self.R, 1)
+            o += self.O
+        if self.has_cols:
+            self.cols_dst = parts.narrow(0, o, self.G * self.J)
+            self.colc = gathered.narrow(0, o, self.G * self.J).view(self.G, 1, self.J)
+        # sums of a float64 weight accumulate in float64, then land in the float32 parts
+        self.wide = self.acc != _F32
+        if self.wide:
+            self.rows_acc = None if self.rows_dst is None else torch.empty(self.O, dtype=self.acc, device=parts.device)
+            self.cols_acc = None if self.cols_dst is None else torch.empty(self.G * self.J, dtype=self.acc,
+                                                                             device=parts.device)
+        else:
+            self.rows_acc, self.cols_acc = self.rows_dst, self.cols_dst
+        self.sq = scratch[self.acc].narrow(0, 0, self.scratch_elems)
+        self.cbuf = scratch[_F32].narrow(0, 0, self.scratch_elems)
+        self.colpart = colpart[self.acc]
+
+    def refresh_weight(self) -> None:
+        """Weight views and chunk lists; rebuilt only if the parameter's storage moved."""
+        ptr = self.p.data_ptr()
+        if ptr == self.w_ptr:
+            return
+        self.w_ptr = ptr
+        self.wm = self.mview(self.p.detach())
+        if self.wm is None:  # pragma: no cover - build checked the layout
+            raise RuntimeError(f"tritonprune.kernels.torch: parameter of shape {tuple(self.p.shape)} changed layout")
+        if self.G > 1:
+            return
+        w2 = self.wm.view(self.R, self.J)
+        self.w_chunks = w2.split(self.rpc)
+        sums = []
+        cp = self.colpart.narrow(0, 0, self.n_chunks * self.J).view(self.n_chunks, self.J) if self.n_chunks > 1 else None
+        for i, wc in enumerate(self.w_chunks):
+            n, r0 = wc.shape[0], i * self.rpc
+            sq = self.sq.narrow(0, 0, n * self.J).view(n, self.J)
+            rdst = None if self.rows_acc is None else self.rows_acc.narrow(0, r0, n)
+            cdst = None if self.cols_acc is None else (cp[i] if cp is not None else self.cols_acc.view(self.J))
+            sums.append((wc, sq, rdst, cdst))
+        self.sum_chunks = sums
+        self.colpart_view = cp
+        rowc = None if self.rowc is None else self.rowc.view(self.R, 1)
+        self.upd_chunks = [
+            (wc, None if rowc is None else rowc.narrow(0, i * self.rpc, wc.shape[0]),
+             self.cbuf.narrow(0, 0, wc.shape[0] * self.J).view(wc.shape[0], self.J))
+            for i, wc in enumerate(self.w_chunks)
+        ]
+
+    # ---------------------------------------------------------------------------------------- sums
+
+    def sq_sums(self) -> None:
+        self.refresh_weight()
+        need_r, need_c = self.need_rows, self.need_cols
+        if not (need_r or need_c):
+            return
+        same = self.dtype == self.acc
+        if self.G > 1:
+            x = self.wm.to(self.acc)
+            sq = x * x
+            if need_r:
+                torch.sum(sq, 2, out=self.rows_acc.view(self.G, self.R))
+            if need_c:
+                torch.sum(sq, 1, out=self.cols_acc.view(self.G, self.J))
+        elif need_r and not need_c:
+            w2 = self.wm.view(self.R, self.J)
+            n = torch.linalg.vector_norm(w2, dim=1, dtype=None if same else self.acc)
+            torch.mul(n, n, out=self.rows_acc)
+        else:
+            for wc, sq, rdst, cdst in self.sum_chunks:
+                if same:
+                    torch.mul(wc, wc, out=sq)
+                else:
+                    sq.copy_(wc)
+                    sq.mul_(sq)
+                if need_r:
+                    torch.sum(sq, 1, out=rdst)
+                torch.sum(sq, 0, out=cdst)
+            if self.colpart_view is not None:
+                torch.sum(self.colpart_view, 0, out=self.cols_acc)
+        if self.wide:
+            if need_r:
+                self.rows_dst.copy_(self.rows_acc)
+            if need_c:
+                self.cols_dst.copy_(self.cols_acc)
+
+    # -------------------------------------------------------------------------------------- update
+
+    def update(self, target: str, sign: bool) -> None:
+        """t += (coef_rows + coef_cols) * f(w), f = identity or sign; the coefficients are in `gathered`.
+
+        Views of the target are made per call, never cached: holding them would keep a .grad that
+        zero_grad(set_to_none=True) released alive through the next backward."""
+        if self.p.grad is None or not self.updates:
+            return
+        self.refresh_weight()
+        tm = self.mview(self.p.grad) if target == "grad" else self.wm
+        if tm is None:  # a .grad laid out unlike its parameter: go through a logical-shape coefficient
+            self._update_other_layout(self.p.grad, sign)
+            return
+        rows, cols = self.upd_rows, self.upd_cols
+        if self.G > 1 or not (rows and cols):
+            f = torch.sign(self.wm) if sign else self.wm
+            if rows and cols:
+                c = torch.add(self.rowc, self.colc, out=self.cbuf.view(self.G, self.R, self.J))
+            else:
+                c = self.rowc if rows else self.colc
+            tm.addcmul_(f, c)
+            return
+        colc = self.colc.view(1, self.J)
+        t_chunks = tm.view(self.R, self.J).split(self.rpc)
+        for (wc, rc, cb), tc in zip(self.upd_chunks, t_chunks):
+            torch.add(rc, colc, out=cb)
+            tc.addcmul_(torch.sign(wc) if sign else wc, cb)
+
+    def _update_other_layout(self, t: torch.Tensor, sign: bool) -> None:
+        rowc = self.rowc if self.upd_rows else torch.zeros((), device=t.device)
+        colc = self.colc if self.upd_cols else torch.zeros((), device=t.device)
+        c = (rowc + colc).expand(self.G, self.R, self.J).contiguous()
+        # back to the parameter's logical shape: undo the flattening and the physical permutation
+        phys = [self.p.shape[d] for d in self.order]
+        c = c.view(phys).permute([self.order.index(d) for d in range(self.p.dim())])
+        w = self.p.detach()
+        t.addcmul_(torch.sign(w) if sign else w, c)
+
+
+class _Vectors:
+    """1-D parameters of one dtype on the matrix path, batched: one contiguous segment of `parts`."""
+
+    def __init__(self, units: list[_Matrix]):
+        self.units = units
+        self.params = [u.p for u in units]
+        self.dtype = units[0].dtype
+        self.upd_units = [u for u in units if u.updates]
+        self.need = any(u.need_rows for u in units)
+
+    def bind(self, offset: int, parts: torch.Tensor, gathered: torch.Tensor) -> None:
+        n = sum(u.O for u in self.units)
+        self.seg = parts.narrow(0, offset, n)
+        o = offset
+        for u in self.units:
+            u.rowc = gathered.narrow(0, o, u.O)
+            o += u.O
+        self.coefs = [u.rowc for u in self.upd_units]
+
+    def sq_sums(self) -> None:
+        if not self.need:
+            return
+        ws = [p.detach() for p in self.params]
+        if self.dtype != torch.float64:
+            torch.cat(ws, out=self.seg)  # half types widen on the copy
+            self.seg.mul_(self.seg)
+        else:  # square in float64 first
+            x = torch.cat(ws)
+            self.seg.copy_(x * x)
+
+    def update(self, target: str, sign: bool) -> None:
+        us = [u for u in self.upd_units if u.p.grad is not None]
+        if not us:
+            return
+        ts = [_target(u.p, target) for u in us]
+        ws = [u.p.detach() for u in us]
+        cs = self.coefs if len(us) == len(self.upd_units) else [u.rowc for u in us]
+        if sign:
+            ws = torch._foreach_sign(ws)
+        torch._foreach_addcmul_(ts, ws, cs)
+
+
+class _MatrixPath:
+    """All matrix-path parameters: flat `parts` (sums per row/column), `gathered` (coefficients), maps."""
+
+    def __init__(self, bufs: GroupBuffers, params: list, slots_of: dict):
+        dev = bufs.device
+        n, S = bufs.n_channels, bufs.n_slots
+        self.mats: list[_Matrix] = []
+        vecs: dict[torch.dtype, list[_Matrix]] = {}
+        self.rejected: list = []
+        for p in params:
+            try:
+                u = _Matrix(p, slots_of[id(p)], bufs)
+            except _Unsupported:
+                self.rejected.append(p)
+                continue
+            if p.dim() == 1:
+                vecs.setdefault(p.dtype, []).append(u)
+            else:
+                self.mats.append(u)
+        self.vecs = [_Vectors(us) for us in vecs.values()]
+        ordered = [u for v in self.vecs for u in v.units] + self.mats
+        total = sum(u.length for u in ordered)
+        self.parts = torch.zeros(total, dtype=_F32, device=dev)
+        self.gathered = torch.zeros(total, dtype=_F32, device=dev)
+        # sentinel channel n / slot S: a dropped sum, a zero coefficient
+        fix = lambda m, s: torch.where(m >= 0, m, s)  # noqa: E731
+        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64)  # noqa: E731
+        self.map_imp = fix(cat([u.map_imp for u in ordered]), n).to(dev)
+        self.map_upd = fix(cat([u.map_upd for u in ordered]), n).to(dev)
+        self.map_sid = fix(cat([u.map_sid for u in ordered]), S).to(dev)
+        self.upd_mask = (cat([u.map_upd for u in ordered]) >= 0).to(_F32).to(dev)
+        self.acc_ext = torch.zeros(n + 1, dtype=_F32, device=dev)
+        self.coef_ext = torch.zeros(n + 1, dtype=_F32, device=dev)
+        self.scale_ext = torch.zeros(S + 1, dtype=_F32, device=dev)
+        self.scale_ext[S] = 1.0
+        # scratch per accumulation dtype, sized for the largest chunk; partial column sums per chunk
+        dtypes = {u.acc for u in self.mats} | {_F32}
+        biggest = max([u.scratch_elems for u in self.mats], default=0)
+        cp = max([u.n_chunks * u.J if u.n_chunks > 1 else 0 for u in self.mats], default=0)
+        scratch = {d: torch.empty(biggest, dtype=d, device=dev) for d in dtypes}
+        colpart = {d: torch.empty(cp, dtype=d, device=dev) for d in dtypes}
+        o = 0
+        for v in self.vecs:
+            v.bind(o, self.parts, self.gathered)
+            o += sum(u.length for u in v.units)
+        for u in self.mats:
+            u.bind(o, self.parts, self.gathered, scratch, colpart)
+            o += u.length
+        self.empty = total == 0
+
+    def sq_sums_into(self, acc: torch.Tensor) -> None:
+        """acc += sums of squares of the matrix-path importance slots (acc: float32 [n_channels])."""
+        if self.empty:
+            return
+        for v in self.vecs:
+            v.sq_sums()
+        for u in self.mats:
+            u.sq_sums()
+        ext = self.acc_ext.zero_()
+        ext.index_add_(0, self.map_imp, self.parts)
+        acc.add_(ext.narrow(0, 0, acc.numel()))
+
+    def gather(self, coef: torch.Tensor | None, value: float, slot_scale: torch.Tensor | None) -> None:
+        """gathered = coef[channel] (or `value` on update positions when coef is None), times slot_scale."""
+        if coef is None:
+            torch.mul(self.upd_mask, float(value), out=self.gathered)
+        else:
+            self.coef_ext.narrow(0, 0, coef.numel()).copy_(coef)
+            torch.index_select(self.coef_ext, 0, self.map_upd, out=self.gathered)
+        if slot_scale is not None:
+            self.scale_ext.narrow(0, 0, slot_scale.numel()).copy_(slot_scale)
+            self.gathered.mul_(self.scale_ext.index_select(0, self.map_sid))
+
+    def update(self, target: str, sign: bool) -> None:
+        for v in self.vecs:
+            v.update(target, sign)
+        for u in self.mats:
+            u.update(target, sign)
+
+
+# ------------------------------------------------------------------------------------- per-slot path
+
+
+class _SlotPath:
+    """The per-slot path for the slots in `ks`: strided views of each slot, one index_add_ for all sums.
+
+    Two shapes of slot get different treatment because CPU reductions and broadcasts are fast only along
+    the innermost dims: rows (A == 1) as `[G, C, B]`, reduced/broadcast along B; columns (A > 1) as
+    `[G, A, C*B]`, reduced over A first and updated with a coefficient vector expanded to `[G, 1, C*B]`.
+    """
+
+    def __init__(self, bufs: GroupBuffers, ks: list[int]):
         dev = bufs.device
         self.imp: list[int] = []
         self.rows: list[int] = []  # update slots with A == 1
         self.cols: list[int] = []  # update slots with A > 1
         imp_idx, row_idx, col_idx, row_sid, col_sid = [], [], [], [], []
-        self.row_off: dict[int, int] = {}
-        self.col_off: dict[int, int] = {}
+        row_off: dict[int, int] = {}
+        col_off: dict[int, int] = {}
         n_upd: dict[int, int] = {}
         chans = bufs.chans
-        for k, ((_, _, p), geo, flags) in enumerate(zip(bufs.entries, bufs.geometries, bufs.flags)):
+        for k in ks:
+            _, _, p = bufs.entries[k]
+            geo, flags = bufs.geometries[k], bufs.flags[k]
             if geo.numel == 0:
                 continue
             chan, n = chans[k], geo.G * geo.C
@@ -50,12 +444,12 @@ class _Plan:
                 n_upd[id(p)] = n_upd.get(id(p), 0) + 1
                 if geo.A == 1:
                     self.rows.append(k)
-                    self.row_off[k] = sum(len(t) for t in row_idx)
+                    row_off[k] = sum(len(t) for t in row_idx)
                     row_idx.append(torch.arange(chan, chan + n))
                     row_sid.append(torch.full((n,), k))
                 else:
                     self.cols.append(k)
-                    self.col_off[k] = sum(len(t) for t in col_idx)
+                    col_off[k] = sum(len(t) for t in col_idx)
                     col_idx.append(torch.arange(chan, chan + n).repeat_interleave(geo.B))
                     col_sid.append(torch.full((n * geo.B,), k))
 
@@ -72,29 +466,100 @@ class _Plan:
         self.coef_views: dict[int, torch.Tensor] = {}
         for k in self.rows:
             geo = bufs.geometries[k]
-            n = geo.G * geo.C
-            self.coef_views[k] = self.row_coef.narrow(0, self.row_off[k], n).view(geo.G, geo.C, 1)
+            self.coef_views[k] = self.row_coef.narrow(0, row_off[k], geo.G * geo.C).view(geo.G, geo.C, 1)
         for k in self.cols:
             geo = bufs.geometries[k]
             n = geo.G * geo.C * geo.B
-            self.coef_views[k] = self.col_coef.narrow(0, self.col_off[k], n).view(geo.G, 1, geo.C * geo.B)
-        self.views_version = -1
+            self.coef_views[k] = self.col_coef.narrow(0, col_off[k], n).view(geo.G, 1, geo.C * geo.B)
+        self.empty = not (self.imp or self.rows or self.cols)
+        self.w_ptrs: tuple = ()
         self.wviews: dict[int, torch.Tensor] = {}
 
+    def views(self, bufs: GroupBuffers) -> dict[int, torch.Tensor]:
+        ks = set(self.imp) | set(self.coef_views)
+        ptrs = tuple(bufs.entries[k][2].data_ptr() for k in sorted(ks))
+        if ptrs != self.w_ptrs:
+            self.wviews = {k: _view(bufs.entries[k][2].detach(), bufs.geometries[k]) for k in ks}
+            self.w_ptrs = ptrs
+        return self.wviews
 
-def _plan(bufs: GroupBuffers) -> _Plan:
-    plan = bufs.cache.get("torch")
-    if plan is None:
-        plan = bufs.cache["torch"] = _Plan(bufs)
-    if plan.views_version != bufs.version:
-        # weight views depend only on the parameters' storage; rebuilding them is cheap anyway
-        plan.wviews = {k: _view(p.detach(), bufs.geometries[k], k, plan) for k, (_, _, p) in enumerate(bufs.entries)
-                       if k in plan.coef_views or k in plan.imp}
-        plan.views_version = bufs.version
-    return plan
+    def sq_sums_into(self, bufs: GroupBuffers, acc: torch.Tensor) -> None:
+        if not self.imp:
+            return
+        wviews = self.views(bufs)
+        parts = []
+        for k in self.imp:
+            v = wviews[k]
+            acc_t = _acc_dtype(v.dtype)
+            geo = bufs.geometries[k]
+            if geo.A == 1:  # [G, C, B]: inner reduction
+                s = torch.linalg.vector_norm(v, dim=2, dtype=acc_t if acc_t != v.dtype else None).square_()
+            else:  # [G, A, C*B]: reduce over A (outer, vectorised), then over B
+                s = v.to(acc_t).square().sum(1)
+                if geo.B > 1:
+                    s = s.view(geo.G, geo.C, geo.B).sum(2)
+            parts.append(s.reshape(-1).to(_F32))
+        acc.index_add_(0, self.imp_idx, torch.cat(parts))
+
+    def _snapshots(self, bufs: GroupBuffers, target: str) -> dict[int, torch.Tensor]:
+        """With target="param", weights written by several slots are read from a copy taken first."""
+        if target != "param" or not self.shared:
+            return {}
+        snap: dict[int, torch.Tensor] = {}
+        for k in self.rows + self.cols:
+            p = bufs.entries[k][2]
+            if id(p) in self.shared and id(p) not in snap and p.grad is not None:
+                snap[id(p)] = p.detach().clone()
+        return snap
+
+    def add_scaled_(self, bufs: GroupBuffers, coef: torch.Tensor, target: str,
+                    slot_scale: torch.Tensor | None) -> None:
+        if not (self.rows or self.cols):
+            return
+        wviews = self.views(bufs)
+        torch.index_select(coef, 0, self.row_idx, out=self.row_coef)
+        torch.index_select(coef, 0, self.col_idx, out=self.col_coef)
+        if slot_scale is not None:
+            self.row_coef.mul_(slot_scale.index_select(0, self.row_sid))
+            self.col_coef.mul_(slot_scale.index_select(0, self.col_sid))
+        snap = self._snapshots(bufs, target)
+        for k in self.rows + self.cols:
+            p = bufs.entries[k][2]
+            if p.grad is None:
+                continue
+            t = _target(p, target)
+            if t.stride() != p.stride():
+                tv, wv, geo = _other_layout(bufs, k, t, snap.get(id(p), p.detach()))
+                c = coef.narrow(0, bufs.chans[k], geo.G * geo.C).view(geo.G, 1, geo.C, 1)
+                tv.addcmul_(wv, c if slot_scale is None else c * slot_scale[k])
+                continue
+            w = wviews[k] if id(p) not in snap else _view(snap[id(p)], bufs.geometries[k])
+            _view(t, bufs.geometries[k]).addcmul_(w, self.coef_views[k])
+
+    def add_sign_(self, bufs: GroupBuffers, reg: float, target: str, slot_scale: torch.Tensor | None) -> None:
+        if not (self.rows or self.cols):
+            return
+        wviews = self.views(bufs)
+        snap = self._snapshots(bufs, target)
+        if slot_scale is not None:
+            slot_scale = slot_scale * float(reg)
+        for k in self.rows + self.cols:
+            p = bufs.entries[k][2]
+            if p.grad is None:
+                continue
+            t = _target(p, target)
+            if t.stride() != p.stride():
+                t, w, _ = _other_layout(bufs, k, t, snap.get(id(p), p.detach()))
+            else:
+                w = wviews[k] if id(p) not in snap else _view(snap[id(p)], bufs.geometries[k])
+                t = _view(t, bufs.geometries[k])
+            if slot_scale is None:
+                t.add_(torch.sign(w).to(_F32), alpha=float(reg))
+            else:
+                t.addcmul_(torch.sign(w), slot_scale.narrow(0, k, 1))
 
 
-def _view(t: torch.Tensor, geo, k: int, plan: _Plan) -> torch.Tensor:
+def _view(t: torch.Tensor, geo) -> torch.Tensor:
     """Rows as [G, C, B]; columns as [G, A, C*B] (importance-only slots: rows if A == 1 else columns)."""
     if geo.A == 1:
         return t.as_strided((geo.G, geo.C, geo.B), (geo.stride_g, geo.stride_c, 1), t.storage_offset() + geo.offset)
@@ -111,27 +576,45 @@ def _other_layout(bufs: GroupBuffers, k: int, t: torch.Tensor, w: torch.Tensor):
     return slot_view(t, geo), slot_view(w_same, geo), geo
 
 
+# -------------------------------------------------------------------------------------------- the plan
+
+
+class _Plan:
+    """Per-structure state of one GroupBuffers: which parameters take which path, and their buffers."""
+
+    def __init__(self, bufs: GroupBuffers):
+        params: dict[int, torch.nn.Parameter] = {}
+        slots_of: dict[int, list] = {}
+        ks_of: dict[int, list[int]] = {}
+        chans = bufs.chans
+        for k, ((_, slot, p), geo, flags) in enumerate(zip(bufs.entries, bufs.geometries, bufs.flags)):
+            if geo.numel == 0:
+                continue
+            params.setdefault(id(p), p)
+            slots_of.setdefault(id(p), []).append((k, slot, chans[k], flags))
+            ks_of.setdefault(id(p), []).append(k)
+        candidates = list(params.values()) if MATRIX_PATH else []
+        self.matrix = _MatrixPath(bufs, candidates, slots_of)
+        slow = [p for p in params.values() if not MATRIX_PATH] + self.matrix.rejected
+        self.slot_path = _SlotPath(bufs, sorted(k for p in slow for k in ks_of[id(p)]))
+
+
+def _plan(bufs: GroupBuffers) -> _Plan:
+    plan = bufs.cache.get("torch")
+    if plan is None:
+        plan = bufs.cache["torch"] = _Plan(bufs)
+    return plan
+
+
 # ------------------------------------------------------------------------------------------ importance
 
 
 def channel_sq_sums(bufs: GroupBuffers) -> torch.Tensor:
     """Sum of w**2 per flat channel over the importance slots; returns bufs.acc (overwritten next call)."""
     plan = _plan(bufs)
-    parts = []
-    for k in plan.imp:
-        v = plan.wviews[k]
-        acc = _acc_dtype(v.dtype)
-        if bufs.geometries[k].A == 1:  # [G, C, B]: inner reduction
-            s = torch.linalg.vector_norm(v, dim=2, dtype=acc if acc != v.dtype else None).square_()
-        else:  # [G, A, C*B]: reduce over A (outer, vectorised), then over B
-            geo = bufs.geometries[k]
-            s = v.to(acc).square().sum(1)
-            if geo.B > 1:
-                s = s.view(geo.G, geo.C, geo.B).sum(2)
-        parts.append(s.reshape(-1).to(_F32))
     acc = bufs.acc.zero_()
-    if parts:
-        acc.index_add_(0, plan.imp_idx, torch.cat(parts))
+    plan.matrix.sq_sums_into(acc)
+    plan.slot_path.sq_sums_into(bufs, acc)
     return acc
 
 
@@ -159,72 +642,30 @@ def group_lasso_coef(bufs: GroupBuffers, sums_bn: torch.Tensor, reg: float) -> t
 # -------------------------------------------------------------------------------------------- updates
 
 
-def _snapshots(bufs: GroupBuffers, plan: _Plan, target: str, ks: list[int]) -> dict[int, torch.Tensor]:
-    """With target="param", weights written by several slots are read from a copy taken first."""
-    if target != "param" or not plan.shared:
-        return {}
-    snap: dict[int, torch.Tensor] = {}
-    for k in ks:
-        p = bufs.entries[k][2]
-        if id(p) in plan.shared and id(p) not in snap and p.grad is not None:
-            snap[id(p)] = p.detach().clone()
-    return snap
-
-
-def _target(p: torch.Tensor, target: str) -> torch.Tensor:
-    if target == "grad":
-        return p.grad
-    if target == "param":
-        return p.detach()
-    raise ValueError(f"tritonprune.kernels.torch: target must be 'grad' or 'param', got {target!r}")
-
-
 def add_scaled_(bufs: GroupBuffers, coef: torch.Tensor, *, target: str = "grad",
                 slot_scale: torch.Tensor | None = None) -> None:
     """target += slot_scale[slot] * coef[c] * w on the update slots."""
+    if target not in ("grad", "param"):
+        raise ValueError(f"tritonprune.kernels.torch: target must be 'grad' or 'param', got {target!r}")
     plan = _plan(bufs)
     coef = coef.to(_F32)
-    torch.index_select(coef, 0, plan.row_idx, out=plan.row_coef)
-    torch.index_select(coef, 0, plan.col_idx, out=plan.col_coef)
     if slot_scale is not None:
         slot_scale = slot_scale.to(device=coef.device, dtype=_F32)
-        plan.row_coef.mul_(slot_scale.index_select(0, plan.row_sid))
-        plan.col_coef.mul_(slot_scale.index_select(0, plan.col_sid))
-    ks = plan.rows + plan.cols
-    snap = _snapshots(bufs, plan, target, ks)
-    for k in ks:
-        p = bufs.entries[k][2]
-        if p.grad is None:
-            continue
-        t = _target(p, target)
-        if t.stride() != p.stride():
-            tv, wv, geo = _other_layout(bufs, k, t, snap.get(id(p), p.detach()))
-            c = coef.narrow(0, bufs.chans[k], geo.G * geo.C).view(geo.G, 1, geo.C, 1)
-            tv.addcmul_(wv, c if slot_scale is None else c * slot_scale[k])
-            continue
-        w = plan.wviews[k] if id(p) not in snap else _view(snap[id(p)], bufs.geometries[k], k, plan)
-        _view(t, bufs.geometries[k], k, plan).addcmul_(w, plan.coef_views[k])
+    if not plan.matrix.empty:
+        plan.matrix.gather(coef, 0.0, slot_scale)
+        plan.matrix.update(target, sign=False)
+    plan.slot_path.add_scaled_(bufs, coef, target, slot_scale)
 
 
 def add_sign_(bufs: GroupBuffers, reg: float, *, target: str = "grad",
               slot_scale: torch.Tensor | None = None) -> None:
     """target += slot_scale[slot] * reg * sign(w) on the update slots."""
+    if target not in ("grad", "param"):
+        raise ValueError(f"tritonprune.kernels.torch: target must be 'grad' or 'param', got {target!r}")
     plan = _plan(bufs)
-    ks = plan.rows + plan.cols
-    snap = _snapshots(bufs, plan, target, ks)
     if slot_scale is not None:
-        slot_scale = slot_scale.to(_F32) * float(reg)
-    for k in ks:
-        p = bufs.entries[k][2]
-        if p.grad is None:
-            continue
-        t = _target(p, target)
-        if t.stride() != p.stride():
-            t, w, _ = _other_layout(bufs, k, t, snap.get(id(p), p.detach()))
-        else:
-            w = plan.wviews[k] if id(p) not in snap else _view(snap[id(p)], bufs.geometries[k], k, plan)
-            t = _view(t, bufs.geometries[k], k, plan)
-        if slot_scale is None:
-            t.add_(torch.sign(w).to(_F32), alpha=float(reg))
-        else:
-            t.addcmul_(torch.sign(w), slot_scale.narrow(0, k, 1))
+        slot_scale = slot_scale.to(device=bufs.device, dtype=_F32)
+    if not plan.matrix.empty:
+        plan.matrix.gather(None, reg, slot_scale)
+        plan.matrix.update(target, sign=True)
+    plan.slot_path.add_sign_(bufs, reg, target, slot_scale)

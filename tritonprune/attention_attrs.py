@@ -1,0 +1,432 @@
+"""Attention-layer attributes after slicing: head counts, head dims, hidden sizes, model config fields.
+
+Slicing cuts tensors; attention modules also keep integers that their forward reads (the head dim
+used to reshape q/k/v into heads, GPT-2's `split_size`, GQA's `num_key_value_groups`, the embed dim
+of `nn.MultiheadAttention`). These are derived here from the cuts themselves, per attention module:
+
+- the q rows of a module form `H` heads of `d` rows (`d` from its head-dim attribute, or rows / heads);
+  k and v rows form `Hkv` heads of `d` rows;
+- a cut that removes whole heads keeps `d` and lowers `H` (and `Hkv`; the query heads of a removed
+  key/value head must go with it, so `H / Hkv` is unchanged);
+- a cut that removes the same count from every head lowers `d` and keeps the head counts;
+- anything else is refused (the module could not reshape its q/k/v into heads).
+
+The softmax scale stays what it was (1/sqrt of the original head dim), so a sliced model computes what
+the soft-pruned one does. Hugging Face modules pass their stored `scaling` explicitly; an
+`nn.MultiheadAttention` whose attention width or head dim changes becomes a `PrunedMultiheadAttention`
+(same parameters and state-dict keys), since torch's own forward ties the attention width to the
+embed dim and derives the scale from the head dim.
+
+Config fields (`hidden_size`, `num_attention_heads`, `num_key_value_heads`, `head_dim`,
+`intermediate_size`) are global: they are updated only when every layer agrees on the new value, and
+left as they were otherwise (per-layer values live on the layer modules and in the weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HEAD_COUNT = ("num_attention_heads", "num_heads", "n_head", "n_heads")
+KV_COUNT = ("num_key_value_heads", "num_kv_heads")
+HEAD_DIM = ("head_dim", "attention_head_size", "head_size")
+INNER = ("all_head_size", "split_size", "inner_dim")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """`length` rows of a projection, from `start` along `dim` of tensor `name`."""
+
+    name: str
+    dim: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Projections:
+    q: Rows
+    k: Rows
+    v: Rows
+    hidden: tuple[str, int]  # the q projection's input dim: (tensor name, dim)
+
+
+Update = tuple[Any, str, Any]  # (object, attribute, new value)
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's GPT-2 `Conv1D`: a Linear storing its weight as [in, out] (attributes nf, nx)."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def conv1d_attributes(m: nn.Module, weight: torch.Tensor | None) -> dict[str, int]:
+    """New `nx`/`nf` of a GPT-2 `Conv1D` from its new weight ([nx, nf]); {} for any other module."""
+    if weight is None or not _is_conv1d(m):
+        return {}
+    return {"nx": weight.shape[0], "nf": weight.shape[1]}
+
+
+def _q(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _linear_rows(prefix: str, m: nn.Module) -> tuple[Rows, tuple[str, int]] | None:
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    if _is_conv1d(m):
+        return Rows(_q(prefix, "weight"), 1, 0, w.shape[1]), (_q(prefix, "weight"), 0)
+    if isinstance(m, nn.Linear):
+        return Rows(_q(prefix, "weight"), 0, 0, w.shape[0]), (_q(prefix, "weight"), 1)
+    return None
+
+
+def projections(name: str, m: nn.Module) -> Projections | None:
+    """Where an attention module's q, k and v rows are, or None if it is not one we know."""
+    if isinstance(m, nn.MultiheadAttention):
+        if m.in_proj_weight is not None:
+            e = m.in_proj_weight.shape[0] // 3
+            w = _q(name, "in_proj_weight")
+            return Projections(Rows(w, 0, 0, e), Rows(w, 0, e, e), Rows(w, 0, 2 * e, e), (w, 1))
+        rows = [Rows(_q(name, f"{x}_proj_weight"), 0, 0, getattr(m, f"{x}_proj_weight").shape[0]) for x in "qkv"]
+        return Projections(*rows, (_q(name, "q_proj_weight"), 1))
+    children = dict(m.named_children())
+    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+        if all(n in children for n in names):
+            found = [_linear_rows(_q(name, n), children[n]) for n in names]
+            if all(f is not None for f in found):
+                return Projections(found[0][0], found[1][0], found[2][0], found[0][1])
+    packed = children.get("c_attn") if "q_attn" not in children else None
+    packed = packed if packed is not None else children.get("qkv")
+    if packed is not None:
+        found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)
+        if found is not None and found[0].length % 3 == 0:
+            r, hidden = found
+            e = r.length // 3
+            return Projections(*(Rows(r.name, r.dim, i * e, e) for i in range(3)), hidden)
+    return None
+
+
+def _int_attr(m: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(m, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _removed(rows: Rows, cuts: Mapping[tuple[str, int], Any]) -> torch.Tensor:
+    cut = cuts.get((rows.name, rows.dim))
+    if cut is None:
+        return torch.zeros(rows.length, dtype=torch.bool)
+    if cut.blocks != 1:
+        raise ValueError(f"{rows.name}: attention rows cut per block; the plan does not fit this attention layer")
+    return cut.removed[0, rows.start : rows.start + rows.length]
+
+
+def _kept(name: str, dim: int, tensors: Mapping[str, torch.Tensor], cuts) -> int:
+    cut = cuts.get((name, dim))
+    n = tensors[name].shape[dim]
+    return n - (int(cut.removed[0].sum()) if cut is not None and cut.blocks == 1 else 0)
+
+
+@dataclass
+class Shape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+
+def _head_cut(mname: str, what: str, removed: torch.Tensor, d: int) -> tuple[torch.Tensor, int]:
+    """Per head: removed whole (bool [heads]) and the rows removed from every head (0 if whole heads go)."""
+    if removed.numel() % d:
+        raise ValueError(f"{mname}: {what} has {removed.numel()} rows, not a multiple of the head dim {d}")
+    per = removed.view(-1, d).sum(1)
+    whole = per == d
+    if not per.any():
+        return whole, 0
+    if bool(((per == 0) | whole).all()):
+        return whole, 0
+    if bool((per == per[0]).all()):
+        return whole, int(per[0])
+    raise ValueError(
+        f"{mname}: the cut removes {per.tolist()} {what} rows per head; an attention layer needs whole heads "
+        "removed or the same dims removed from every head (find the groups again with find_groups)"
+    )
+
+
+def new_shape(mname: str, m: nn.Module, p: Projections, tensors, cuts) -> tuple[Shape, Shape] | None:
+    """(before, after) head counts, head dim and hidden size of one attention module, or None if unknown."""
+    q_rows, k_rows = p.q.length, p.k.length
+    d = _int_attr(m, HEAD_DIM)
+    if d is None:
+        h = _int_attr(m, HEAD_COUNT)
+        if h is None or q_rows % h:
+            return None
+        d = q_rows // h
+    if q_rows % d or k_rows % d or p.v.length != k_rows:
+        return None
+    hidden = tensors[p.hidden[0]].shape[p.hidden[1]]
+    before = Shape(q_rows // d, k_rows // d, d, hidden)
+    if before.kv_heads == 0 or before.heads % before.kv_heads:
+        return None
+    rep = before.heads // before.kv_heads
+    qw, qr = _head_cut(mname, "query", _removed(p.q, cuts), d)
+    kw, kr = _head_cut(mname, "key", _removed(p.k, cuts), d)
+    vw, vr = _head_cut(mname, "value", _removed(p.v, cuts), d)
+    if not (qr == kr == vr):
+        raise ValueError(f"{mname}: query, key and value lose different dims per head ({qr}, {kr}, {vr})")
+    if not torch.equal(kw, vw) or not torch.equal(qw, kw.repeat_interleave(rep)):
+        raise ValueError(
+            f"{mname}: the cut removes query heads {qw.nonzero().flatten().tolist()} and key/value heads "
+            f"{kw.nonzero().flatten().tolist()}; with {rep} query heads per key/value head they must go together"
+        )
+    after = Shape(
+        before.heads - int(qw.sum()),
+        before.kv_heads - int(kw.sum()),
+        d - qr,
+        _kept(p.hidden[0], p.hidden[1], tensors, cuts),
+    )
+    return before, after
+
+
+# ------------------------------------------------------------------------------ nn.MultiheadAttention
+
+
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """An `nn.MultiheadAttention` whose attention width (heads x head dim) may differ from its embed dim.
+
+    Same parameters, buffers and state-dict keys; `inner_dim` is the attention width and `scaling` the
+    softmax scale kept from before pruning. `_qkv_same_embed_dim` is False so that
+    `nn.TransformerEncoderLayer` does not take its fused fast path, which assumes the unpruned layout.
+    """
+
+    inner_dim: int
+    scaling: float
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, T, _ = query.shape
+        n = self.inner_dim
+        if self.in_proj_weight is not None:
+            wq, wk, wv = self.in_proj_weight.split(n)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.split(n)
+        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        extra = 0
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.view(1, 1, n).expand(B, 1, n)], 1)
+            v = torch.cat([v, self.bias_v.view(1, 1, n).expand(B, 1, n)], 1)
+            extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, 1, n)], 1)
+            v = torch.cat([v, v.new_zeros(B, 1, n)], 1)
+            extra += 1
+        S = k.shape[1]
+        H, d = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(B, -1, H, d).transpose(1, 2) for t in (q, k, v))
+        mask = self._mask(attn_mask, key_padding_mask, B, T, S, extra, q.dtype, is_causal)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * self.scaling
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, p, self.training) @ v
+        else:
+            weights = None
+            causal = is_causal and mask is None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                 scale=self.scaling)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, n))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None:
+            weights = weights.mean(1) if average_attn_weights else weights
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _mask(self, attn_mask, key_padding_mask, B, T, S, extra, dtype, is_causal):
+        """MHA's masks (bool True = masked out, or additive floats) as one additive [B or 1, H or 1, T, S]."""
+
+        def additive(m):
+            if m.dtype == torch.bool:
+                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+            return m.to(dtype)
+
+        mask = None
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(T, S - extra, dtype=torch.bool, device=self.out_proj.weight.device).triu(1)
+        if attn_mask is not None:
+            a = additive(attn_mask)
+            a = a.view(1, 1, T, -1) if a.dim() == 2 else a.view(B, self.num_heads, T, -1)
+            mask = F.pad(a, (0, S - a.shape[-1]))
+        if key_padding_mask is not None:
+            kp = F.pad(additive(key_padding_mask).view(B, 1, 1, -1), (0, S - key_padding_mask.shape[-1]))
+            mask = kp if mask is None else mask + kp
+        return mask
+
+
+def _mha_updates(m: nn.MultiheadAttention, after: Shape) -> list[Update]:
+    inner = after.heads * after.head_dim
+    ups: list[Update] = [(m, "num_heads", after.heads), (m, "head_dim", after.head_dim),
+                         (m, "embed_dim", after.hidden)]
+    if m.in_proj_weight is not None:
+        ups += [(m, "kdim", after.hidden), (m, "vdim", after.hidden)]
+    changed = isinstance(m, PrunedMultiheadAttention) or inner != after.hidden or after.head_dim != m.head_dim
+    if changed:
+        scaling = getattr(m, "scaling", None) or 1.0 / math.sqrt(m.head_dim)
+        ups += [(m, "inner_dim", inner), (m, "scaling", scaling), (m, "_qkv_same_embed_dim", False)]
+        if not isinstance(m, PrunedMultiheadAttention):
+            ups.append((m, "__class__", PrunedMultiheadAttention))
+    return ups
+
+
+# ------------------------------------------------------------------------------ Hugging Face modules
+
+
+def _hf_updates(m: nn.Module, before: Shape, after: Shape) -> list[Update]:
+    ups: list[Update] = []
+
+    def put(names: tuple[str, ...], value: int) -> None:
+        for n in names:
+            if _int_attr(m, (n,)) is not None:
+                ups.append((m, n, value))
+
+    put(HEAD_COUNT, after.heads)
+    put(KV_COUNT, after.kv_heads)
+    put(("num_key_value_groups",), after.heads // after.kv_heads)
+    put(HEAD_DIM, after.head_dim)
+    put(INNER, after.heads * after.head_dim)
+    if _int_attr(m, ("embed_dim",)) is not None:
+        # GPT-2 keeps the hidden size in embed_dim (the attention width is split_size); CLIP-style
+        # modules reshape their output with embed_dim, the attention width
+        ups.append((m, "embed_dim", after.hidden if hasattr(m, "split_size") else after.heads * after.head_dim))
+    return ups
+
+
+_MLP_FIRST = ("up_proj", "fc1", "c_fc", "dense", "w1")
+
+
+def _mlp_size(m: nn.Module, tensors, cuts, prefix: str) -> tuple[int, int] | None:
+    """(before, after) intermediate size of a module that stores `intermediate_size`, from its first Linear."""
+    children = dict(m.named_children())
+    for n in _MLP_FIRST:
+        c = children.get(n)
+        found = _linear_rows(_q(prefix, n), c) if c is not None else None
+        if found is not None:
+            r = found[0]
+            return r.length, _kept(r.name, r.dim, tensors, cuts)
+    return None
+
+
+def _intermediate_sizes(model: nn.Module, tensors, cuts) -> list[tuple[int, int]]:
+    """(before, after) intermediate size of every MLP we recognise (Llama, ViT, BERT, GPT-2 layouts)."""
+    out = []
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        children = dict(m.named_children())
+        if ("gate_proj" in children and "up_proj" in children) or "MLP" in cls or cls.endswith("Intermediate"):
+            s = _mlp_size(m, tensors, cuts, name)
+            if s is not None:
+                out.append(s)
+    return out
+
+
+def _uniform(values: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The one (before, after) pair if all agree on both, else None."""
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps, tensors, cuts) -> list[Update]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    ups: list[Update] = []
+
+    def put(name: str, before: int, after: int) -> None:
+        if before != after and getattr(config, name, None) in (before, None) and hasattr(config, name):
+            ups.append((config, name, after))
+
+    hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
+    if hidden is not None:
+        put("hidden_size", *hidden)
+    heads = _uniform([(b.heads, a.heads) for b, a in shapes])
+    if heads is not None:
+        put("num_attention_heads", *heads)
+    kv = _uniform([(b.kv_heads, a.kv_heads) for b, a in shapes])
+    if kv is not None:
+        put("num_key_value_heads", *kv)
+    dims = _uniform([(b.head_dim, a.head_dim) for b, a in shapes])
+    if dims is not None:
+        if getattr(config, "head_dim", None) is not None:
+            put("head_dim", *dims)
+        elif hidden is not None and heads is not None and dims[1] != hidden[1] // heads[1]:
+            # ViT reads getattr(config, "head_dim", hidden // heads): say it where that is no longer right
+            ups.append((config, "head_dim", dims[1]))
+    inter = _uniform(mlps)
+    if inter is not None:
+        for name in ("intermediate_size", "n_inner", "ffn_dim"):
+            if hasattr(config, name):
+                put(name, *inter)  # GPT-2's n_inner=None means 4 * hidden: set it too
+                break
+    return ups
+
+
+def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cuts) -> list[Update]:
+    """Every attribute to set after `cuts` are applied; raises ValueError (touching nothing) if a cut
+    leaves an attention layer unable to split its q/k/v rows into heads."""
+    ups: list[Update] = []
+    shapes: list[tuple[Shape, Shape]] = []
+    for name, m in model.named_modules():
+        p = projections(name, m)
+        if p is None:
+            continue
+        s = new_shape(name, m, p, tensors, cuts)
+        if s is None:
+            continue
+        shapes.append(s)
+        before, after = s
+        if before == after:
+            continue
+        ups += _mha_updates(m, after) if isinstance(m, nn.MultiheadAttention) else _hf_updates(m, before, after)
+    hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
+    mlps = _intermediate_sizes(model, tensors, cuts)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) or projections(name, m) is not None:
+            continue
+        # modules that store the hidden size (LlamaMLP, LlamaDecoderLayer, GPT2Model.embed_dim)
+        if hidden is not None and hidden[0] != hidden[1]:
+            for attr in ("hidden_size", "embed_dim"):
+                if _int_attr(m, (attr,)) == hidden[0]:
+                    ups.append((m, attr, hidden[1]))
+        if _int_attr(m, ("intermediate_size",)) is not None:
+            s = _mlp_size(m, tensors, cuts, name)
+            if s is not None and s[0] != s[1] and m.intermediate_size == s[0]:
+                ups.append((m, "intermediate_size", s[1]))
+    return ups + _config_updates(model, shapes, mlps, tensors, cuts)
+
+
+def commit(updates: list[Update]) -> None:
+    for obj, attr, value in updates:
+        setattr(obj, attr, value)
