@@ -226,10 +226,10 @@ def _fsdp_part(rank: int) -> dict:
                                        regularizer=make_reg())
         model(x).square().mean().backward()  # same batch on both ranks: the averaged grad is the batch's
 
-        calls = []
+        calls: list[int] = []
         real = dist.all_reduce
 
-        def counting(t, *a, **k):
+        def counting(t, *a, calls=calls, real=real, **k):
             calls.append(t.numel())
             return real(t, *a, **k)
 

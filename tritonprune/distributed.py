@@ -27,6 +27,7 @@ function's docstring and notes/readme_distributed.md for the DDP and FSDP2 recip
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -56,11 +57,11 @@ def _dtensor_cls():
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True if any parameter of `model` is a DTensor (FSDP2 / DTensor-sharded)."""
-    if not dist.is_available():
-        return False
-    DTensor = _dtensor_cls()
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    """True if any parameter of `model` is a DTensor (FSDP2 / DTensor-sharded).
+
+    Imports nothing: DTensors exist only once torch.distributed.tensor was imported (seconds to import)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and any(isinstance(p, mod.DTensor) for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------ unsharded copies

@@ -26,7 +26,6 @@ from .kernels import get_backend
 from .layout import GroupBuffers
 from .regularizers import BNScale, GroupLasso, GroupNorm, Regularizer, resolve_regularizer
 
-
 Params = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None
 
 

@@ -56,12 +56,26 @@ Removal = tuple[Group, Sequence[int]]
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by qualified name (shared tensors under their first name)."""
+    """Parameters and buffers by qualified name. A shared tensor (tied embeddings) comes first under its
+    canonical name (the one `named_parameters()` gives), then under its other names."""
     out: dict[str, torch.Tensor] = dict(model.named_parameters())
     for name, b in model.named_buffers():
         if b is not None:
             out.setdefault(name, b)
+    for name, t in model.named_parameters(remove_duplicate=False):
+        out.setdefault(name, t)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if b is not None:
+            out.setdefault(name, b)
     return out
+
+
+def _aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Every name of each tensor, the canonical (first) name first, keyed by every name."""
+    by_id: dict[int, list[str]] = {}
+    for n, t in tensors.items():
+        by_id.setdefault(id(t), []).append(n)
+    return {n: names for names in by_id.values() for n in names}
 
 
 def _channel_mask(group: Group, removed: Sequence[int]) -> torch.Tensor:
@@ -104,6 +118,7 @@ def build_cuts(
 ) -> dict[tuple[str, int], Cut]:
     """Turn removed group channels into per-(tensor, dim) cuts. Raises ValueError on anything that does not fit."""
     cuts: dict[tuple[str, int], Cut] = {}
+    names = _aliases(tensors)  # a tied tensor is cut once, under its canonical name, and found under all
     for group, removed in removals:
         mask = _channel_mask(group, removed)
         if group.blocks > 1:
@@ -137,13 +152,13 @@ def build_cuts(
             t = tensors[slot.name]
             _check_slot_fits(slot, t)
             sub = mask[slot.offset : slot.offset + slot.length]
-            key = (slot.name, slot.dim)
+            key = (names[slot.name][0], slot.dim)
             cut = cuts.get(key)
             G = slot.blocks
             if cut is None:
-                cut = cuts[key] = Cut(
-                    slot.name, slot.dim, torch.zeros(G, t.shape[slot.dim], dtype=torch.bool)
-                )
+                cut = Cut(key[0], slot.dim, torch.zeros(G, t.shape[slot.dim], dtype=torch.bool))
+                for alias in names[slot.name]:
+                    cuts[(alias, slot.dim)] = cut
             elif cut.blocks != G:
                 raise ValueError(
                     f"{slot.name}: dim {slot.dim} is cut both per conv group ({max(G, cut.blocks)} blocks) and as a whole; "
@@ -287,8 +302,11 @@ def _slice_state(state: Mapping[str, Any], like: torch.Tensor, cuts: Mapping[int
 def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> None:
     """Slice the model (and the optimizer state) by `cuts`. Validates and computes everything first."""
     tensors = model_tensors(model)
+    names = _aliases(tensors)
     by_tensor: dict[str, dict[int, Cut]] = {}
     for (name, dim), cut in cuts.items():
+        if name != cut.name:
+            continue  # the same cut under another name of a tied tensor
         if name not in tensors:
             raise ValueError(f"{name}: no such parameter or buffer in the model")
         if cut.removed.shape[1] != tensors[name].shape[dim]:
@@ -306,8 +324,9 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
     }
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in new.items():
-        _, mname, local = _owner(model, name)
-        per_module.setdefault(mname, {})[local] = t
+        for alias in names.get(name, [name]):  # every module holding a tied tensor gets new attributes
+            _, mname, local = _owner(model, alias)
+            per_module.setdefault(mname, {})[local] = t
     attrs = {
         mname: _new_attributes(model.get_submodule(mname), locals_, conv_groups.get(mname))
         for mname, locals_ in per_module.items()

@@ -6,11 +6,13 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from . import layers as _layers  # noqa: F401  (registers the parameterised-op rules)
+from . import elementwise as _elementwise  # noqa: F401  (each rules module registers its ops)
+from . import layers as _layers  # noqa: F401
+from . import reshape as _reshape  # noqa: F401
 from .assemble import assemble
 from .group import Group, Slot
-from .rules import Walker
 from .trace import TraceError, export, unwrap
+from .walker import Walker
 
 __all__ = ["find_groups", "Group", "Slot", "TraceError", "resolve_ignored"]
 

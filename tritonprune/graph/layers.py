@@ -7,7 +7,7 @@ from torch import fx
 
 from . import group as g
 from .channels import NONE, along, channel_vector, expand_dims, none_like
-from .rules import Walker, no_identity, overloads, rule, unknown
+from .walker import Walker, no_identity, overloads, rule, unknown
 
 aten = torch.ops.aten
 

@@ -1,0 +1,211 @@
+"""Rules for elementwise and broadcast ops, activations, pooling and reductions."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from .channels import NONE, none_like
+from .walker import Rule, Walker, no_identity, overloads, rule, where
+
+aten = torch.ops.aten
+
+
+# ---- shape-preserving and elementwise ops -----------------------------------------------------
+
+
+def align(ids: torch.Tensor, ndim: int) -> torch.Tensor:
+    return ids.reshape((1,) * (ndim - ids.dim()) + tuple(ids.shape))
+
+
+def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
+    """Elementwise coupling with broadcasting: channels at the same position are the same channel."""
+    out = w.out_shape(node) if isinstance(node.meta.get("val"), torch.Tensor) else None
+    if out is None:
+        return None
+    nd = len(out)
+    acc_ids, acc_shape = None, None
+    for op in operands:
+        ids = w.act(op)
+        shape = w.shape(op)
+        if not isinstance(ids, torch.Tensor) or shape is None:
+            continue
+        ids = align(ids, nd)
+        shape = (1,) * (nd - len(shape)) + shape
+        if acc_ids is None:
+            acc_ids, acc_shape = ids, shape
+            continue
+        # an operand broadcast along a dim where the other has channels does not share its channels
+        acc_bc = [d for d in range(nd) if acc_shape[d] == 1 and shape[d] > 1]
+        op_bc = [d for d in range(nd) if shape[d] == 1 and acc_shape[d] > 1]
+        acc_spread = any(ids.shape[d] > 1 for d in acc_bc)
+        op_spread = any(acc_ids.shape[d] > 1 for d in op_bc)
+        if acc_spread and op_spread:
+            w.warn(node, "broadcast mixes channels of two operands")
+            w.space.exclude(acc_ids)
+            w.space.exclude(ids)
+            acc_ids = none_like(out)
+        elif acc_spread:
+            acc_ids = ids
+        elif not op_spread:
+            a, b = torch.broadcast_tensors(acc_ids, ids)
+            w.space.union(a, b)
+            _meet_without_identity(w, node, a, b, shape)
+            _meet_without_identity(w, node, b, a, acc_shape)
+            acc_ids = torch.where(a >= 0, a, b)
+        acc_shape = tuple(max(x, y) for x, y in zip(acc_shape, shape))
+    return acc_ids if acc_ids is not None else none_like(out)
+
+
+def _meet_without_identity(w: Walker, node: fx.Node, ids: torch.Tensor, other: torch.Tensor,
+                           other_shape: tuple[int, ...]) -> None:
+    """Channels meeting values without identity (model inputs, constants, rotary tables) at the same
+    positions: the dims where the partner has real extent keep their size, so they must be whole units."""
+    if not bool(((ids >= 0) & (other < 0)).any()):
+        return
+    for d in range(ids.dim()):
+        if ids.shape[d] > 1 and other_shape[d] > 1:
+            w.space.fix_dim(torch.where(other < 0, ids, NONE), d, where(w, node, "channels meet values of fixed size"))
+
+
+ELEMENTWISE = overloads(
+    aten.add, aten.sub, aten.mul, aten.div, aten.add_, aten.sub_, aten.mul_, aten.div_, aten.rsub,
+    aten.maximum, aten.minimum, aten.where, aten.pow, aten.addcmul, aten.addcdiv, aten.lerp,
+    aten.eq, aten.ne, aten.gt, aten.ge, aten.lt, aten.le, aten.masked_fill, aten.copy_,
+)
+UNARY = overloads(
+    aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.sigmoid, aten.sigmoid_, aten.tanh,
+    aten.tanh_, aten.hardtanh, aten.hardtanh_, aten.hardswish, aten.hardswish_, aten.hardsigmoid,
+    aten.hardsigmoid_, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_, aten.selu, aten.celu,
+    aten.softplus, aten.mish, aten.abs, aten.neg, aten.exp, aten.log, aten.sqrt, aten.rsqrt,
+    aten.square, aten.reciprocal, aten.erf, aten.sin, aten.cos, aten.sign, aten.clamp, aten.clamp_,
+    aten.clamp_min, aten.clamp_max, aten.dropout, aten.dropout_, aten.feature_dropout,
+    aten.alpha_dropout, aten.feature_alpha_dropout, aten.clone, aten.contiguous, aten.detach,
+    aten.alias, aten.lift_fresh_copy, aten._to_copy, aten.to, aten.type_as, aten.logical_not,
+    aten.bitwise_not, aten.log_sigmoid,
+)
+
+
+@rule(*ELEMENTWISE)
+def elementwise(w: Walker, node: fx.Node) -> object:
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    operands += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
+    return combine(w, node, operands)
+
+
+@rule(*UNARY)
+def unary(w: Walker, node: fx.Node) -> object:
+    return combine(w, node, [node.args[0]])
+
+
+@rule(aten.native_dropout.default)
+def native_dropout(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    return [ids, ids]
+
+
+@rule(operator.getitem)
+def getitem(w: Walker, node: fx.Node) -> object:
+    src = w.ids.get(node.args[0])
+    if isinstance(src, (list, tuple)):
+        return src[node.args[1]]
+    return no_identity(w, node)
+
+
+def combine_all(w: Walker, node: fx.Node, parts: list[torch.Tensor], out: tuple[int, ...]) -> torch.Tensor:
+    acc = None
+    for ids in parts:
+        if acc is None:
+            acc = ids
+            continue
+        a, b = torch.broadcast_tensors(acc, ids)
+        w.space.union(a, b)
+        w.space.exclude(torch.where(b < 0, a, NONE))
+        w.space.exclude(torch.where(a < 0, b, NONE))
+        acc = torch.where(a >= 0, a, b)
+    return acc if acc is not None else none_like(out)
+
+
+# ---- spatial ops: channels on dim 1 (dim 0 unbatched) survive, spatial dims are resampled -------
+
+
+def spatial(k: int) -> Rule:
+    def fn(w: Walker, node: fx.Node) -> object:
+        x = node.args[0]
+        ids = w.act(x)
+        val = node.meta["val"]
+        if not isinstance(ids, torch.Tensor):
+            return no_identity(w, node)
+        nd = ids.dim()
+        if any(ids.shape[d] > 1 for d in range(nd - k, nd)):
+            w.warn(node, "channels along a spatial dim of a pooling/resampling op")
+            w.space.exclude(ids)
+            return no_identity(w, node)
+        return [ids, ids] if isinstance(val, (list, tuple)) else ids
+
+    return fn
+
+
+for _k, _ops in {
+    1: (aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d,
+        aten.max_pool1d_with_indices, aten.upsample_nearest1d, aten.upsample_linear1d),
+    2: (aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.adaptive_max_pool2d,
+        aten.max_pool2d_with_indices, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+        aten.upsample_bicubic2d, aten._adaptive_avg_pool2d),
+    3: (aten.max_pool3d, aten.avg_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d,
+        aten.max_pool3d_with_indices, aten.upsample_nearest3d, aten.upsample_trilinear3d),
+}.items():
+    rule(*overloads(*_ops))(spatial(_k))
+
+
+# ---- reductions -------------------------------------------------------------------------------
+
+
+@rule(*overloads(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.max, aten.min,
+                 aten.logsumexp, aten.norm, aten.linalg_vector_norm, aten.prod, aten.argmax, aten.argmin))
+def reduce(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    val = node.meta.get("val")
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    nd = ids.dim()
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if node.target.overloadpacket in (aten.norm, aten.linalg_vector_norm) and len(node.args) > 2:
+        dims = node.args[2]
+    if isinstance(dims, int):
+        dims = [dims]
+    if not isinstance(dims, (list, tuple)) or len(dims) == 0:
+        dims = list(range(nd))
+    dims = sorted({int(d) % nd for d in dims}) if nd else []
+    if any(ids.shape[d] > 1 for d in dims):
+        if node.target.overloadpacket in (aten.argmax, aten.argmin, aten.prod):
+            w.warn(node, "index or product over a channel dim")
+            w.space.exclude(ids)
+        else:
+            w.space.mix(ids)  # a statistic over channels (RMSNorm's mean, CBAM): prunable, not exact
+        return no_identity(w, node)
+    out = val[0] if isinstance(val, (list, tuple)) else val
+    if not isinstance(out, torch.Tensor):
+        return None
+    new = ids
+    if out.dim() < nd:
+        for d in reversed(dims):
+            new = new.squeeze(d)
+    return [new, new] if isinstance(val, (list, tuple)) else new
+
+
+@rule(*overloads(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum))
+def softmax(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    d = node.args[1] % ids.dim()
+    if ids.shape[d] > 1:
+        if node.target.overloadpacket is aten.cumsum:
+            w.warn(node, "cumulative sum over a channel dim")
+            w.space.exclude(ids)
+            return no_identity(w, node)
+        w.space.mix(ids)
+    return ids

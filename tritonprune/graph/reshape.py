@@ -1,0 +1,263 @@
+"""Rules for ops that move channels around: views, permutes, slices, splits, concatenation."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .channels import IdSpace, channel_vector, expand_dims, none_like
+from .elementwise import align, combine_all
+from .walker import Walker, no_identity, overloads, rule, where
+
+aten = torch.ops.aten
+
+# ---- layout ops -------------------------------------------------------------------------------
+
+
+def reshape_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair up runs of dims of two shapes with equal products (the way a view regroups dims)."""
+    runs: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        si, sj = [i], [j]
+        pa, pb = a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a):
+                    return None
+                pa *= a[i]
+                si.append(i)
+                i += 1
+            else:
+                if j >= len(b):
+                    return None
+                pb *= b[j]
+                sj.append(j)
+                j += 1
+        runs.append((si, sj))
+    rest_a, rest_b = list(range(i, len(a))), list(range(j, len(b)))
+    if any(a[k] != 1 for k in rest_a) or any(b[k] != 1 for k in rest_b):
+        return None
+    if not runs:
+        runs.append(([], []))
+    runs[-1][0].extend(rest_a)
+    runs[-1][1].extend(rest_b)
+    return runs
+
+
+def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
+                space: IdSpace | None = None) -> torch.Tensor | None:
+    runs = reshape_runs(src, dst)
+    if runs is None:
+        return None
+    varying = [any(ids.shape[k] > 1 for k in si) for si, _ in runs]
+    spread = [d for (si, _), v in zip(runs, varying) if v for d in si]
+    full = expand_dims(ids, src, spread)
+    target = []
+    for (_, sj), v in zip(runs, varying):
+        target.extend(dst[k] if v else 1 for k in sj)
+    new = full.reshape(target)
+    if space is not None and sum(varying) == 1:
+        _split_structure(space, new, runs, varying, dst)
+    return new
+
+
+def _split_structure(space: IdSpace, new: torch.Tensor, runs, varying, dst) -> None:
+    """A channel dim split into (outer, inner) dims keeps its outer count after pruning (channel
+    shuffle's groups, attention heads): record it as equal blocks."""
+    sj = runs[varying.index(True)][1]
+    big = [k for k in sj if dst[k] > 1]
+    if len(big) < 2:
+        return
+    sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
+    sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
+    rows = torch.unique_consecutive(sub, dim=0) if sub.shape[0] > 1 else sub
+    rows = torch.unique(rows, dim=0, sorted=False) if rows.shape[0] > 1 else rows
+    flat = rows.reshape(-1)
+    if rows.shape[0] > 1 and bool((flat >= 0).all()) and flat.unique().numel() == flat.numel():
+        order = torch.argsort(rows[:, 0])
+        space.soft_requirements.append((rows[order].reshape(-1).clone(), rows.shape[0]))
+
+
+@rule(*overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
+                 aten.unsqueeze, aten.view_as, aten.reshape_as, aten.squeeze_, aten.unsqueeze_))
+def view(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    new = reshape_ids(ids, w.shape(node.args[0]), w.out_shape(node), w.space)
+    if new is None:
+        w.warn(node, "cannot follow channels through this reshape")
+        w.space.exclude(ids)
+        return no_identity(w, node)
+    return new
+
+
+@rule(*overloads(aten.expand, aten.expand_as, aten.repeat))
+def expand(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    out = w.out_shape(node)
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    ids = align(ids, len(out))
+    src = (1,) * (len(out) - len(w.shape(node.args[0]))) + w.shape(node.args[0])
+    if node.target in overloads(aten.repeat) and any(
+        ids.shape[d] > 1 and out[d] != src[d] for d in range(len(out))
+    ):
+        w.warn(node, "repeat along a channel dim")
+        w.space.exclude(ids)
+        return no_identity(w, node)
+    return ids
+
+
+@rule(*overloads(aten.permute, aten.transpose, aten.t, aten.swapaxes, aten.movedim))
+def permute(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    nd = ids.dim()
+    if node.target.overloadpacket is aten.permute:
+        return ids.permute(*[d % nd for d in node.args[1]])
+    if node.target.overloadpacket is aten.t:
+        return ids.t() if nd == 2 else ids
+    if node.target.overloadpacket is aten.movedim:
+        return ids.movedim(node.args[1], node.args[2])
+    return ids.transpose(node.args[1], node.args[2])
+
+
+def _dim(node: fx.Node, pos: int, default: int, nd: int) -> int:
+    d = node.args[pos] if len(node.args) > pos else node.kwargs.get("dim", default)
+    return d % nd
+
+
+@rule(*overloads(aten.slice))
+def slice_(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    src = w.shape(node.args[0])
+    d = _dim(node, 1, 0, len(src))
+    out = w.out_shape(node)
+    if ids.shape[d] == 1:
+        return ids
+    if out[d] == src[d]:
+        return ids
+    w.space.fix_dim(ids, d, where(w, node, "slicing along a channel dim hard-codes channel positions"))
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    step = node.args[4] if len(node.args) > 4 else 1
+    start = start % src[d] if start < 0 else min(start, src[d])
+    return ids.index_select(d, torch.arange(start, start + out[d] * step, step))
+
+
+def parts_along(ids: torch.Tensor, d: int) -> torch.Tensor:
+    """The ids of each index along dim `d`, one row per index."""
+    return ids.movedim(d, 0).reshape(ids.shape[d], -1)
+
+
+@rule(*overloads(aten.select))
+def select(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    d = node.args[1] % ids.dim()
+    if ids.shape[d] > 1:
+        # fine while pruning never changes the size of this dim (q/k/v of a packed projection)
+        w.space.require_balanced(parts_along(ids, d), where(w, node, "selecting by position along a channel dim"))
+        return ids.select(d, node.args[2])
+    return ids.squeeze(d)
+
+
+@rule(*overloads(aten.chunk))
+def chunk(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    src = w.shape(node.args[0])
+    n_out = len(node.meta["val"])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    d = _dim(node, 2, 0, len(src))
+    if ids.shape[d] == 1:
+        return [ids] * n_out
+    vec = channel_vector(ids, d, src[d])
+    if vec is None or src[d] % n_out:
+        w.warn(node, "chunk into unequal parts along a channel dim")
+        w.space.exclude(ids)
+    else:
+        # pruning keeps the chunks equal by removing the same count from each
+        w.space.require_blocks(vec, n_out)
+    return list(ids.chunk(n_out, d))
+
+
+@rule(*overloads(aten.split, aten.split_with_sizes, aten.unbind, aten.tensor_split))
+def split(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    src = w.shape(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    d = _dim(node, 2, 0, len(src)) if node.target.overloadpacket is not aten.unbind else _dim(node, 1, 0, len(src))
+    vals = node.meta["val"]
+    if ids.shape[d] == 1:
+        return [ids if node.target.overloadpacket is not aten.unbind else ids.squeeze(d) for _ in vals]
+    sizes = [int(v.shape[d]) for v in vals] if node.target.overloadpacket is not aten.unbind else [1] * len(vals)
+    full = expand_dims(ids, src, [d])
+    if len(set(sizes)) == 1 and sum(sizes) == src[d]:
+        # equal parts (q, k, v of a fused projection): allowed while every channel owns as many
+        # elements in each part, so the parts stay equal after pruning
+        parts = full.movedim(d, 0).reshape(len(sizes), sizes[0], -1).flatten(1)
+        w.space.require_balanced(parts, where(w, node, "split along a channel dim into parts that pruning would make unequal"))
+    else:
+        w.warn(node, "split with fixed unequal sizes along a channel dim (use chunk for an equal, prunable split)")
+        w.space.exclude(ids)
+    ids = full
+    parts = list(ids.split(sizes, d))
+    return [p.squeeze(d) for p in parts] if node.target.overloadpacket is aten.unbind else parts
+
+
+@rule(*overloads(aten.cat, aten.concat, aten.concatenate))
+def cat(w: Walker, node: fx.Node) -> object:
+    tensors = [t for t in node.args[0]]
+    out = w.out_shape(node)
+    nd = len(out)
+    d = _dim(node, 1, 0, nd)
+    parts = []
+    for t in tensors:
+        ids = w.act(t)
+        shape = w.shape(t)
+        if shape is None or (len(shape) == 1 and shape[0] == 0):
+            continue  # legacy empty tensors are skipped by cat
+        if not isinstance(ids, torch.Tensor):
+            ids = none_like(shape)
+        parts.append((ids, shape))
+    if not any(ids.shape[d] > 1 for ids, _ in parts):
+        # concatenating along a dim without channels: channels at the same position are the same
+        return combine_all(w, node, [p for p, _ in parts], out)
+    pieces = []
+    for ids, shape in parts:
+        pieces.append(expand_dims(ids, shape, [d]))
+    target = [max(p.shape[k] for p in pieces) if k != d else None for k in range(nd)]
+    pieces = [p.expand(*[p.shape[k] if k == d else target[k] for k in range(nd)]) for p in pieces]
+    return torch.cat(pieces, d)
+
+
+@rule(*overloads(aten.stack))
+def stack(w: Walker, node: fx.Node) -> object:
+    out = w.out_shape(node)
+    d = _dim(node, 1, 0, len(out))
+    parts = [w.act(t) if isinstance(w.act(t), torch.Tensor) else none_like(w.shape(t)) for t in node.args[0]]
+    return combine_all(w, node, parts, out).unsqueeze(d)
+
+
+@rule(*overloads(aten.constant_pad_nd, aten.pad))
+def pad(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    pads = list(node.args[1])
+    nd = ids.dim()
+    for k in range(len(pads) // 2):
+        d = nd - 1 - k
+        if (pads[2 * k] or pads[2 * k + 1]) and ids.shape[d] > 1:
+            w.warn(node, "padding along a channel dim")
+            w.space.exclude(ids)
+            return no_identity(w, node)
+    return ids

@@ -1,0 +1,217 @@
+"""The graph walk: applies one coupling rule per ATen op and keeps the channel ids of every value.
+
+Each rule reads the compact channel ids of its inputs (see channels.py), unions the ids that must be
+pruned together, records the constraints it imposes, and returns the ids of its output. An op without
+a rule excludes every channel that touches it and is named in one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+
+from . import group as g
+from .channels import IdSpace, along, has_ids, none_like
+
+aten = torch.ops.aten
+Rule = Callable[["Walker", fx.Node], object]
+RULES: dict[object, Rule] = {}
+
+
+def rule(*ops: object) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def overloads(*packets: object) -> list[object]:
+    """Every overload of the given op packets (aten.add -> aten.add.Tensor, aten.add.Scalar, ...)."""
+    out: list[object] = []
+    for p in packets:
+        out.append(p)
+        for name in p.overloads():
+            out.append(getattr(p, name))
+    return out
+
+
+class Walker:
+    """Walks the graph once, applying rules; collects everything assemble.py needs."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, head_pruning: str = "heads"):
+        self.head_pruning = head_pruning
+        self.ep = ep
+        self.model = model
+        self.space = IdSpace()
+        self.ids: dict[fx.Node, object] = {}
+        self.tensor_names: dict[str, tuple[str, bool]] = {}  # placeholder -> (qualified name, is_buffer)
+        sig = ep.graph_signature
+        for spec in sig.input_specs:
+            kind = spec.kind.name
+            if kind in ("PARAMETER", "BUFFER") and spec.target is not None:
+                self.tensor_names[spec.arg.name] = (spec.target, kind == "BUFFER")
+        self.modules = dict(model.named_modules())
+        self.warned: set[tuple[str, str]] = set()
+        self.warnings: list[str] = []
+
+    # ---- helpers used by rules ----------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.ep.graph.nodes:
+            if node.op == "placeholder":
+                self.ids[node] = None if node.name in self.tensor_names else self._input_ids(node)
+            elif node.op == "call_function":
+                fn = RULES.get(node.target)
+                if fn is None and hasattr(node.target, "overloadpacket"):
+                    fn = RULES.get(node.target.overloadpacket)
+                if fn is None and getattr(node.target, "__name__", "").split(".")[0] in NO_OPS:
+                    continue  # runtime checks without outputs
+                self.ids[node] = (fn or unknown)(self, node)
+            elif node.op == "output":
+                for arg in fx.node.map_arg(node.args, lambda n: n).__iter__():
+                    self._exclude_output(arg)
+            # get_attr (lifted constants) carry no channel identity
+
+    def _input_ids(self, node: fx.Node) -> object:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return none_like(val.shape)
+        return None
+
+    def _exclude_output(self, arg: object) -> None:
+        if isinstance(arg, (list, tuple)):
+            for a in arg:
+                self._exclude_output(a)
+        elif isinstance(arg, fx.Node):
+            ids = self.act(arg)
+            if isinstance(ids, torch.Tensor):
+                self.space.exclude(ids)
+            elif isinstance(ids, (list, tuple)):
+                for t in ids:
+                    if isinstance(t, torch.Tensor):
+                        self.space.exclude(t)
+
+    def shape(self, node: object) -> tuple[int, ...] | None:
+        if not isinstance(node, fx.Node):
+            return None
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return tuple(int(s) for s in val.shape)
+        return None
+
+    def out_shape(self, node: fx.Node, index: int | None = None) -> tuple[int, ...]:
+        val = node.meta["val"]
+        if index is not None:
+            val = val[index]
+        return tuple(int(s) for s in val.shape)
+
+    def tensor_name(self, node: object) -> tuple[str, bool] | None:
+        """(qualified name, is_buffer) if `node` is a parameter or buffer placeholder."""
+        if isinstance(node, fx.Node) and node.op == "placeholder":
+            return self.tensor_names.get(node.name)
+        return None
+
+    def pid(self, node: fx.Node, dim: int, *, kind: str, role: str, blocks: int = 1,
+            is_bias: bool = False, size: int | None = None) -> torch.Tensor:
+        name, is_buffer = self.tensor_name(node)
+        shape = self.shape(node)
+        return self.space.param_ids(
+            name, dim, size if size is not None else shape[dim], module=owner(name), kind=kind,
+            role=role, blocks=blocks, is_bias=is_bias, is_buffer=is_buffer,
+        )
+
+    def act(self, node: object) -> object:
+        """The compact ids of an activation; a parameter used as a value gets ids along one dim."""
+        if not isinstance(node, fx.Node):
+            return None
+        ids = self.ids.get(node)
+        if ids is None and self.tensor_name(node) is not None:
+            ids = self._param_as_value(node)
+            self.ids[node] = ids
+        return ids
+
+    def _param_as_value(self, node: fx.Node) -> torch.Tensor:
+        # A bare parameter or buffer used in arithmetic (layer scale, positional embedding, a mask):
+        # its channels run along its last non-trivial dim.
+        shape = self.shape(node)
+        dims = [d for d, s in enumerate(shape) if s > 1]
+        if not dims or not node.meta["val"].is_floating_point():
+            return none_like(shape)  # index and mask buffers (position ids) carry no channels
+        d = dims[-1]
+        name, is_buffer = self.tensor_name(node)
+        kind = g.PARAM
+        role = g.STAT if is_buffer else g.AFFINE
+        return along(self.pid(node, d, kind=kind, role=role), d, len(shape))
+
+    def module_of(self, node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path = list(stack.values())[-1][0]
+            return path or "<root>"
+        return "<root>"
+
+    def warn(self, node: fx.Node, why: str) -> None:
+        op = str(node.target)
+        module = self.module_of(node)
+        key = (op, module)
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        msg = f"tritonprune: {why} (op {op} in module {module!r}); the channels it touches are not pruned"
+        self.warnings.append(msg)
+        warnings.warn(msg, stacklevel=4)
+
+    def exclude_all(self, node: fx.Node) -> None:
+        for arg in node.all_input_nodes:
+            ids = self.act(arg)
+            for t in ids if isinstance(ids, (list, tuple)) else (ids,):
+                if isinstance(t, torch.Tensor):
+                    self.space.exclude(t)
+            name = self.tensor_name(arg)
+            if name is not None:
+                for (n, _), reg in self.space.registered.items():
+                    if n == name[0]:
+                        self.space.exclude(reg.ids)
+
+
+def owner(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def no_identity(w: Walker, node: fx.Node) -> object:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return none_like(val.shape)
+    if isinstance(val, (list, tuple)):
+        return [none_like(v.shape) if isinstance(v, torch.Tensor) else None for v in val]
+    return None
+
+
+def unknown(w: Walker, node: fx.Node) -> object:
+    touched = False
+    for a in node.all_input_nodes:
+        name = w.tensor_name(a)
+        if name is not None:
+            # a parameter fed to an op without a rule: none of its dims may be pruned, now or later
+            touched |= name[0] in {n for n, _ in w.space.registered} or a in w.ids and w.ids[a] is not None
+            w.space.poisoned.add(name[0])
+        else:
+            ids = w.act(a)
+            touched |= isinstance(ids, torch.Tensor) and has_ids(ids)
+            touched |= isinstance(ids, (list, tuple)) and any(isinstance(t, torch.Tensor) and has_ids(t) for t in ids)
+    if touched:
+        w.warn(node, "no coupling rule for this op")
+        w.exclude_all(node)
+    return no_identity(w, node)
+
+
+NO_OPS = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_constrain_range",
+          "sym_constrain_range_for_size", "_functional_assert_async", "_print"}
+
+
+def where(w: Walker, node: fx.Node, why: str) -> str:
+    return f"{why} (op {node.target} in module {w.module_of(node)!r})"
