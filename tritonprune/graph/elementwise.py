@@ -67,7 +67,7 @@ def _meet_without_identity(w: Walker, node: fx.Node, ids: torch.Tensor, other: t
         return
     for d in range(ids.dim()):
         if ids.shape[d] > 1 and other_shape[d] > 1:
-            w.space.fix_dim(torch.where(other < 0, ids, NONE), d, where(w, node, "channels meet values of fixed size"))
+            w.space.fix_dim(torch.where(other < 0, ids, NONE), d, where(w, node, "channels meet values without channel identity (a model input, a constant or a table such as rotary cos/sin), whose size stays"))
 
 
 ELEMENTWISE = overloads(
