@@ -717,3 +717,20 @@ def test_training_continues_through_the_wrapper_after_pruning():
     opt.step()
     opt_b.step()
     assert_same_params(a, b)
+
+
+def test_only_the_wrapped_optimizers_params_get_the_term():
+    model = make_net()
+    x = torch.randn(4, 3, 4, 4)
+    model(x).sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # conv1 only: conv2 and bn belong to another optimizer (or are frozen by the user's choice)
+    opt = tpr.RegularizedOptimizer(torch.optim.SGD([model.conv1.weight], lr=0.0), model,
+                                   groups=net_groups(), regularizer=tpr.GroupNorm(reg=0.1))
+    opt.regularize()
+    assert not torch.equal(model.conv1.weight.grad, before["conv1.weight"])
+    for name in ("conv2.weight", "bn.weight", "fc.weight"):
+        assert torch.equal(dict(model.named_parameters())[name].grad, before[name]), name
+    opt.add_param_group({"params": [model.conv2.weight]})
+    opt.regularize()
+    assert not torch.equal(model.conv2.weight.grad, before["conv2.weight"])

@@ -7,6 +7,7 @@
     plan = tpr.prune(model, example_inputs, ratio=0.5, optimizer=opt)
 """
 
+from . import distributed
 from .graph import Group, Slot, TraceError, find_groups
 from .optim import RegularizedOptimizer
 from .prune import PrunePlan, prune
@@ -25,4 +26,5 @@ __all__ = [
     "GroupLasso",
     "prune",
     "PrunePlan",
+    "distributed",
 ]

@@ -82,8 +82,8 @@ class RegularizedOptimizer(Optimizer):
     Notes: a closure passed to ``step`` is run here, once, under ``torch.enable_grad()``, and never
     passed on (the inner optimizer would recompute the gradients and lose the term); for that reason
     LBFGS, which needs its closure, cannot be wrapped. Gradient clipping done before ``step()`` does
-    not clip the term, which is added inside ``step()``. Every grouped parameter of ``model`` that has
-    a ``.grad`` gets the coupled term, whether or not this optimizer steps it. Pickling or
+    not clip the term, which is added inside ``step()``. Only parameters this optimizer steps get the
+    term; every grouped parameter of ``model`` still counts in the importance. Pickling or
     deep-copying the wrapper copies the model and inner optimizer together and rebuilds the engine,
     so a cached ``refresh_every`` importance is recomputed at the next step. Global optimizer hooks
     (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire for both the wrapper and the
@@ -129,7 +129,7 @@ class RegularizedOptimizer(Optimizer):
                     "RegularizedOptimizer: pass example_inputs (to trace the model and find its channel "
                     "groups) or groups=tpr.find_groups(model, example_inputs)"
                 )
-            from .graph import find_groups
+            from .distributed import find_groups  # traces FSDP2-sharded models on a meta copy
 
             groups = find_groups(model, example_inputs, ignored_layers=ignored_layers)
         elif ignored_layers:
@@ -146,7 +146,8 @@ class RegularizedOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._engine = Regularization(model, list(groups), self.regularizer, backend=backend)
+        self._engine = Regularization(model, list(groups), self.regularizer, backend=backend,
+                                      params=self._own_params)
 
     # -------------------------------------------------------------- shared with the inner optimizer
     @property
@@ -232,6 +233,11 @@ class RegularizedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._optimizer.add_param_group(param_group)
+        self._engine.set_params(self._own_params)
+
+    def _own_params(self) -> list[torch.Tensor]:
+        # the term goes only onto parameters this optimizer steps (all of them still count in gamma)
+        return [p for group in self._optimizer.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict (hooks registered on the wrapper run around it)."""
@@ -279,7 +285,8 @@ class RegularizedOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._engine = Regularization(self.model, groups, self.regularizer, backend=self.backend)
+        self._engine = Regularization(self.model, groups, self.regularizer, backend=self.backend,
+                                      params=self._own_params)
 
 
 def _check_owns_model_params(optimizer: Optimizer, model: nn.Module) -> None:
