@@ -1,63 +1,57 @@
 """Regularization time per call on CPU: tritonprune's torch backend against Torch-Pruning's `regularize`
 and against one `torch._foreach_add_(grads, weights)` pass (the memory floor: read w and g, write g).
 
-Models: a ResNet-50-size bottleneck CNN (widths 64..2048, ~25M parameters, built here, no download)
-and a wide MLP. Targets: >= 20x faster than Torch-Pruning, <= 2.5x the foreach pass.
+Models: a ResNet-50-size CNN (Hugging Face `ResNetConfig(num_labels=1000)`, 25.6M parameters, built
+locally, no download) and a wide MLP (Linear + BatchNorm1d, 22M parameters). Groups come from
+`tpr.find_groups`; Torch-Pruning builds its own on the same model with the classifier ignored.
+Targets (issue 3): >= 20x faster than Torch-Pruning, <= 2.5x the foreach pass.
 
     python -m pytest bench/bench_regularize_cpu.py --benchmark-only -s
+
+The machine is shared, so ours and the foreach pass are timed in alternation (A B A B ...) and their
+ratio is the median of the per-round ratios; every time has its interquartile range. Torch-Pruning
+(~0.4 s a call) gets fewer rounds. The plain SGD (momentum) step is timed once per model for scale.
+Results: bench/results/cpu_regularize.json (one entry per model and regularizer, plus the load average).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+import tritonprune as tpr
 from tritonprune.engine import Regularization
 from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
 
 tp = pytest.importorskip("torch_pruning")
+transformers = pytest.importorskip("transformers")
+
+RESULTS = Path(__file__).parent / "results" / "cpu_regularize.json"
+ROUNDS = int(os.environ.get("TRITONPRUNE_BENCH_ROUNDS", "21"))
+TP_ROUNDS = int(os.environ.get("TRITONPRUNE_BENCH_TP_ROUNDS", "5"))
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, cin: int, mid: int, stride: int):
+class _Logits(nn.Module):
+    """The HF model returning a plain tensor (Torch-Pruning's tracer wants one)."""
+
+    def __init__(self, model: nn.Module):
         super().__init__()
-        cout = mid * 4
-        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
-        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
-        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.model = model
 
     def forward(self, x):
-        y = self.bn1(self.conv1(x)).relu()
-        y = self.bn2(self.conv2(y)).relu()
-        y = self.bn3(self.conv3(y))
-        return (y + (x if self.down is None else self.down(x))).relu()
+        return self.model(x).logits
 
 
-class ResNet50(nn.Module):
-    """torchvision's ResNet-50 layout: stages [3, 4, 6, 3], widths 64..2048, 25.6M parameters."""
-
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
-        blocks, cin = [], 64
-        for mid, n, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-            for i in range(n):
-                blocks.append(Bottleneck(cin, mid, stride if i == 0 else 1))
-                cin = mid * 4
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(2048, classes)
-
-    def forward(self, x):
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+def resnet50() -> nn.Module:
+    return _Logits(transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=1000)))
 
 
 def wide_mlp(width: int = 3072, depth: int = 3) -> nn.Module:
@@ -68,37 +62,62 @@ def wide_mlp(width: int = 3072, depth: int = 3) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-MODELS = {
-    "resnet50": (ResNet50, lambda: (torch.randn(2, 3, 64, 64),), "fc"),
-    "wide_mlp": (wide_mlp, lambda: (torch.randn(4, 1024),), "6"),
+MODELS = {  # builder, example input, classifier (ignored by Torch-Pruning, as its examples do)
+    "resnet50": (resnet50, lambda: torch.randn(2, 3, 64, 64), "model.classifier.1"),
+    "wide_mlp": (wide_mlp, lambda: torch.randn(4, 1024), "6"),
 }
-_CACHE: dict = {}
+REGS = {"group_norm": lambda: GroupNorm(1e-4), "bn_scale": lambda: BNScale(1e-5), "group_lasso": lambda: GroupLasso(1e-5)}
+_SETUPS: dict = {}
 
 
 def setup(name: str):
-    if name not in _CACHE:
-        from tritonprune.graph import find_groups
-
+    if name not in _SETUPS:
         torch.manual_seed(0)
         make, inputs, head = MODELS[name]
         model, x = make(), inputs()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            groups = find_groups(model, x)
-        model(*x).sum().backward()
-        _CACHE[name] = (model, x, groups, head)
-    return _CACHE[name]
+            groups = tpr.find_groups(model, x)
+        model(x).sum().backward()
+        _SETUPS[name] = (model, x, groups, head, _sgd_step_ms(model))
+    return _SETUPS[name]
 
 
-def median_ms(fn, rounds: int = 7, warmup: int = 2) -> tuple[float, float]:
+def _iqr(xs: list[float]) -> float:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[2] - q[0]
+
+
+def _times(fn, rounds: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
-    times = []
+    out = []
     for _ in range(rounds):
         t = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), (max(times) - min(times))
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _sgd_step_ms(model: nn.Module) -> float:
+    """One SGD (momentum) step on the model's current gradients, lr tiny so the weights barely move."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-12, momentum=0.9)
+    return statistics.median(_times(opt.step, 11))
+
+
+def _alternating(a, b, rounds: int) -> tuple[list[float], list[float]]:
+    for _ in range(2):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ta.append((t1 - t0) * 1e3)
+        tb.append((t2 - t1) * 1e3)
+    return ta, tb
 
 
 def tp_pruner(model, x, head, kind):
@@ -106,35 +125,58 @@ def tp_pruner(model, x, head, kind):
         warnings.simplefilter("ignore")
         ign = [model.get_submodule(head)]
         if kind == "group_norm":
-            return tp.pruner.GroupNormPruner(model, list(x), importance=tp.importance.GroupMagnitudeImportance(p=2),
+            return tp.pruner.GroupNormPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                              reg=1e-4, ignored_layers=ign)
-        return tp.pruner.BNScalePruner(model, list(x), importance=tp.importance.BNScaleImportance(), reg=1e-5,
+        return tp.pruner.BNScalePruner(model, x, importance=tp.importance.BNScaleImportance(), reg=1e-5,
                                        ignored_layers=ign, group_lasso=(kind == "group_lasso"))
 
 
-REGS = {"group_norm": GroupNorm(1e-4), "bn_scale": BNScale(1e-5), "group_lasso": GroupLasso(1e-5)}
+def _save(key: str, info: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[key] = info
+    RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 @pytest.mark.parametrize("kind", list(REGS))
 @pytest.mark.parametrize("name", list(MODELS))
 def test_regularize(benchmark, name, kind):
-    model, x, groups, head = setup(name)
-    eng = Regularization(model, groups, REGS[kind], backend="torch")
+    model, x, groups, head, sgd_ms = setup(name)
+    eng = Regularization(model, groups, REGS[kind](), backend="torch")
     params = [p for p in model.parameters() if p.grad is not None]
     grads, weights = [p.grad for p in params], [p.detach() for p in params]
+    saved = [g.clone() for g in grads]
 
+    def foreach():
+        torch._foreach_add_(grads, weights)
+
+    pruner = tp_pruner(model, x, head, kind)  # traces with autograd: outside no_grad
     with torch.no_grad():
-        foreach_ms, foreach_spread = median_ms(lambda: torch._foreach_add_(grads, weights))
-    pruner = tp_pruner(model, x, head, kind)
-    tp_ms, tp_spread = median_ms(lambda: pruner.regularize(model), rounds=3, warmup=1)
+        ours, floor = _alternating(eng.apply_to_grads, foreach, ROUNDS)
+        ratios = sorted(o / f for o, f in zip(ours, floor))
+        try:
+            tp_t = _times(lambda: pruner.regularize(model), TP_ROUNDS, warmup=1)
+        except Exception as e:  # Torch-Pruning 1.6.1 crashes on BNScale(group_lasso) without BatchNorm2d
+            tp_t, tp_error = [float("nan")], f"{type(e).__name__}: {e}"
+        else:
+            tp_error = None
+        benchmark.pedantic(eng.apply_to_grads, rounds=ROUNDS, warmup_rounds=1)
+        for g, s in zip(grads, saved):  # leave the gradients as found for the next case
+            g.copy_(s)
 
-    benchmark.pedantic(eng.apply_to_grads, rounds=15, warmup_rounds=2)
-    ours_ms = benchmark.stats.stats.median * 1e3
+    ours_ms, floor_ms, tp_ms = (statistics.median(t) for t in (ours, floor, tp_t))
     info = {
-        "ours_ms": round(ours_ms, 2), "tp_ms": round(tp_ms, 2), "foreach_ms": round(foreach_ms, 2),
-        "tp_spread_ms": round(tp_spread, 2), "foreach_spread_ms": round(foreach_spread, 2),
-        "speedup_vs_tp": round(tp_ms / ours_ms, 1), "ratio_to_foreach": round(ours_ms / foreach_ms, 2),
-        "params_M": round(sum(p.numel() for p in params) / 1e6, 1), "threads": torch.get_num_threads(),
+        "ours_ms": round(ours_ms, 2), "ours_iqr_ms": round(_iqr(ours), 2),
+        "foreach_ms": round(floor_ms, 2), "foreach_iqr_ms": round(_iqr(floor), 2),
+        "tp_ms": round(tp_ms, 1), "tp_iqr_ms": round(_iqr(tp_t), 1), "tp_error": tp_error,
+        "sgd_step_ms": round(sgd_ms, 2),
+        "x_foreach": round(statistics.median(ratios), 2),
+        "x_foreach_q1_q3": [round(statistics.quantiles(ratios, n=4)[i], 2) for i in (0, 2)],
+        "speedup_vs_tp": round(tp_ms / ours_ms, 1),
+        "params_M": round(sum(p.numel() for p in params) / 1e6, 1), "groups": len(groups),
+        "threads": torch.get_num_threads(), "rounds": ROUNDS, "tp_rounds": TP_ROUNDS,
+        "loadavg": os.getloadavg()[0],
     }
     benchmark.extra_info.update(info)
+    _save(f"{name}/{kind}", info)
     print(f"\n{name} {kind}: " + ", ".join(f"{k}={v}" for k, v in info.items()))

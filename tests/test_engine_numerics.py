@@ -14,7 +14,7 @@ import torch.nn as nn
 from tritonprune import geometry
 from tritonprune.engine import Regularization
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LAYERNORM, LINEAR, OUT, STAT, Group, Slot
-from tritonprune.kernels import get_backend
+from tritonprune.kernels import get_backend, torch_impl
 from tritonprune.layout import (
     CHAN,
     DTYPE,
@@ -104,6 +104,21 @@ def grads(m):
     return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture(params=["matrix", "matrix-chunked", "slots"])
+def torch_path(request, monkeypatch):
+    """The torch backend's per-parameter path (whole matrices shared between 2 worker threads, or row
+    chunks of 7 elements in the calling thread: most weights split into several chunks, some chunks of one
+    row) and its per-slot path, each checked alike."""
+    if request.param == "matrix":
+        monkeypatch.setattr(torch_impl, "WORKERS", 2)
+    elif request.param == "matrix-chunked":
+        monkeypatch.setattr(torch_impl, "CHUNK_ELEMS", 7)
+        monkeypatch.setattr(torch_impl, "WORKERS", 1)
+    elif request.param == "slots":
+        monkeypatch.setattr(torch_impl, "MATRIX_PATH", False)
+    return request.param
+
+
 REGS = [GroupNorm(0.1), GroupNorm(0.1, alpha=2.5, bias=True), BNScale(0.1), GroupLasso(0.1)]
 TOL = {  # (atol, rtol) of torch against reference
     torch.float32: (1e-6, 1e-5),
@@ -135,7 +150,7 @@ def assert_close_dicts(a, b, atol, rtol):
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("reg", REGS, ids=repr)
-def test_torch_matches_reference(reg, dtype):
+def test_torch_matches_reference(reg, dtype, torch_path):
     m = make(dtype)
     before = grads(m)
     ref, tor = grads(run(m, reg, "reference")), grads(run(m, reg, "torch"))
@@ -144,7 +159,7 @@ def test_torch_matches_reference(reg, dtype):
 
 
 @pytest.mark.parametrize("reg", REGS[:2] + REGS[3:], ids=repr)
-def test_channels_last_weights(reg):
+def test_channels_last_weights(reg, torch_path):
     m = make(channels_last=True)
     assert not m.conv1.weight.is_contiguous()
     ref = grads(run(make(), reg, "reference"))
@@ -167,7 +182,7 @@ def _noncontiguous_grads(m):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_noncontiguous_grads(backend):
+def test_noncontiguous_grads(backend, torch_path):
     m = make()
     ref = grads(run(m, GroupNorm(0.1), "reference"))
     m2 = _noncontiguous_grads(make())
@@ -176,7 +191,7 @@ def test_noncontiguous_grads(backend):
     assert_close_dicts(grads(m2), ref, 1e-6, 1e-5)
 
 
-def test_torch_backend_uses_dense_grad_of_other_layout_in_place():
+def test_torch_backend_uses_dense_grad_of_other_layout_in_place(torch_path):
     """A dense .grad with other strides than its parameter is regularized in place by the torch backend."""
     m = make()
     ref = grads(run(m, GroupNorm(0.1), "reference"))
@@ -215,7 +230,7 @@ def test_buffers_and_unselected_slots_untouched():
     assert changed == {"bn1.weight", "bn2.weight", "one_bn.weight"}
 
 
-def test_grad_none_is_skipped():
+def test_grad_none_is_skipped(torch_path):
     m = make()
     m.conv3.weight.grad = None
     ref = run(m, GroupNorm(0.1), "reference")
@@ -233,7 +248,7 @@ def test_grad_none_is_skipped():
 @pytest.mark.parametrize("reg", [GroupNorm(0.1, decoupled=True), BNScale(0.1, decoupled=True),
                                  GroupLasso(0.1, decoupled=True)], ids=repr)
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_decoupled_is_lr_times_the_coupled_term(reg, backend):
+def test_decoupled_is_lr_times_the_coupled_term(reg, backend, torch_path):
     m = make()
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
@@ -326,7 +341,7 @@ def test_set_groups_rebuilds():
     assert eng.buffers is not first and eng.buffers.n_groups == 2
 
 
-def test_no_host_sync_in_a_steady_torch_step(monkeypatch):
+def test_no_host_sync_in_a_steady_torch_step(monkeypatch, torch_path):
     m = make()
     eng = Regularization(m, hand_groups(), GroupNorm(0.1), backend="torch")
     eng.apply_to_grads()  # builds
@@ -375,13 +390,117 @@ def test_refresh_pointers():
     m = make()
     bufs = GroupBuffers.build(m, hand_groups(), GroupNorm(0.1).select)
     assert bufs.refresh_pointers() is False
+    old = m.fc.weight.grad  # kept alive: the allocator cannot hand its address to the new grad
     m.fc.weight.grad = torch.randn_like(m.fc.weight).t().contiguous().t()  # other strides
     g_values = m.fc.weight.grad.clone()
     assert bufs.refresh_pointers() is True
     g = m.fc.weight.grad
-    assert g.stride() == m.fc.weight.stride() and torch.equal(g, g_values)
+    assert g.stride() == m.fc.weight.stride() and torch.equal(g, g_values) and old is not None
     k = [s.name for _, s, _ in bufs.entries].index("fc.weight")
     assert bufs.table[k, G_PTR] == g.data_ptr() + bufs.geometries[k].offset * g.element_size()
     m.fc.weight.grad = None
     assert bufs.refresh_pointers() is True and bufs.table[k, G_PTR] == 0
     assert not bufs.is_stale(m)
+
+
+# ------------------------------------------------------------------------------ torch backend paths
+
+
+def run_groups(m, groups, backend):
+    m = clone(m)
+    Regularization(m, groups, GroupNorm(0.1), backend=backend).apply_to_grads()
+    return m
+
+
+def _plan_of(m, groups=None):
+    eng = Regularization(m, groups or hand_groups(), GroupNorm(0.1), backend="torch")
+    eng.apply_to_grads()
+    return eng, eng.buffers.cache["torch"]
+
+
+def test_every_hand_parameter_takes_the_matrix_path():
+    """Blocks, repeat, start offsets, concatenation pieces and channels_last all fit the per-parameter form."""
+    for channels_last in (False, True):
+        _, plan = _plan_of(make(channels_last=channels_last))
+        assert plan.matrix.rejected == [] and plan.slot_path.empty
+        shapes = sorted(tuple(u.p.shape) for u in plan.matrix.mats)
+        assert (9, 2, 3, 3) in shapes and (7, 80) in shapes  # grouped conv2, fc reading the flattened map
+
+
+class TwoColumnDims(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.randn(3, 4, 5))
+        self.bn = nn.BatchNorm1d(4)
+
+
+def test_unusual_slots_fall_back_to_the_slot_path():
+    """A tensor with slots on two non-leading dims has no [rows, columns] form: the per-slot path takes it,
+    and the result still matches the reference."""
+    m = TwoColumnDims()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    groups = [
+        Group(4, (S("t", LINEAR, IN, 1, 0, 4), S("bn.weight", BATCHNORM, AFFINE, 0, 0, 4))),
+        Group(5, (S("t", LINEAR, IN, 2, 0, 5),)),
+    ]
+    ref = run_groups(m, groups, "reference")
+    eng = Regularization(tor := clone(m), groups, GroupNorm(0.1), backend="torch")
+    eng.apply_to_grads()
+    plan = eng.buffers.cache["torch"]
+    assert [p is tor.t for p in plan.matrix.rejected] == [True]
+    assert len(plan.matrix.vecs) == 1  # bn.weight still batched
+    assert_close_dicts(grads(tor), grads(ref), 1e-5, 1e-5)
+
+
+def test_param_target_reads_weights_before_the_call(torch_path):
+    """A weight in two update slots (rows of one group, columns of another) shrinks by both terms, both
+    computed from the weight before the call."""
+    m = make()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    term = grads(run(m, GroupNorm(0.1), "reference"))
+    m2 = clone(m)
+    Regularization(m2, hand_groups(), GroupNorm(0.1, decoupled=True), backend="torch").apply_decoupled(
+        {id(p): 1.0 for p in m2.parameters()})
+    for (n, p), p0 in zip(m2.named_parameters(), m.parameters()):
+        torch.testing.assert_close(p.detach(), p0.detach() - term[n], atol=1e-7, rtol=1e-6, msg=n)
+
+
+def test_torch_backend_keeps_no_gradient_alive():
+    """Views of .grad are not cached: zero_grad(set_to_none=True) frees the gradients before the next backward."""
+    import weakref
+
+    m = make()
+    eng = Regularization(m, hand_groups(), GroupNorm(0.1), backend="torch")
+    eng.apply_to_grads()
+    refs = [weakref.ref(p.grad) for p in m.parameters()]
+    for p in m.parameters():
+        p.grad = None
+    import gc
+
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_is_stale_sees_replaced_modules_and_parameters():
+    m = make()
+    bufs = GroupBuffers.build(m, hand_groups(), GroupNorm(0.1).select)
+    assert not bufs.is_stale(m)
+    assert bufs.is_stale(make())  # another model object (the slow check): same names, other parameters
+    m.conv3 = nn.Conv2d(9, 5, 1)  # a replaced module (same shapes)
+    assert bufs.is_stale(m)
+    m2 = make()
+    bufs2 = GroupBuffers.build(m2, hand_groups(), GroupNorm(0.1).select)
+    with torch.no_grad():
+        m2.fc.weight.data = m2.fc.weight.data.t().contiguous().t()  # same parameter object, new strides
+    assert bufs2.is_stale(m2)
+
+
+def test_worker_threads_leave_the_thread_count_alone(monkeypatch):
+    monkeypatch.setattr(torch_impl, "WORKERS", 2)
+    before = torch.get_num_threads()
+    eng, plan = _plan_of(make())
+    assert plan.matrix.workers is not None and len(plan.matrix.shares) == 2
+    eng.apply_to_grads()
+    assert torch.get_num_threads() == before

@@ -40,6 +40,7 @@ the parameter), both in table order.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -74,6 +75,32 @@ def _elem_ptr(t: torch.Tensor, geo: SlotGeometry) -> int:
     return t.data_ptr() + geo.offset * t.element_size()
 
 
+class _Pins:
+    """Identity checks pinning each used parameter at its qualified name in one model: the `_modules`
+    entries along the path and the `_parameters` entry. They answer is_stale() without walking
+    `named_parameters()` (milliseconds per step on a ResNet-50)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.root = weakref.ref(model)
+        checks: dict[tuple[int, str], tuple[dict, str, object]] = {}
+        for name in names:
+            *path, attr = name.split(".")
+            mod = model
+            for part in path:
+                d = mod._modules
+                mod = d.get(part)
+                if mod is None:
+                    raise LookupError(name)
+                checks[(id(d), part)] = (d, part, mod)
+            d = mod._parameters
+            checks[(id(d), attr)] = (d, attr, d.get(attr))
+        self.checks = list(checks.values())
+
+    def hold(self, model: nn.Module) -> bool:
+        """True when every pinned module and parameter is still in place in `model`."""
+        return self.root() is model and all(d.get(k) is o for d, k, o in self.checks)
+
+
 class GroupBuffers:
     """The flattened form of a list of Groups for one model; see the module docstring for the layout."""
 
@@ -90,6 +117,7 @@ class GroupBuffers:
         self.acc = torch.zeros(0)
         self._shapes: dict[str, tuple[nn.Parameter, tuple[int, ...], tuple[int, ...], torch.dtype]] = {}
         self._ptrs: tuple[int, ...] = ()
+        self._pins: _Pins | None = None
         self._chans: list[int] = []
         # bumped whenever a pointer changes; backends key per-structure caches (views, launch plans) on it
         self.version = 0
@@ -165,6 +193,11 @@ class GroupBuffers:
         self.table = torch.tensor(rows, dtype=torch.int64).reshape(-1, N_COLS).to(dev)
         self.n_importance_slots_bn = bn_count.to(dev)
         self.acc = torch.zeros(n_channels, dtype=torch.float32, device=dev)
+        if isinstance(model, nn.Module):
+            try:
+                self._pins = _Pins(model, list(self._shapes))
+            except LookupError:  # a name reached otherwise than through _modules: the slow check stays
+                self._pins = None
         self.refresh_pointers()
         return self
 
@@ -225,6 +258,11 @@ class GroupBuffers:
 
     def is_stale(self, model: nn.Module) -> bool:
         """True when a parameter the buffers use was replaced, reshaped or changed dtype/layout (pruning)."""
+        if self._pins is not None and self._pins.hold(model):  # every parameter still at its name
+            return any(
+                p.shape != shape or p.stride() != stride or p.dtype != dtype
+                for p, shape, stride, dtype in self._shapes.values()
+            )
         named = dict(model.named_parameters())
         for name, (p, shape, stride, dtype) in self._shapes.items():
             q = named.get(name)

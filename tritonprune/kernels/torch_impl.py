@@ -6,11 +6,14 @@ PARAMETER instead (the "matrix" path): the weight is seen as `M = [G, R, J]` in 
 (out-rows `G*R` outermost, `J` the rest in memory order, `G` > 1 for grouped-conv in-columns), every
 slot of it becomes a map from rows or from columns to flat channels, and
 
-- one pass over w gives both row and column sums of squares (row chunks that stay in cache, so the
-  squared temporary never goes to memory), scattered into the flat channel sums with one `index_add_`
-  for the whole model;
-- one pass updates it: `t += (coef_rows[:, None] + coef_cols[None, :]) * w`, the small coefficient
-  block built per row chunk in cache.
+- one read of w gives both row and column sums of squares (the squared temporary is a scratch block,
+  row chunks of at most CHUNK_ELEMS elements so it stays in cache), scattered into the flat channel
+  sums with one `index_add_` for the whole model;
+- one pass updates it: `t += (coef_rows[:, None] + coef_cols[None, :]) * w`, the coefficient block
+  built per row chunk in the same scratch.
+
+That is 4 ops per weight (square, two sums; coefficient block, addcmul_) where the per-slot form needed
+about 7 and read the weight 4 times.
 
 1-D parameters (norm weights, biases) are batched with `torch._foreach_*` ops. Parameters whose slots fit
 no such form (slots on two non-leading dims, overlapping slots, no dense layout) take the per-slot path
@@ -23,6 +26,7 @@ Everything indexable (maps, views, chunk lists, scratch) is built once per struc
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -31,10 +35,13 @@ from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 
 _F32 = torch.float32
 
-# elements per row chunk of the matrix path: the squared / coefficient block of a chunk stays in L2
-CHUNK_ELEMS = 1 << 16
+# elements per row chunk of the matrix path: the squared / coefficient block of a chunk stays in cache
+# (only the largest weights are split: more, smaller ops cost more than they save on 2 busy cores)
+CHUNK_ELEMS = 1 << 20
 # False sends every parameter through the per-slot path (tests keep both paths checked)
 MATRIX_PATH = True
+# CPU worker threads for the matrix path (None: torch.get_num_threads()); see _Workers
+WORKERS: int | None = None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,21 +71,19 @@ def _index_map(size: int, slots, geo_of, lead: int) -> tuple[torch.Tensor, torch
     sid = torch.full((lead, size), -1, dtype=torch.int64)
     cover = torch.zeros((lead, size), dtype=torch.bool)
     for k, slot, chan, flags in slots:
-        geo = geo_of(k)
-        per = geo.C  # channels per block (== slot.length when not blocked)
+        per = geo_of(k).C  # channels per block (== slot.length when not blocked)
         pos = slot.start + torch.arange(per * slot.repeat)
-        ch = torch.arange(per).repeat_interleave(slot.repeat)
-        for g in range(lead if slot.blocks > 1 else 1):
-            rows = slice(g, g + 1) if slot.blocks > 1 else slice(None)
-            if cover[rows, pos].any():
-                raise _Unsupported  # two slots of one dim share an index
-            cover[rows, pos] = True
-            c = chan + g * per + ch
-            if flags & FLAG_IMPORTANCE:
-                imp[rows, pos] = c
-            if flags & FLAG_UPDATE:
-                upd[rows, pos] = c
-            sid[rows, pos] = k
+        ch = chan + torch.arange(per).repeat_interleave(slot.repeat)
+        if slot.blocks > 1:  # block g of the rows owns channels chan + g*per + p
+            ch = ch + per * torch.arange(lead)[:, None]
+        if cover[:, pos].any():
+            raise _Unsupported  # two slots of one dim share an index
+        cover[:, pos] = True
+        if flags & FLAG_IMPORTANCE:
+            imp[:, pos] = ch
+        if flags & FLAG_UPDATE:
+            upd[:, pos] = ch
+        sid[:, pos] = k
     return imp, upd, sid, cover
 
 
@@ -148,33 +153,28 @@ class _Matrix:
         self.scratch_elems = self.G * self.rpc * self.J
         self.w_ptr = -1
         self.identity = list(order) == list(range(nd))
-
-    # views of a tensor laid out like the parameter; None when the layout differs
-    def mview(self, t: torch.Tensor) -> torch.Tensor | None:
-        try:
-            return (t if self.identity else t.permute(self.order)).view(self.G, self.R, self.J)
-        except RuntimeError:
-            return None
+        self.mshape = (self.R, self.J) if G == 1 else (G, self.R, self.J)
 
     def bind(self, offset: int, parts: torch.Tensor, gathered: torch.Tensor, scratch: dict,
              colpart: dict) -> None:
         """Static views into the plan's flat buffers (called once the offsets are known)."""
-        self.offset = offset
+        G, R, J = self.G, self.R, self.J
+        self.mshape = (R, J) if G == 1 else (G, R, J)
         o = offset
         self.rows_dst = self.cols_dst = self.rowc = self.colc = None
         if self.has_rows:
             self.rows_dst = parts.narrow(0, o, self.O)
-            self.rowc = gathered.narrow(0, o, self.O).view(self.G, self.R, 1)
+            self.rowc = gathered.narrow(0, o, self.O).view(self.mshape[:-1] + (1,))
             o += self.O
         if self.has_cols:
-            self.cols_dst = parts.narrow(0, o, self.G * self.J)
-            self.colc = gathered.narrow(0, o, self.G * self.J).view(self.G, 1, self.J)
+            self.cols_dst = parts.narrow(0, o, G * J)
+            self.colc = gathered.narrow(0, o, G * J).view((1, J) if G == 1 else (G, 1, J))
         # sums of a float64 weight accumulate in float64, then land in the float32 parts
         self.wide = self.acc != _F32
+        dev = parts.device
         if self.wide:
-            self.rows_acc = None if self.rows_dst is None else torch.empty(self.O, dtype=self.acc, device=parts.device)
-            self.cols_acc = None if self.cols_dst is None else torch.empty(self.G * self.J, dtype=self.acc,
-                                                                             device=parts.device)
+            self.rows_acc = None if self.rows_dst is None else torch.empty(self.O, dtype=self.acc, device=dev)
+            self.cols_acc = None if self.cols_dst is None else torch.empty(G * J, dtype=self.acc, device=dev)
         else:
             self.rows_acc, self.cols_acc = self.rows_dst, self.cols_dst
         self.sq = scratch[self.acc].narrow(0, 0, self.scratch_elems)
@@ -182,54 +182,45 @@ class _Matrix:
         self.colpart = colpart[self.acc]
 
     def refresh_weight(self) -> None:
-        """Weight views and chunk lists; rebuilt only if the parameter's storage moved."""
-        ptr = self.p.data_ptr()
-        if ptr == self.w_ptr:
+        """Weight views and chunk lists; rebuilt only when the parameter's storage moved."""
+        self.w_ptr = self.p.data_ptr()
+        w = self.p.detach()
+        try:
+            self.wm = (w if self.identity else w.permute(self.order)).view(self.mshape)
+        except RuntimeError:  # pragma: no cover - the build checked the layout
+            raise RuntimeError(f"tritonprune.kernels.torch: a parameter of shape {tuple(w.shape)} changed layout; "
+                               "rebuild the buffers") from None
+        G, J, rpc = self.G, self.J, self.rpc
+        rows_acc = None if self.rows_acc is None else self.rows_acc.view(self.mshape[:-1])
+        cols_acc = None if self.cols_acc is None else self.cols_acc.view((J,) if G == 1 else (G, J))
+        if self.n_chunks == 1:  # sums of squares / coefficient block over the whole matrix
+            self.sum_chunks = [(self.wm, self.sq.view(self.mshape), rows_acc, cols_acc)]
+            self.upd_chunks = [(self.wm, self.rowc, self.cbuf.view(self.mshape))]
+            self.colpart_view = None
             return
-        self.w_ptr = ptr
-        self.wm = self.mview(self.p.detach())
-        if self.wm is None:  # pragma: no cover - build checked the layout
-            raise RuntimeError(f"tritonprune.kernels.torch: parameter of shape {tuple(self.p.shape)} changed layout")
-        if self.G > 1:
-            return
-        w2 = self.wm.view(self.R, self.J)
-        self.w_chunks = w2.split(self.rpc)
-        sums = []
-        cp = self.colpart.narrow(0, 0, self.n_chunks * self.J).view(self.n_chunks, self.J) if self.n_chunks > 1 else None
-        for i, wc in enumerate(self.w_chunks):
-            n, r0 = wc.shape[0], i * self.rpc
-            sq = self.sq.narrow(0, 0, n * self.J).view(n, self.J)
-            rdst = None if self.rows_acc is None else self.rows_acc.narrow(0, r0, n)
-            cdst = None if self.cols_acc is None else (cp[i] if cp is not None else self.cols_acc.view(self.J))
-            sums.append((wc, sq, rdst, cdst))
-        self.sum_chunks = sums
+        cp = self.colpart.narrow(0, 0, self.n_chunks * J).view(self.n_chunks, J)
         self.colpart_view = cp
-        rowc = None if self.rowc is None else self.rowc.view(self.R, 1)
-        self.upd_chunks = [
-            (wc, None if rowc is None else rowc.narrow(0, i * self.rpc, wc.shape[0]),
-             self.cbuf.narrow(0, 0, wc.shape[0] * self.J).view(wc.shape[0], self.J))
-            for i, wc in enumerate(self.w_chunks)
-        ]
+        self.sum_chunks, self.upd_chunks = [], []
+        for i, wc in enumerate(self.wm.split(rpc)):
+            n = wc.shape[0]
+            sq = self.sq.narrow(0, 0, n * J).view(n, J)
+            self.sum_chunks.append((wc, sq, None if rows_acc is None else rows_acc.narrow(0, i * rpc, n), cp[i]))
+            rc = None if self.rowc is None else self.rowc.narrow(0, i * rpc, n)
+            self.upd_chunks.append((wc, rc, self.cbuf.narrow(0, 0, n * J).view(n, J)))
 
     # ---------------------------------------------------------------------------------------- sums
 
     def sq_sums(self) -> None:
-        self.refresh_weight()
         need_r, need_c = self.need_rows, self.need_cols
         if not (need_r or need_c):
             return
+        if self.p.data_ptr() != self.w_ptr:
+            self.refresh_weight()
         same = self.dtype == self.acc
-        if self.G > 1:
-            x = self.wm.to(self.acc)
-            sq = x * x
-            if need_r:
-                torch.sum(sq, 2, out=self.rows_acc.view(self.G, self.R))
-            if need_c:
-                torch.sum(sq, 1, out=self.cols_acc.view(self.G, self.J))
-        elif need_r and not need_c:
-            w2 = self.wm.view(self.R, self.J)
-            n = torch.linalg.vector_norm(w2, dim=1, dtype=None if same else self.acc)
-            torch.mul(n, n, out=self.rows_acc)
+        red_r, red_c = len(self.mshape) - 1, len(self.mshape) - 2  # reduce over columns / over rows
+        if need_r and not need_c:  # one fused pass
+            n = torch.linalg.vector_norm(self.wm, dim=red_r, dtype=None if same else self.acc)
+            torch.mul(n, n, out=self.sum_chunks[0][2] if self.n_chunks == 1 else self.rows_acc.view(n.shape))
         else:
             for wc, sq, rdst, cdst in self.sum_chunks:
                 if same:
@@ -238,8 +229,8 @@ class _Matrix:
                     sq.copy_(wc)
                     sq.mul_(sq)
                 if need_r:
-                    torch.sum(sq, 1, out=rdst)
-                torch.sum(sq, 0, out=cdst)
+                    torch.sum(sq, red_r, out=rdst)
+                torch.sum(sq, red_c, out=cdst)
             if self.colpart_view is not None:
                 torch.sum(self.colpart_view, 0, out=self.cols_acc)
         if self.wide:
@@ -255,32 +246,37 @@ class _Matrix:
 
         Views of the target are made per call, never cached: holding them would keep a .grad that
         zero_grad(set_to_none=True) released alive through the next backward."""
-        if self.p.grad is None or not self.updates:
+        g = self.p.grad
+        if g is None or not self.updates:
             return
-        self.refresh_weight()
-        tm = self.mview(self.p.grad) if target == "grad" else self.wm
-        if tm is None:  # a .grad laid out unlike its parameter: go through a logical-shape coefficient
-            self._update_other_layout(self.p.grad, sign)
+        if self.p.data_ptr() != self.w_ptr:
+            self.refresh_weight()
+        if target == "grad":
+            try:
+                tm = (g if self.identity else g.permute(self.order)).view(self.mshape)
+            except RuntimeError:  # a .grad laid out unlike its parameter: a logical-shape coefficient
+                self._update_other_layout(g, sign)
+                return
+        else:
+            tm = self.wm
+        if not (self.upd_rows and self.upd_cols):
+            c = self.rowc if self.upd_rows else self.colc
+            tm.addcmul_(torch.sign(self.wm) if sign else self.wm, c)
             return
-        rows, cols = self.upd_rows, self.upd_cols
-        if self.G > 1 or not (rows and cols):
-            f = torch.sign(self.wm) if sign else self.wm
-            if rows and cols:
-                c = torch.add(self.rowc, self.colc, out=self.cbuf.view(self.G, self.R, self.J))
-            else:
-                c = self.rowc if rows else self.colc
-            tm.addcmul_(f, c)
+        colc = self.colc
+        if self.n_chunks == 1:
+            wc, rc, cb = self.upd_chunks[0]
+            torch.add(rc, colc, out=cb)
+            tm.addcmul_(torch.sign(wc) if sign else wc, cb)
             return
-        colc = self.colc.view(1, self.J)
-        t_chunks = tm.view(self.R, self.J).split(self.rpc)
-        for (wc, rc, cb), tc in zip(self.upd_chunks, t_chunks):
+        for (wc, rc, cb), tc in zip(self.upd_chunks, tm.split(self.rpc)):
             torch.add(rc, colc, out=cb)
             tc.addcmul_(torch.sign(wc) if sign else wc, cb)
 
     def _update_other_layout(self, t: torch.Tensor, sign: bool) -> None:
         rowc = self.rowc if self.upd_rows else torch.zeros((), device=t.device)
         colc = self.colc if self.upd_cols else torch.zeros((), device=t.device)
-        c = (rowc + colc).expand(self.G, self.R, self.J).contiguous()
+        c = (rowc + colc).expand(self.mshape).contiguous()
         # back to the parameter's logical shape: undo the flattening and the physical permutation
         phys = [self.p.shape[d] for d in self.order]
         c = c.view(phys).permute([self.order.index(d) for d in range(self.p.dim())])
@@ -330,6 +326,48 @@ class _Vectors:
         torch._foreach_addcmul_(ts, ws, cs)
 
 
+class _Workers:
+    """Python threads, each running its share of the weights with single-threaded torch ops.
+
+    With intra-op threads, every op of the matrix path (four per weight) is a parallel region that
+    waits for all threads: on a busy machine a preempted thread stalls each one for a scheduler tick
+    (measured on 2 loaded cores: 2 s a call instead of 50 ms). Splitting the weights between threads
+    instead leaves one join per phase. Torch ops release the GIL, so the threads overlap.
+    """
+
+    _pools: dict[int, ThreadPoolExecutor] = {}
+
+    def __init__(self, n: int):
+        self.n = n
+        pool = self._pools.get(n)
+        if pool is None:
+            # the initializer pins each worker's own OpenMP team to 1 thread; it also sets the global
+            # default (read by threads at their first parallel op), which run() then restores
+            pool = self._pools[n] = ThreadPoolExecutor(n, thread_name_prefix="tritonprune",
+                                                       initializer=torch.set_num_threads, initargs=(1,))
+            pool.fresh = True
+        self.pool = pool
+
+    def run(self, fn, shares: list) -> None:
+        prev = torch.get_num_threads()
+        futures = [self.pool.submit(fn, share) for share in shares]
+        for fut in futures:
+            fut.result()
+        if self.pool.fresh:
+            self.pool.fresh = False
+            torch.set_num_threads(prev)
+
+
+def _shares(units: list, n: int) -> list[list]:
+    """Split units between n workers, largest first onto the least loaded (balanced by element count)."""
+    loads, shares = [0] * n, [[] for _ in range(n)]
+    for u in sorted(units, key=lambda u: -u.p.numel()):
+        i = loads.index(min(loads))
+        shares[i].append(u)
+        loads[i] += u.p.numel()
+    return [s for s in shares if s]
+
+
 class _MatrixPath:
     """All matrix-path parameters: flat `parts` (sums per row/column), `gathered` (coefficients), maps."""
 
@@ -365,19 +403,28 @@ class _MatrixPath:
         self.coef_ext = torch.zeros(n + 1, dtype=_F32, device=dev)
         self.scale_ext = torch.zeros(S + 1, dtype=_F32, device=dev)
         self.scale_ext[S] = 1.0
-        # scratch per accumulation dtype, sized for the largest chunk; partial column sums per chunk
-        dtypes = {u.acc for u in self.mats} | {_F32}
-        biggest = max([u.scratch_elems for u in self.mats], default=0)
-        cp = max([u.n_chunks * u.J if u.n_chunks > 1 else 0 for u in self.mats], default=0)
-        scratch = {d: torch.empty(biggest, dtype=d, device=dev) for d in dtypes}
-        colpart = {d: torch.empty(cp, dtype=d, device=dev) for d in dtypes}
         o = 0
         for v in self.vecs:
             v.bind(o, self.parts, self.gathered)
             o += sum(u.length for u in v.units)
+        offsets = {}
         for u in self.mats:
-            u.bind(o, self.parts, self.gathered, scratch, colpart)
+            offsets[id(u)] = o
             o += u.length
+        n_workers = WORKERS if WORKERS is not None else torch.get_num_threads()
+        n_workers = max(1, min(n_workers, len(self.mats))) if dev.type == "cpu" else 1
+        self.shares = _shares(self.mats, n_workers)
+        self.workers = _Workers(len(self.shares)) if len(self.shares) > 1 else None
+        for share in self.shares:
+            # scratch per worker and accumulation dtype, sized for its largest chunk; partial column sums
+            dtypes = {u.acc for u in share} | {_F32}
+            biggest = max(u.scratch_elems for u in share)
+            cp = max(u.n_chunks * u.J if u.n_chunks > 1 else 0 for u in share)
+            scratch = {d: torch.empty(biggest, dtype=d, device=dev) for d in dtypes}
+            colpart = {d: torch.empty(cp, dtype=d, device=dev) for d in dtypes}
+            for u in share:
+                u.bind(offsets[id(u)], self.parts, self.gathered, scratch, colpart)
+                u.refresh_weight()
         self.empty = total == 0
 
     def sq_sums_into(self, acc: torch.Tensor) -> None:
@@ -386,8 +433,7 @@ class _MatrixPath:
             return
         for v in self.vecs:
             v.sq_sums()
-        for u in self.mats:
-            u.sq_sums()
+        self._each(_Matrix.sq_sums)
         ext = self.acc_ext.zero_()
         ext.index_add_(0, self.map_imp, self.parts)
         acc.add_(ext.narrow(0, 0, acc.numel()))
@@ -406,8 +452,20 @@ class _MatrixPath:
     def update(self, target: str, sign: bool) -> None:
         for v in self.vecs:
             v.update(target, sign)
-        for u in self.mats:
-            u.update(target, sign)
+        self._each(lambda u: u.update(target, sign))
+
+    def _each(self, fn) -> None:
+        """fn(unit) for every matrix unit, in the worker threads when there are several."""
+        if self.workers is None:
+            for u in self.mats:
+                fn(u)
+            return
+
+        def run(share):
+            for u in share:
+                fn(u)
+
+        self.workers.run(run, self.shares)
 
 
 # ------------------------------------------------------------------------------------- per-slot path
