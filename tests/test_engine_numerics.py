@@ -106,14 +106,10 @@ def grads(m):
 
 @pytest.fixture(params=["matrix", "matrix-chunked", "slots"])
 def torch_path(request, monkeypatch):
-    """The torch backend's per-parameter path (whole matrices shared between 2 worker threads, or row
-    chunks of 7 elements in the calling thread: most weights split into several chunks, some chunks of one
-    row) and its per-slot path, each checked alike."""
-    if request.param == "matrix":
-        monkeypatch.setattr(torch_impl, "WORKERS", 2)
-    elif request.param == "matrix-chunked":
+    """The torch backend's per-parameter path (whole matrices, or row chunks of 7 elements: most weights
+    split into several chunks, some chunks of one row) and its per-slot path, each checked alike."""
+    if request.param == "matrix-chunked":
         monkeypatch.setattr(torch_impl, "CHUNK_ELEMS", 7)
-        monkeypatch.setattr(torch_impl, "WORKERS", 1)
     elif request.param == "slots":
         monkeypatch.setattr(torch_impl, "MATRIX_PATH", False)
     return request.param
@@ -497,10 +493,3 @@ def test_is_stale_sees_replaced_modules_and_parameters():
     assert bufs2.is_stale(m2)
 
 
-def test_worker_threads_leave_the_thread_count_alone(monkeypatch):
-    monkeypatch.setattr(torch_impl, "WORKERS", 2)
-    before = torch.get_num_threads()
-    eng, plan = _plan_of(make())
-    assert plan.matrix.workers is not None and len(plan.matrix.shares) == 2
-    eng.apply_to_grads()
-    assert torch.get_num_threads() == before

@@ -214,6 +214,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         batched = query.dim() == 3
+        same = query is key and key is value
         if not batched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
             if key_padding_mask is not None:
@@ -222,27 +223,30 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         B, T, _ = query.shape
         n = self.inner_dim
-        if self.in_proj_weight is not None:
-            wq, wk, wv = self.in_proj_weight.split(n)
+        if self.in_proj_weight is not None and same:
+            # one packed projection, as torch does for self-attention (find_groups follows this layout)
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, n)).unbind(-2)
         else:
-            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        bq = bk = bv = None
-        if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.split(n)
-        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
-        extra = 0
+            if self.in_proj_weight is not None:
+                wq, wk, wv = self.in_proj_weight.split(n)
+            else:
+                wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            bq = bk = bv = None
+            if self.in_proj_bias is not None:
+                bq, bk, bv = self.in_proj_bias.split(n)
+            q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.view(1, 1, n).expand(B, 1, n)], 1)
             v = torch.cat([v, self.bias_v.view(1, 1, n).expand(B, 1, n)], 1)
-            extra += 1
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(B, 1, n)], 1)
             v = torch.cat([v, v.new_zeros(B, 1, n)], 1)
-            extra += 1
         S = k.shape[1]
         H, d = self.num_heads, self.head_dim
         q, k, v = (t.reshape(B, -1, H, d).transpose(1, 2) for t in (q, k, v))
-        mask = self._mask(attn_mask, key_padding_mask, B, T, S, extra, q.dtype, is_causal)
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # as torch does: the mask is only a hint, SDPA's is_causal does the masking
+        mask = self._mask(attn_mask, key_padding_mask, B, T, S, q.dtype, is_causal)
         p = self.dropout if self.training else 0.0
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) * self.scaling
@@ -252,9 +256,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             out = F.dropout(weights, p, self.training) @ v
         else:
             weights = None
-            causal = is_causal and mask is None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
-                                                 scale=self.scaling)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scaling)
         out = self.out_proj(out.transpose(1, 2).reshape(B, T, n))
         if not batched:
             out = out.squeeze(0)
@@ -266,7 +268,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         return out, weights
 
-    def _mask(self, attn_mask, key_padding_mask, B, T, S, extra, dtype, is_causal):
+    def _mask(self, attn_mask, key_padding_mask, B, T, S, dtype, is_causal):
         """MHA's masks (bool True = masked out, or additive floats) as one additive [B or 1, H or 1, T, S]."""
 
         def additive(m):
@@ -275,8 +277,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             return m.to(dtype)
 
         mask = None
-        if attn_mask is None and is_causal:
-            attn_mask = torch.ones(T, S - extra, dtype=torch.bool, device=self.out_proj.weight.device).triu(1)
+        if attn_mask is None and is_causal:  # top-left aligned, as SDPA's is_causal
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=self.out_proj.weight.device).triu(1)
         if attn_mask is not None:
             a = additive(attn_mask)
             a = a.view(1, 1, T, -1) if a.dim() == 2 else a.view(B, self.num_heads, T, -1)
@@ -305,7 +307,7 @@ def _mha_updates(m: nn.MultiheadAttention, after: Shape) -> list[Update]:
 # ------------------------------------------------------------------------------ Hugging Face modules
 
 
-def _hf_updates(m: nn.Module, before: Shape, after: Shape) -> list[Update]:
+def _hf_updates(m: nn.Module, after: Shape) -> list[Update]:
     ups: list[Update] = []
 
     def put(names: tuple[str, ...], value: int) -> None:
@@ -358,7 +360,7 @@ def _uniform(values: list[tuple[int, int]]) -> tuple[int, int] | None:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
-def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps, tensors, cuts) -> list[Update]:
+def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps) -> list[Update]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return []
@@ -409,7 +411,7 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
         before, after = s
         if before == after:
             continue
-        ups += _mha_updates(m, after) if isinstance(m, nn.MultiheadAttention) else _hf_updates(m, before, after)
+        ups += _mha_updates(m, after) if isinstance(m, nn.MultiheadAttention) else _hf_updates(m, after)
     hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
     mlps = _intermediate_sizes(model, tensors, cuts)
     for name, m in model.named_modules():
@@ -424,7 +426,7 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None and s[0] != s[1] and m.intermediate_size == s[0]:
                 ups.append((m, "intermediate_size", s[1]))
-    return ups + _config_updates(model, shapes, mlps, tensors, cuts)
+    return ups + _config_updates(model, shapes, mlps)
 
 
 def commit(updates: list[Update]) -> None:

@@ -8,6 +8,10 @@ a plan that does not fit raises and leaves the model as it was.
 
 A blocked cut (the in-columns of a grouped convolution) keeps a different column set in each conv
 group, with equal counts, and is done with a gather; plain cuts are an index_select.
+
+A tensor shared by several modules (tied embeddings) is cut once, under its canonical name, and every
+module holding it gets the new parameter and attributes. Attention layers also get their head counts,
+head dims and config fields updated (see attention_attrs).
 """
 
 from __future__ import annotations

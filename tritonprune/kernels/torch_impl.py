@@ -26,7 +26,6 @@ Everything indexable (maps, views, chunk lists, scratch) is built once per struc
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -40,8 +39,6 @@ _F32 = torch.float32
 CHUNK_ELEMS = 1 << 20
 # False sends every parameter through the per-slot path (tests keep both paths checked)
 MATRIX_PATH = True
-# CPU worker threads for the matrix path (None: torch.get_num_threads()); see _Workers
-WORKERS: int | None = None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -326,48 +323,6 @@ class _Vectors:
         torch._foreach_addcmul_(ts, ws, cs)
 
 
-class _Workers:
-    """Python threads, each running its share of the weights with single-threaded torch ops.
-
-    With intra-op threads, every op of the matrix path (four per weight) is a parallel region that
-    waits for all threads: on a busy machine a preempted thread stalls each one for a scheduler tick
-    (measured on 2 loaded cores: 2 s a call instead of 50 ms). Splitting the weights between threads
-    instead leaves one join per phase. Torch ops release the GIL, so the threads overlap.
-    """
-
-    _pools: dict[int, ThreadPoolExecutor] = {}
-
-    def __init__(self, n: int):
-        self.n = n
-        pool = self._pools.get(n)
-        if pool is None:
-            # the initializer pins each worker's own OpenMP team to 1 thread; it also sets the global
-            # default (read by threads at their first parallel op), which run() then restores
-            pool = self._pools[n] = ThreadPoolExecutor(n, thread_name_prefix="tritonprune",
-                                                       initializer=torch.set_num_threads, initargs=(1,))
-            pool.fresh = True
-        self.pool = pool
-
-    def run(self, fn, shares: list) -> None:
-        prev = torch.get_num_threads()
-        futures = [self.pool.submit(fn, share) for share in shares]
-        for fut in futures:
-            fut.result()
-        if self.pool.fresh:
-            self.pool.fresh = False
-            torch.set_num_threads(prev)
-
-
-def _shares(units: list, n: int) -> list[list]:
-    """Split units between n workers, largest first onto the least loaded (balanced by element count)."""
-    loads, shares = [0] * n, [[] for _ in range(n)]
-    for u in sorted(units, key=lambda u: -u.p.numel()):
-        i = loads.index(min(loads))
-        shares[i].append(u)
-        loads[i] += u.p.numel()
-    return [s for s in shares if s]
-
-
 class _MatrixPath:
     """All matrix-path parameters: flat `parts` (sums per row/column), `gathered` (coefficients), maps."""
 
@@ -411,11 +366,8 @@ class _MatrixPath:
         for u in self.mats:
             offsets[id(u)] = o
             o += u.length
-        n_workers = WORKERS if WORKERS is not None else torch.get_num_threads()
-        n_workers = max(1, min(n_workers, len(self.mats))) if dev.type == "cpu" else 1
-        self.shares = _shares(self.mats, n_workers)
-        self.workers = _Workers(len(self.shares)) if len(self.shares) > 1 else None
-        for share in self.shares:
+        # one scratch buffer per accumulation dtype, sized for the largest chunk
+        for share in [self.mats] if self.mats else []:
             # scratch per worker and accumulation dtype, sized for its largest chunk; partial column sums
             dtypes = {u.acc for u in share} | {_F32}
             biggest = max(u.scratch_elems for u in share)
@@ -455,17 +407,10 @@ class _MatrixPath:
         self._each(lambda u: u.update(target, sign))
 
     def _each(self, fn) -> None:
-        """fn(unit) for every matrix unit, in the worker threads when there are several."""
-        if self.workers is None:
-            for u in self.mats:
-                fn(u)
-            return
-
-        def run(share):
-            for u in share:
-                fn(u)
-
-        self.workers.run(run, self.shares)
+        # One thread, torch's intra-op parallelism: Python worker threads (tried) beat it on a loaded
+        # machine but slowed the user's own ops afterwards (foreach_add 10 ms -> 320 ms on 2 cores).
+        for u in self.mats:
+            fn(u)
 
 
 # ------------------------------------------------------------------------------------- per-slot path
