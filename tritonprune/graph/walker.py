@@ -50,11 +50,18 @@ class Walker:
         self.space = IdSpace()
         self.ids: dict[fx.Node, object] = {}
         self.tensor_names: dict[str, tuple[str, bool]] = {}  # placeholder -> (qualified name, is_buffer)
+        # tied weights (GPT-2's lm_head and wte) are one tensor: name it as named_parameters() does
+        canonical = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
         sig = ep.graph_signature
         for spec in sig.input_specs:
             kind = spec.kind.name
             if kind in ("PARAMETER", "BUFFER") and spec.target is not None:
-                self.tensor_names[spec.arg.name] = (spec.target, kind == "BUFFER")
+                try:
+                    tensor = model.get_parameter(spec.target) if kind == "PARAMETER" else model.get_buffer(spec.target)
+                    name = canonical.get(id(tensor), spec.target)
+                except AttributeError:
+                    name = spec.target
+                self.tensor_names[spec.arg.name] = (name, kind == "BUFFER")
         self.modules = dict(model.named_modules())
         self.warned: set[tuple[str, str]] = set()
         self.warnings: list[str] = []
