@@ -131,7 +131,8 @@ class Regularization:
             self._scale_key = None
         if self.sharded is not None:
             self.sharded.attach_grads(self._bufs)  # local views of the shards' .grad on the proxies
-        self._bufs.refresh_pointers()
+        if getattr(self._backend, "USES_POINTER_TABLE", True):
+            self._bufs.refresh_pointers()  # only the Triton kernels read the table's addresses
         return self._bufs
 
     # ------------------------------------------------------------------------------------------ apply

@@ -11,6 +11,9 @@ import torch
 from ..graph.group import Slot
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 
+# views of .grad are taken per call: no pointer table to keep current
+USES_POINTER_TABLE = False
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)

@@ -32,6 +32,9 @@ import torch
 from ..geometry import physical_order, slot_geometry, slot_view
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 
+# views of .grad are taken per call: no pointer table to keep current
+USES_POINTER_TABLE = False
+
 _F32 = torch.float32
 
 # elements per row chunk of the matrix path: the squared / coefficient block of a chunk stays in cache
