@@ -137,6 +137,9 @@ class Regularization:
 
     # ------------------------------------------------------------------------------------------ apply
 
+    # torch.compile: a compiled training step breaks its graph only around the regularization (the
+    # engine reads addresses and caches plans on the host, nothing Dynamo should trace)
+    @torch.compiler.disable
     @torch.no_grad()
     def apply_to_grads(self) -> None:
         """grad += term on every update slot; parameters whose .grad is None are skipped."""
@@ -145,6 +148,7 @@ class Regularization:
         if self.sharded is not None:
             self.sharded.write_back(bufs)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def apply_decoupled(self, lr_of_param: Mapping[int, float]) -> None:
         """w -= lr * term, with lr looked up by id(param); the term is computed from w before the shrink.
