@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from timing import iqr, times
 
 import tritonprune as tpr
 from tritonprune.engine import Regularization
@@ -83,26 +84,10 @@ def setup(name: str):
     return _SETUPS[name]
 
 
-def _iqr(xs: list[float]) -> float:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return q[2] - q[0]
-
-
-def _times(fn, rounds: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
 def _sgd_step_ms(model: nn.Module) -> float:
     """One SGD (momentum) step on the model's current gradients, lr tiny so the weights barely move."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-12, momentum=0.9)
-    return statistics.median(_times(opt.step, 11))
+    return statistics.median(times(opt.step, 11, warmup=2))
 
 
 def _alternating(a, b, rounds: int) -> tuple[list[float], list[float]]:
@@ -155,7 +140,7 @@ def test_regularize(benchmark, name, kind):
         ours, floor = _alternating(eng.apply_to_grads, foreach, ROUNDS)
         ratios = sorted(o / f for o, f in zip(ours, floor))
         try:
-            tp_t = _times(lambda: pruner.regularize(model), TP_ROUNDS, warmup=1)
+            tp_t = times(lambda: pruner.regularize(model), TP_ROUNDS, warmup=1)
         except Exception as e:  # Torch-Pruning 1.6.1 crashes on BNScale(group_lasso) without BatchNorm2d
             tp_t, tp_error = [float("nan")], f"{type(e).__name__}: {e}"
         else:
@@ -166,9 +151,9 @@ def test_regularize(benchmark, name, kind):
 
     ours_ms, floor_ms, tp_ms = (statistics.median(t) for t in (ours, floor, tp_t))
     info = {
-        "ours_ms": round(ours_ms, 2), "ours_iqr_ms": round(_iqr(ours), 2),
-        "foreach_ms": round(floor_ms, 2), "foreach_iqr_ms": round(_iqr(floor), 2),
-        "tp_ms": round(tp_ms, 1), "tp_iqr_ms": round(_iqr(tp_t), 1), "tp_error": tp_error,
+        "ours_ms": round(ours_ms, 2), "ours_iqr_ms": round(iqr(ours), 2),
+        "foreach_ms": round(floor_ms, 2), "foreach_iqr_ms": round(iqr(floor), 2),
+        "tp_ms": round(tp_ms, 1), "tp_iqr_ms": round(iqr(tp_t), 1), "tp_error": tp_error,
         "sgd_step_ms": round(sgd_ms, 2),
         "x_foreach": round(statistics.median(ratios), 2),
         "x_foreach_q1_q3": [round(statistics.quantiles(ratios, n=4)[i], 2) for i in (0, 2)],

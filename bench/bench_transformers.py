@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timing import iqr, times
 
 import tritonprune as tpr
 from tritonprune.engine import Regularization
@@ -32,24 +33,6 @@ tp = pytest.importorskip("torch_pruning")
 RESULTS = Path(__file__).parent / "results" / "cpu_transformers.json"
 ROUNDS, TP_ROUNDS = 15, 3
 _SETUP: dict = {}
-
-
-def _times(fn, rounds: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def _iqr(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    q = statistics.quantiles(xs, n=4)
-    return q[2] - q[0]
 
 
 def setup(head_pruning: str):
@@ -97,14 +80,14 @@ def test_vit_b_group_norm(benchmark, head_pruning):
     sgd = torch.optim.SGD(params, lr=1e-12, momentum=0.9)
 
     with torch.no_grad():
-        ours = _times(eng.apply_to_grads, ROUNDS, warmup=2)
-        floor = _times(lambda: torch._foreach_add_(grads, weights), ROUNDS)
-        sgd_t = _times(sgd.step, ROUNDS)
+        ours = times(eng.apply_to_grads, ROUNDS, warmup=2)
+        floor = times(lambda: torch._foreach_add_(grads, weights), ROUNDS)
+        sgd_t = times(sgd.step, ROUNDS)
     tp_t = None
     if head_pruning == "heads":  # TP's groups do not depend on our mode; time it once
         pruner = tp_pruner(model, x)  # traces with autograd: outside no_grad
         with torch.no_grad():
-            tp_t = _times(lambda: pruner.regularize(model), TP_ROUNDS)
+            tp_t = times(lambda: pruner.regularize(model), TP_ROUNDS)
     with torch.no_grad():
         benchmark.pedantic(eng.apply_to_grads, rounds=ROUNDS, warmup_rounds=1)
         for g, s in zip(grads, saved):
@@ -112,8 +95,8 @@ def test_vit_b_group_norm(benchmark, head_pruning):
 
     med = statistics.median
     info = {
-        "ours_ms": round(med(ours), 2), "ours_iqr_ms": round(_iqr(ours), 2),
-        "foreach_ms": round(med(floor), 2), "foreach_iqr_ms": round(_iqr(floor), 2),
+        "ours_ms": round(med(ours), 2), "ours_iqr_ms": round(iqr(ours), 2),
+        "foreach_ms": round(med(floor), 2), "foreach_iqr_ms": round(iqr(floor), 2),
         "sgd_step_ms": round(med(sgd_t), 2),
         "x_foreach": round(med(ours) / med(floor), 2),
         "x_sgd_step": round(med(ours) / med(sgd_t), 2),
@@ -122,7 +105,7 @@ def test_vit_b_group_norm(benchmark, head_pruning):
         "loadavg": os.getloadavg()[0],
     }
     if tp_t is not None:
-        info.update({"tp_ms": round(med(tp_t), 1), "tp_iqr_ms": round(_iqr(tp_t), 1),
+        info.update({"tp_ms": round(med(tp_t), 1), "tp_iqr_ms": round(iqr(tp_t), 1),
                      "speedup_vs_tp": round(med(tp_t) / med(ours), 1), "tp_rounds": TP_ROUNDS})
     benchmark.extra_info.update(info)
     _save(f"vit_b16/group_norm/{head_pruning}", info)
