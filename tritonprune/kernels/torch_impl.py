@@ -414,7 +414,37 @@ class _MatrixPath:
     def update(self, target: str, sign: bool) -> None:
         for v in self.vecs:
             v.update(target, sign)
-        self._each(lambda u: u.update(target, sign))
+        rest = self._add_to_grads_batched() if target == "grad" and not sign else self.mats
+        for u in rest:
+            u.update(target, sign)
+
+    def _add_to_grads_batched(self) -> list:
+        """grad += coef_rows * w and grad += coef_cols * w for all plain weights in two foreach calls
+        (one dispatch instead of two per weight); returns the units left to the per-weight update."""
+        t_rows, w_rows, c_rows, t_cols, w_cols, c_cols, rest = [], [], [], [], [], [], []
+        for u in self.mats:
+            g = u.p.grad
+            if g is None or not u.updates:
+                continue
+            if u.n_chunks != 1:
+                rest.append(u)
+                continue
+            try:
+                tm = (g if u.identity else g.permute(u.order)).view(u.mshape)
+            except RuntimeError:  # a .grad laid out unlike its parameter
+                rest.append(u)
+                continue
+            if u.p.data_ptr() != u.w_ptr:
+                u.refresh_weight()
+            if u.upd_rows:
+                t_rows.append(tm), w_rows.append(u.wm), c_rows.append(u.rowc)
+            if u.upd_cols:
+                t_cols.append(tm), w_cols.append(u.wm), c_cols.append(u.colc)
+        if t_rows:
+            torch._foreach_addcmul_(t_rows, w_rows, c_rows)
+        if t_cols:
+            torch._foreach_addcmul_(t_cols, w_cols, c_cols)
+        return rest
 
     def _each(self, fn) -> None:
         # One thread, torch's intra-op parallelism: Python worker threads (tried) beat it on a loaded
