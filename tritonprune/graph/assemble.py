@@ -198,8 +198,7 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
     def in_order(gi: int, lab: torch.Tensor) -> bool:
         return built[gi]["order"].numel() == lab.numel() and torch.equal(index_of[lab], torch.arange(lab.numel()))
 
-    soft = [(ids, nb) for ids, nb in space.soft_requirements]
-    for kind, reqs in (("blocks", space.requirements), ("unit", space.units), ("soft", soft)):
+    for kind, reqs in (("blocks", space.requirements), ("unit", space.units), ("soft", space.soft_requirements)):
         target = units if kind == "unit" else blocks
         for ids, nb in reqs:
             lab = labels[ids]
@@ -274,7 +273,7 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
         blocks[runs[0]] = nb * inner
     _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed)
     for gi in set(blocks) & set(units):
-        if blocks[gi] % 1 == 0 and (built[gi]["order"].numel() // blocks[gi]) % units[gi]:
+        if (built[gi]["order"].numel() // blocks[gi]) % units[gi]:
             failed[gi] = "equal blocks and whole attention heads do not fit together"
     return blocks, units, merges
 

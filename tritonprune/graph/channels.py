@@ -140,11 +140,6 @@ class IdSpace:
                 return labels
             labels = new
 
-    def excluded_mask(self, labels: torch.Tensor) -> torch.Tensor:
-        bad = torch.zeros(self.count, dtype=torch.bool)
-        if self.excluded:
-            bad[labels[torch.cat(self.excluded)]] = True
-        return bad[labels]
 
 
 # ---- compact id tensors -------------------------------------------------------------------------
@@ -152,10 +147,6 @@ class IdSpace:
 
 def none_like(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     return torch.full((1,) * len(shape), NONE, dtype=torch.long)
-
-
-def varies(ids: torch.Tensor, dim: int) -> bool:
-    return ids.shape[dim] > 1
 
 
 def has_ids(ids: torch.Tensor | None) -> bool:

@@ -50,11 +50,7 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
         elif acc_spread:
             acc_ids = ids
         elif not op_spread:
-            a, b = torch.broadcast_tensors(acc_ids, ids)
-            w.space.union(a, b)
-            _meet_without_identity(w, node, a, b, shape)
-            _meet_without_identity(w, node, b, a, acc_shape)
-            acc_ids = torch.where(a >= 0, a, b)
+            acc_ids = couple(w, node, acc_ids, acc_shape, ids, shape)
         acc_shape = tuple(max(x, y) for x, y in zip(acc_shape, shape))
     return acc_ids if acc_ids is not None else none_like(out)
 
@@ -114,17 +110,23 @@ def getitem(w: Walker, node: fx.Node) -> object:
     return no_identity(w, node)
 
 
-def combine_all(w: Walker, node: fx.Node, parts: list[torch.Tensor], out: tuple[int, ...]) -> torch.Tensor:
-    acc = None
-    for ids in parts:
-        if acc is None:
-            acc = ids
-            continue
-        a, b = torch.broadcast_tensors(acc, ids)
-        w.space.union(a, b)
-        w.space.exclude(torch.where(b < 0, a, NONE))
-        w.space.exclude(torch.where(a < 0, b, NONE))
-        acc = torch.where(a >= 0, a, b)
+def couple(w: Walker, node: fx.Node, a: torch.Tensor, a_shape: tuple[int, ...], b: torch.Tensor,
+           b_shape: tuple[int, ...]) -> torch.Tensor:
+    """Channels at the same (broadcast) position of two values are one channel; returns the ids."""
+    a, b = torch.broadcast_tensors(a, b)
+    w.space.union(a, b)
+    _meet_without_identity(w, node, a, b, b_shape)
+    _meet_without_identity(w, node, b, a, a_shape)
+    return torch.where(a >= 0, a, b)
+
+
+def combine_all(w: Walker, node: fx.Node, parts: list[tuple[torch.Tensor, tuple[int, ...]]],
+                out: tuple[int, ...]) -> torch.Tensor:
+    """Couple equally shaped values (cat/stack along a dim without channels): the same channel positions."""
+    acc, acc_shape = None, None
+    for ids, shape in parts:
+        acc = ids if acc is None else couple(w, node, acc, acc_shape, ids, shape)
+        acc_shape = shape
     return acc if acc is not None else none_like(out)
 
 

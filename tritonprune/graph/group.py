@@ -7,7 +7,6 @@ qualified names in the model, so a group found on one model applies to any copy 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 # Slot.kind: which kind of module owns the tensor. Regularizers and importance pick slots by kind.
@@ -111,7 +110,3 @@ def block_count(a: int, b: int) -> int:
     if a % b == 0 or b % a == 0:
         return max(a, b)
     return 0
-
-
-def numel_after(shape: tuple[int, ...], dim: int) -> int:
-    return math.prod(shape[dim + 1 :])

@@ -230,7 +230,7 @@ def cat(w: Walker, node: fx.Node) -> object:
         parts.append((ids, shape))
     if not any(ids.shape[d] > 1 for ids, _ in parts):
         # concatenating along a dim without channels: channels at the same position are the same
-        return combine_all(w, node, [p for p, _ in parts], out)
+        return combine_all(w, node, parts, out)
     pieces = []
     for ids, shape in parts:
         pieces.append(expand_dims(ids, shape, [d]))
@@ -243,7 +243,8 @@ def cat(w: Walker, node: fx.Node) -> object:
 def stack(w: Walker, node: fx.Node) -> object:
     out = w.out_shape(node)
     d = _dim(node, 1, 0, len(out))
-    parts = [w.act(t) if isinstance(w.act(t), torch.Tensor) else none_like(w.shape(t)) for t in node.args[0]]
+    parts = [(w.act(t) if isinstance(w.act(t), torch.Tensor) else none_like(w.shape(t)), w.shape(t))
+             for t in node.args[0]]
     return combine_all(w, node, parts, out).unsqueeze(d)
 
 
