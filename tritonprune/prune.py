@@ -38,7 +38,9 @@ import torch.nn as nn
 
 from .counting import MacCount, count_macs, count_params, estimate_macs
 from .graph import find_groups, resolve_ignored
+from .graph.assemble import is_ignored
 from .graph.group import IN, OUT, Group, Slot
+from .graph.trace import unwrap
 from .importance import METHODS, Importance, compute_importance
 from .slicing import Cut, apply_cuts, build_cuts, model_tensors, remap_groups, zero_channels
 
@@ -49,14 +51,6 @@ VERSION = 1
 def _class_name(model: nn.Module) -> str:
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _unwrap(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
-        return model.module
-    return model
 
 
 def _new_numel(shape: Sequence[int], cuts: Mapping[int, Cut]) -> int:
@@ -89,7 +83,7 @@ class PrunePlan:
 
     def check(self, model: nn.Module) -> dict[tuple[str, int], Cut]:
         """Raise ValueError (TypeError for a non-module) if the plan does not fit `model`; return its cuts."""
-        model = _unwrap(model)
+        model = unwrap(model)
         name = _class_name(model)
         if name != self.model_class:
             raise ValueError(f"this plan was made for a {self.model_class}, not a {name}")
@@ -110,13 +104,13 @@ class PrunePlan:
     def zero_(self, model: nn.Module) -> nn.Module:
         """Soft pruning: zero the removed channels in place; shapes are unchanged."""
         self.check(model)
-        zero_channels(_unwrap(model), self._removals())
+        zero_channels(unwrap(model), self._removals())
         return model
 
     def apply(self, model: nn.Module, optimizer: Any = None) -> nn.Module:
         """Physically remove the channels; slice `optimizer`'s state and hand it the new parameters."""
         cuts = self.check(model)
-        apply_cuts(_unwrap(model), cuts, optimizer)
+        apply_cuts(unwrap(model), cuts, optimizer)
         return model
 
     def remap(self, groups: Iterable[Group], model: nn.Module | None = None) -> list[Group]:
@@ -358,10 +352,7 @@ def _check_ratio(r: Any, what: str) -> float:
 
 def _touches(group: Group, ignored: Sequence[str]) -> bool:
     """A hand-built group is dropped if an ignored module produces or normalizes its channels."""
-    return any(
-        s.role != IN and any(s.module == n or s.module.startswith(n + ".") for n in ignored)
-        for s in group.slots
-    )
+    return any(s.role != IN and is_ignored(s.module, set(ignored)) for s in group.slots)
 
 
 def _params_after(shapes: Mapping[str, Sequence[int]], base: int, cuts, param_names: set[str]) -> int:
@@ -409,7 +400,7 @@ def prune(
     importance: "l1" | "l2" | "bn_scale" | "taylor" | "random" | callable(group) -> tensor[group.size];
     normalizer: "mean" | "max" | None (per group, as in Torch-Pruning); seed: for "random".
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if target_params is not None and target_macs is not None:
         raise ValueError("give target_params or target_macs, not both")
     target = target_params if target_params is not None else target_macs

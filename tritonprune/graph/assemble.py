@@ -21,7 +21,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         bad[labels[torch.cat(space.excluded)]] = True
     regs = list(space.registered.values())
     for reg in regs:
-        if reg.role != g.IN and _is_ignored(reg.module, ignored):
+        if reg.role != g.IN and is_ignored(reg.module, ignored):
             bad[labels[reg.ids]] = True  # an ignored layer keeps its own channels; its inputs may shrink
     _check_balanced(space, labels, bad)
     mixed = torch.zeros(space.count, dtype=torch.bool)
@@ -114,7 +114,8 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     return groups
 
 
-def _is_ignored(module: str, ignored: set[str]) -> bool:
+def is_ignored(module: str, ignored: set[str]) -> bool:
+    """`module` is an ignored layer or inside one."""
     return any(module == m or module.startswith(m + ".") for m in ignored) if ignored else False
 
 
