@@ -14,7 +14,7 @@ import torch.nn as nn
 from tritonprune import geometry
 from tritonprune.engine import Regularization
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LAYERNORM, LINEAR, OUT, STAT, Group, Slot
-from tritonprune.kernels import get_backend, torch_impl
+from tritonprune.kernels import cpu_native, get_backend, torch_impl
 from tritonprune.layout import (
     CHAN,
     DTYPE,
@@ -104,10 +104,16 @@ def grads(m):
     return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture(params=["matrix", "matrix-chunked", "slots"])
+@pytest.fixture(params=["matrix-native", "matrix-torch", "matrix-chunked", "slots"])
 def torch_path(request, monkeypatch):
-    """The torch backend's per-parameter path (whole matrices, or row chunks of 7 elements: most weights
-    split into several chunks, some chunks of one row) and its per-slot path, each checked alike."""
+    """The torch backend's per-parameter path (with the C loops of cpu_native; on torch ops over whole
+    matrices; on torch ops over row chunks of 7 elements: most weights split into several chunks, some
+    chunks of one row) and its per-slot path, each checked alike."""
+    if request.param == "matrix-native":
+        if cpu_native.library() is None:
+            pytest.skip(f"no CPU accelerator: {cpu_native.why_unavailable()}")
+    else:
+        monkeypatch.setattr(torch_impl, "NATIVE", False)
     if request.param == "matrix-chunked":
         monkeypatch.setattr(torch_impl, "CHUNK_ELEMS", 7)
     elif request.param == "slots":
@@ -460,7 +466,7 @@ def test_param_target_reads_weights_before_the_call(torch_path):
     Regularization(m2, hand_groups(), GroupNorm(0.1, decoupled=True), backend="torch").apply_decoupled(
         {id(p): 1.0 for p in m2.parameters()})
     for (n, p), p0 in zip(m2.named_parameters(), m.parameters()):
-        torch.testing.assert_close(p.detach(), p0.detach() - term[n], atol=1e-7, rtol=1e-6, msg=n)
+        torch.testing.assert_close(p.detach(), p0.detach() - term[n], atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1], msg=lambda s, n=n: f"{n}: {s}")
 
 
 def test_torch_backend_keeps_no_gradient_alive():

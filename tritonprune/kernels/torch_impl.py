@@ -31,6 +31,7 @@ import torch
 
 from ..geometry import physical_order, slot_geometry, slot_view
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
+from . import cpu_native
 
 # views of .grad are taken per call: no pointer table to keep current
 USES_POINTER_TABLE = False
@@ -42,6 +43,8 @@ _F32 = torch.float32
 CHUNK_ELEMS = 1 << 20
 # False sends every parameter through the per-slot path (tests keep both paths checked)
 MATRIX_PATH = True
+# False keeps the matrix path on torch ops even where the C loops of cpu_native are available
+NATIVE = True
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -376,18 +379,39 @@ class _MatrixPath:
         for u in self.mats:
             offsets[id(u)] = o
             o += u.length
-        # one scratch buffer per accumulation dtype, sized for the largest chunk
-        for share in [self.mats] if self.mats else []:
-            # scratch per worker and accumulation dtype, sized for its largest chunk; partial column sums
-            dtypes = {u.acc for u in share} | {_F32}
-            biggest = max(u.scratch_elems for u in share)
-            cp = max(u.n_chunks * u.J if u.n_chunks > 1 else 0 for u in share)
+        # one scratch buffer per accumulation dtype, sized for the largest chunk; partial column sums
+        if self.mats:
+            dtypes = {u.acc for u in self.mats} | {_F32}
+            biggest = max(u.scratch_elems for u in self.mats)
+            cp = max(u.n_chunks * u.J if u.n_chunks > 1 else 0 for u in self.mats)
             scratch = {d: torch.empty(biggest, dtype=d, device=dev) for d in dtypes}
             colpart = {d: torch.empty(cp, dtype=d, device=dev) for d in dtypes}
-            for u in share:
+            for u in self.mats:
                 u.bind(offsets[id(u)], self.parts, self.gathered, scratch, colpart)
                 u.refresh_weight()
+        self.native = self._native_tables(dev)
+        native = {id(u) for _, us in self.native for u in us}
+        self.torch_mats = [u for u in self.mats if id(u) not in native]
         self.empty = total == 0
+
+    def _native_tables(self, dev: torch.device) -> list:
+        """(table, units) per dtype for the weights the C loops take: float32/64 on the CPU, dense."""
+        if not (NATIVE and dev.type == "cpu" and self.mats) or cpu_native.library() is None:
+            return []
+        by_dtype: dict[torch.dtype, list[_Matrix]] = {}
+        for u in self.mats:
+            if u.dtype in cpu_native.DTYPES and u.wm.is_contiguous():
+                by_dtype.setdefault(u.dtype, []).append(u)
+        tables = []
+        for dtype, us in by_dtype.items():
+            table = cpu_native.Table(dtype, [(u.O, u.J, u.R) for u in us])
+            for m, u in zip(table.mats, us):  # the sums and coefficients live in fixed buffers
+                m.rows = u.rows_acc.data_ptr() if u.need_rows else None
+                m.cols = u.cols_acc.data_ptr() if u.need_cols else None
+                m.rowc = u.rowc.data_ptr() if u.upd_rows else None
+                m.colc = u.colc.data_ptr() if u.upd_cols else None
+            tables.append((table, us))
+        return tables
 
     def sq_sums_into(self, acc: torch.Tensor) -> None:
         """acc += sums of squares of the matrix-path importance slots (acc: float32 [n_channels])."""
@@ -395,7 +419,18 @@ class _MatrixPath:
             return
         for v in self.vecs:
             v.sq_sums()
-        self._each(_Matrix.sq_sums)
+        for table, us in self.native:
+            for m, u in zip(table.mats, us):
+                m.w = u.p.data_ptr()
+            table.sq_sums()
+            for u in us:
+                if u.wide:  # float64 sums land in the float32 parts
+                    if u.need_rows:
+                        u.rows_dst.copy_(u.rows_acc)
+                    if u.need_cols:
+                        u.cols_dst.copy_(u.cols_acc)
+        for u in self.torch_mats:
+            u.sq_sums()
         ext = self.acc_ext.zero_()
         ext.index_add_(0, self.map_imp, self.parts)
         acc.add_(ext.narrow(0, 0, acc.numel()))
@@ -414,43 +449,27 @@ class _MatrixPath:
     def update(self, target: str, sign: bool) -> None:
         for v in self.vecs:
             v.update(target, sign)
-        rest = self._add_to_grads_batched() if target == "grad" and not sign else self.mats
+        rest = self.mats if sign else self._update_native(target) + self.torch_mats
         for u in rest:
             u.update(target, sign)
 
-    def _add_to_grads_batched(self) -> list:
-        """grad += coef_rows * w and grad += coef_cols * w for all plain weights in two foreach calls
-        (one dispatch instead of two per weight); returns the units left to the per-weight update."""
-        t_rows, w_rows, c_rows, t_cols, w_cols, c_cols, rest = [], [], [], [], [], [], []
-        for u in self.mats:
-            g = u.p.grad
-            if g is None or not u.updates:
-                continue
-            if u.n_chunks != 1:
-                rest.append(u)
-                continue
-            try:
-                tm = (g if u.identity else g.permute(u.order)).view(u.mshape)
-            except RuntimeError:  # a .grad laid out unlike its parameter
-                rest.append(u)
-                continue
-            if u.p.data_ptr() != u.w_ptr:
-                u.refresh_weight()
-            if u.upd_rows:
-                t_rows.append(tm), w_rows.append(u.wm), c_rows.append(u.rowc)
-            if u.upd_cols:
-                t_cols.append(tm), w_cols.append(u.wm), c_cols.append(u.colc)
-        if t_rows:
-            torch._foreach_addcmul_(t_rows, w_rows, c_rows)
-        if t_cols:
-            torch._foreach_addcmul_(t_cols, w_cols, c_cols)
+    def _update_native(self, target: str) -> list:
+        """t += (coef_rows + coef_cols) * w through the C loops; returns the units they could not take
+        (a .grad laid out unlike its parameter)."""
+        rest = []
+        for table, us in self.native:
+            for m, u in zip(table.mats, us):
+                g, t = u.p.grad, None
+                if g is not None and u.updates:
+                    if target == "param":
+                        t = u.p.data_ptr()
+                    elif g.layout == torch.strided and g.stride() == u.p.stride():
+                        t = g.data_ptr()
+                    else:
+                        rest.append(u)
+                m.w, m.t = u.p.data_ptr(), t
+            table.update()
         return rest
-
-    def _each(self, fn) -> None:
-        # One thread, torch's intra-op parallelism: Python worker threads (tried) beat it on a loaded
-        # machine but slowed the user's own ops afterwards (foreach_add 10 ms -> 320 ms on 2 cores).
-        for u in self.mats:
-            fn(u)
 
 
 # ------------------------------------------------------------------------------------- per-slot path

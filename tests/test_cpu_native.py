@@ -1,0 +1,163 @@
+"""The C loops of kernels/cpu_native against plain torch formulas, on odd shapes and thread counts, and
+the torch backend's use of them (and its fallback when they are off or cannot be built)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from test_engine_numerics import clone, grads, hand_groups, make, run
+
+from tritonprune.engine import Regularization
+from tritonprune.kernels import cpu_native
+from tritonprune.regularizers import GroupNorm
+
+needs_native = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                  reason="no C compiler on this machine")
+
+# (R, J, rows per conv group): a single row, a single column, primes, grouped (depthwise and 3 groups)
+SHAPES = [(1, 1, 1), (1, 37, 1), (53, 1, 53), (31, 17, 31), (97, 389, 97), (12, 9, 1), (15, 22, 5), (256, 300, 256)]
+TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+
+
+@needs_native
+def test_builds_where_a_compiler_exists():
+    assert cpu_native.library() is not None, cpu_native.why_unavailable()
+    assert cpu_native.why_unavailable() is None
+
+
+def _case(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = [torch.randn(R, J, generator=g, dtype=dtype) for R, J, _ in SHAPES]
+    t = [torch.randn(R, J, generator=g, dtype=dtype) for R, J, _ in SHAPES]
+    rowc = [torch.rand(R, generator=g) for R, _, _ in SHAPES]
+    colc = [torch.rand((R // Rg) * J, generator=g) for R, J, Rg in SHAPES]
+    return w, t, rowc, colc
+
+
+def _col_view(x, R, J, Rg):  # [R, J] -> per (conv group, column): [G, Rg, J]
+    return x.view(R // Rg, Rg, J)
+
+
+@pytest.fixture(params=["openmp", "pthreads"])
+def build(request, monkeypatch, tmp_path_factory):
+    """The default build (OpenMP on torch's threads) and the plain-C fallback (POSIX threads)."""
+    if request.param == "pthreads":
+        monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("pthreads")))
+        monkeypatch.setattr(cpu_native, "BUILDS", (("-march=native",), ()))
+    cpu_native.reset()
+    assert cpu_native.library() is not None, cpu_native.why_unavailable()
+    yield request.param
+    cpu_native.reset()
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_sums_and_update_match_torch(dtype, threads, build, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # more threads than rows on most shapes
+    w, t, rowc, colc = _case(dtype)
+    table = cpu_native.Table(dtype, SHAPES)
+    rows = [torch.full((R,), -1.0, dtype=dtype) for R, _, _ in SHAPES]
+    cols = [torch.full(((R // Rg) * J,), -1.0, dtype=dtype) for R, J, Rg in SHAPES]
+    skip = 2  # one entry neither summed nor updated: its outputs stay as they were
+    for i, m in enumerate(table.mats):
+        m.w, m.t = w[i].data_ptr(), (None if i == skip else t[i].data_ptr())
+        m.rows, m.cols = (None, None) if i == skip else (rows[i].data_ptr(), cols[i].data_ptr())
+        m.rowc, m.colc = rowc[i].data_ptr(), colc[i].data_ptr()
+    t0 = [x.clone() for x in t]
+    table.sq_sums()
+    table.update()
+    for i, (R, J, Rg) in enumerate(SHAPES):
+        sq = w[i].double() ** 2
+        if i == skip:
+            assert (rows[i] == -1).all() and (cols[i] == -1).all() and torch.equal(t[i], t0[i])
+            continue
+        torch.testing.assert_close(rows[i].double(), sq.sum(1), **TOL[dtype])
+        torch.testing.assert_close(cols[i].double(), _col_view(sq, R, J, Rg).sum(1).reshape(-1), **TOL[dtype])
+        col_of_row = colc[i].double().view(R // Rg, 1, J).expand(-1, Rg, -1).reshape(R, J)
+        coef = rowc[i].double()[:, None] + col_of_row
+        torch.testing.assert_close(t[i].double(), t0[i].double() + coef * w[i].double(), **TOL[dtype])
+
+
+@needs_native
+def test_one_side_only_and_update_in_place():
+    """Rows only / columns only, and t == w (the decoupled shrink reads each element before writing it)."""
+    R, J = 7, 5
+    w = torch.randn(R, J, dtype=torch.float64)
+    rowc, colc = torch.rand(R), torch.rand(J)
+    table = cpu_native.Table(torch.float64, [(R, J, R), (R, J, R)])
+    w2, rows, cols = w.clone(), torch.zeros(R, dtype=torch.float64), torch.zeros(J, dtype=torch.float64)
+    a, b = table.mats
+    a.w, a.t, a.rowc, a.rows = w.data_ptr(), w.data_ptr(), rowc.data_ptr(), rows.data_ptr()
+    b.w, b.t, b.colc, b.cols = w2.data_ptr(), w2.data_ptr(), colc.data_ptr(), cols.data_ptr()
+    w0 = w.clone()
+    table.sq_sums()
+    table.update()
+    torch.testing.assert_close(rows, (w0 ** 2).sum(1))
+    torch.testing.assert_close(cols, (w0 ** 2).sum(0))
+    torch.testing.assert_close(w, w0 + rowc.double()[:, None] * w0)
+    torch.testing.assert_close(w2, w0 + colc.double()[None, :] * w0)
+
+
+@needs_native
+def test_engine_takes_the_c_loops_and_agrees_with_torch_ops(monkeypatch):
+    from tritonprune.kernels import torch_impl
+
+    m = make()
+    eng = Regularization(native := clone(m), hand_groups(), GroupNorm(0.1), backend="torch")
+    eng.apply_to_grads()
+    plan = eng.buffers.cache["torch"].matrix
+    assert plan.native and not plan.torch_mats  # every float32 weight of the hand net
+    monkeypatch.setattr(torch_impl, "NATIVE", False)
+    ops = run(m, GroupNorm(0.1), "torch")
+    for k, v in grads(ops).items():
+        torch.testing.assert_close(grads(native)[k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_switched_off_falls_back_silently(monkeypatch):
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
+    cpu_native.reset()
+    try:
+        assert cpu_native.library() is None
+        assert "TRITONPRUNE_NATIVE=0" in cpu_native.why_unavailable()
+        m = make()
+        eng = Regularization(clone(m), hand_groups(), GroupNorm(0.1), backend="torch")
+        eng.apply_to_grads()
+        assert not eng.buffers.cache["torch"].matrix.native
+    finally:
+        monkeypatch.delenv(cpu_native.ENV_SWITCH)
+        cpu_native.reset()
+
+
+def test_failed_build_warns_once_and_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(tmp_path))
+    cpu_native.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="CPU accelerator is unavailable"):
+            assert cpu_native.library() is None
+        assert "no-such-cc" in cpu_native.why_unavailable()
+        m = make()
+        ref, tor = grads(run(m, GroupNorm(0.1), "reference")), grads(run(m, GroupNorm(0.1), "torch"))
+        for k in ref:
+            torch.testing.assert_close(tor[k], ref[k], atol=1e-6, rtol=1e-5)
+    finally:
+        cpu_native.reset()
+
+
+@needs_native
+def test_cached_build_is_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(tmp_path))
+    cpu_native.reset()
+    try:
+        assert cpu_native.library() is not None
+        built = list(tmp_path.glob("cpu_native-*.so"))
+        assert len(built) == 1 and [p.name for p in tmp_path.iterdir()] == [built[0].name]  # no temporaries
+        stamp = built[0].stat().st_mtime_ns
+        cpu_native.reset()
+        assert cpu_native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        cpu_native.reset()

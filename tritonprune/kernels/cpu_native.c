@@ -1,0 +1,194 @@
+/* The two memory-bound loops of the torch backend's matrix path, fused so each weight is read once.
+ *
+ * A weight is a dense matrix of O rows and J columns in memory order (out-rows outermost), cut into
+ * conv groups of Rg rows; its column channels are indexed by (row / Rg) * J + j.
+ *
+ *   sq_sums: rows[r] = sum_j w[r,j]^2 and cols[g*J + j] = sum_{r in group g} w[r,j]^2, in one read of w;
+ *   update:  t[r,j] += (rowc[r] + colc[g*J + j]) * w[r,j], in one read of w and t (t may be w).
+ *
+ * torch would need three ops for the sums (square, row sum, column sum) and two passes over the
+ * target for the update; on a CPU all of them are bound by memory traffic. Work is split over
+ * `nthreads` POSIX threads by element count, cut at row boundaries; each thread sums its columns into
+ * its own partial buffer and the partials are added in a fixed order (deterministic for a thread count).
+ * Compiled at first use by tritonprune/kernels/cpu_native.py; no Python or torch headers needed.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_THREADS 256
+
+typedef struct {
+    void *w;          /* weight */
+    void *t;          /* update target (grad, or w itself); NULL: not updated by this call */
+    const float *rowc, *colc; /* update coefficients per row / per group column, or NULL */
+    void *rows, *cols;        /* sums out, or NULL: not wanted */
+    int64_t O, J, Rg;
+} tp_mat;
+
+typedef struct {
+    const tp_mat *m;
+    int64_t n, begin, end, total_cols;
+    void *colpart;
+    int op;
+} tp_job;
+
+static int64_t active(const tp_mat *m, int op) {
+    return op == 0 ? (m->rows != NULL || m->cols != NULL) : (m->t != NULL && (m->rowc || m->colc));
+}
+
+/* One weight dtype's loops, accumulating in that dtype (float32 or float64); coefficients are float32. */
+#define TP_DEFINE(suffix, T)                                                                               \
+    static void sums_##suffix(const tp_job *jb) {                                                          \
+        int64_t base = 0, cbase = 0;                                                                       \
+        T *cp = (T *)jb->colpart;                                                                          \
+        for (int64_t i = 0; i < jb->n; i++) {                                                              \
+            const tp_mat *m = &jb->m[i];                                                                   \
+            if (!active(m, 0)) continue;                                                                   \
+            int64_t sz = m->O * m->J, ncol = (m->O / m->Rg) * m->J;                                       \
+            int64_t lo = jb->begin > base ? jb->begin - base : 0;                                          \
+            int64_t hi = jb->end - base < sz ? jb->end - base : sz;                                        \
+            int64_t r = lo / m->J, r_end = lo < hi ? hi / m->J : r;                                       \
+            if (m->cols && m->Rg == m->O) { /* four rows per pass over their columns (one conv group) */    \
+                for (; r + 4 <= r_end; r += 4) {                                                           \
+                    const T *restrict x0 = (const T *)m->w + r * m->J;                                     \
+                    const T *restrict x1 = x0 + m->J, *restrict x2 = x1 + m->J, *restrict x3 = x2 + m->J;  \
+                    T *restrict c = cp + cbase + (r / m->Rg) * m->J;                                       \
+                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                      \
+                    for (int64_t j = 0; j < m->J; j++) {                                                   \
+                        T v0 = x0[j] * x0[j], v1 = x1[j] * x1[j], v2 = x2[j] * x2[j], v3 = x3[j] * x3[j];  \
+                        a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                            \
+                        c[j] += (v0 + v1) + (v2 + v3);                                                     \
+                    }                                                                                      \
+                    if (m->rows) {                                                                         \
+                        T *rs = (T *)m->rows + r;                                                          \
+                        rs[0] = a0; rs[1] = a1; rs[2] = a2; rs[3] = a3;                                    \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+            for (; r < r_end; r++) {                                                                       \
+                const T *restrict x = (const T *)m->w + r * m->J;                                          \
+                T *restrict c = cp + cbase + (r / m->Rg) * m->J;                                           \
+                T acc = 0;                                                                                 \
+                if (m->cols) {                                                                             \
+                    for (int64_t j = 0; j < m->J; j++) { T v = x[j] * x[j]; acc += v; c[j] += v; }         \
+                } else {                                                                                   \
+                    for (int64_t j = 0; j < m->J; j++) acc += x[j] * x[j];                                 \
+                }                                                                                          \
+                if (m->rows) ((T *)m->rows)[r] = acc;                                                      \
+            }                                                                                              \
+            base += sz;                                                                                    \
+            cbase += ncol;                                                                                 \
+        }                                                                                                  \
+    }                                                                                                      \
+    static void update_##suffix(const tp_job *jb) {                                                        \
+        int64_t base = 0;                                                                                  \
+        for (int64_t i = 0; i < jb->n; i++) {                                                              \
+            const tp_mat *m = &jb->m[i];                                                                   \
+            if (!active(m, 1)) continue;                                                                   \
+            int64_t sz = m->O * m->J;                                                                      \
+            int64_t lo = jb->begin > base ? jb->begin - base : 0;                                          \
+            int64_t hi = jb->end - base < sz ? jb->end - base : sz;                                        \
+            for (int64_t r = lo / m->J; lo < hi && r < hi / m->J; r++) {                                   \
+                const T *x = (const T *)m->w + r * m->J;                                                   \
+                T *t = (T *)m->t + r * m->J;                                                               \
+                T a = m->rowc ? (T)m->rowc[r] : (T)0;                                                      \
+                if (m->colc) {                                                                             \
+                    const float *c = m->colc + (r / m->Rg) * m->J;                                         \
+                    for (int64_t j = 0; j < m->J; j++) t[j] += (a + (T)c[j]) * x[j];                       \
+                } else {                                                                                   \
+                    for (int64_t j = 0; j < m->J; j++) t[j] += a * x[j];                                   \
+                }                                                                                          \
+            }                                                                                              \
+            base += sz;                                                                                    \
+        }                                                                                                  \
+    }                                                                                                      \
+    static void *run_##suffix(void *arg) {                                                                 \
+        tp_job *jb = (tp_job *)arg;                                                                        \
+        if (jb->op == 0) sums_##suffix(jb); else update_##suffix(jb);                                      \
+        return NULL;                                                                                       \
+    }                                                                                                      \
+    static void reduce_cols_##suffix(const tp_mat *ms, int64_t n, int nt, const T *cp, int64_t tc) {      \
+        int64_t cbase = 0;                                                                                 \
+        for (int64_t i = 0; i < n; i++) {                                                                  \
+            if (!active(&ms[i], 0)) continue;                                                              \
+            int64_t ncol = (ms[i].O / ms[i].Rg) * ms[i].J;                                                 \
+            if (ms[i].cols) {                                                                              \
+                T *out = (T *)ms[i].cols;                                                                  \
+                for (int64_t k = 0; k < ncol; k++) {                                                       \
+                    T s = 0;                                                                               \
+                    for (int t = 0; t < nt; t++) s += cp[t * tc + cbase + k];                              \
+                    out[k] = s;                                                                            \
+                }                                                                                          \
+            }                                                                                              \
+            cbase += ncol;                                                                                 \
+        }                                                                                                  \
+    }                                                                                                      \
+    /* op 0: sums (colpart: nthreads * tp_total_cols scratch), op 1: update */                          \
+    int tp_run_##suffix(int op, const tp_mat *ms, int64_t n, int nthreads, T *colpart) {                   \
+        if (nthreads < 1) nthreads = 1;                                                                    \
+        if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;                                                \
+        tp_dispatch(op, ms, n, nthreads, colpart, sizeof(T), run_##suffix);                                \
+        if (op == 0) reduce_cols_##suffix(ms, n, nthreads, colpart, tp_total_cols(ms, n));                 \
+        return 0;                                                                                          \
+    }
+
+#ifdef _OPENMP
+/* Built with -fopenmp this links libgomp.so.1, which the dynamic linker resolves to the copy torch has
+ * already loaded: the parts run on torch's own intra-op threads, which are awake (spinning) right after
+ * torch's previous op. Separate threads would compete with those spinning threads for the cores. */
+static void run_parts(tp_job *jobs, int nthreads, void *(*fn)(void *)) {
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) fn(&jobs[t]);
+}
+#else
+static void run_parts(tp_job *jobs, int nthreads, void *(*fn)(void *)) {
+    pthread_t th[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 1; t < nthreads; t++)
+        started[t] = jobs[t].begin < jobs[t].end && pthread_create(&th[t], NULL, fn, &jobs[t]) == 0;
+    fn(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(th[t], NULL);
+        else if (jobs[t].begin < jobs[t].end) fn(&jobs[t]); /* no thread to be had: do it here */
+    }
+}
+#endif
+
+/* columns of all active matrices: the length of one thread's partial buffer */
+int64_t tp_total_cols(const tp_mat *ms, int64_t n) {
+    int64_t tc = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (active(&ms[i], 0)) tc += (ms[i].O / ms[i].Rg) * ms[i].J;
+    return tc;
+}
+
+/* Split the active elements over nthreads at row boundaries and run `fn` on each part. */
+static void tp_dispatch(int op, const tp_mat *ms, int64_t n, int nthreads, void *colpart, size_t esize,
+                       void *(*fn)(void *)) {
+    int64_t total = 0, tc = tp_total_cols(ms, n);
+    for (int64_t i = 0; i < n; i++)
+        if (active(&ms[i], op)) total += ms[i].O * ms[i].J;
+    if (op == 0) memset(colpart, 0, esize * (size_t)nthreads * (size_t)tc);
+    tp_job jobs[MAX_THREADS];
+    int64_t prev = 0;
+    for (int t = 0; t < nthreads; t++) {
+        int64_t cut = total;
+        if (t + 1 < nthreads) { /* round the even share down to a row start of the matrix it falls in */
+            int64_t c = total * (t + 1) / nthreads, base = 0;
+            for (int64_t i = 0; i < n; i++) {
+                if (!active(&ms[i], op)) continue;
+                int64_t sz = ms[i].O * ms[i].J;
+                if (c < base + sz) { c = base + ((c - base) / ms[i].J) * ms[i].J; break; }
+                base += sz;
+            }
+            cut = c < prev ? prev : c;
+        }
+        jobs[t] = (tp_job){ms, n, prev, cut, tc, (char *)colpart + esize * (size_t)t * (size_t)tc, op};
+        prev = cut;
+    }
+    run_parts(jobs, nthreads, fn);
+}
+
+TP_DEFINE(f32, float)
+TP_DEFINE(f64, double)
