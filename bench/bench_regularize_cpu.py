@@ -8,8 +8,10 @@ Targets (issue 3): >= 20x faster than Torch-Pruning, <= 2.5x the foreach pass.
 
     python -m pytest bench/bench_regularize_cpu.py --benchmark-only -s
 
-The machine is shared, so ours and the foreach pass are timed in alternation (A B A B ...) and their
-ratio is the median of the per-round ratios; every time has its interquartile range. Torch-Pruning
+The torch backend runs its matrix path through the C loops of kernels/cpu_native where they build (the
+default) and is also timed on torch ops alone (`NATIVE = False`, the fallback without a C compiler).
+The machine is shared, so ours, the fallback and the foreach pass are timed in alternation (A B C A B C
+...) and each ratio is the median of the per-round ratios; every time has its interquartile range. Torch-Pruning
 (~0.4 s a call) gets fewer rounds. The plain SGD (momentum) step is timed once per model for scale.
 Results: bench/results/cpu_regularize.json (one entry per model and regularizer, plus the load average).
 """
@@ -30,6 +32,7 @@ from timing import iqr, times
 
 import tritonprune as tpr
 from tritonprune.engine import Regularization
+from tritonprune.kernels import torch_impl
 from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
 
 tp = pytest.importorskip("torch_pruning")
@@ -90,19 +93,18 @@ def _sgd_step_ms(model: nn.Module) -> float:
     return statistics.median(times(opt.step, 11, warmup=2))
 
 
-def _alternating(a, b, rounds: int) -> tuple[list[float], list[float]]:
+def _alternating(fns, rounds: int) -> list[list[float]]:
+    """Milliseconds of each of `fns`, called in turn every round."""
     for _ in range(2):
-        a(), b()
-    ta, tb = [], []
+        for f in fns:
+            f()
+    out: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        a()
-        t1 = time.perf_counter()
-        b()
-        t2 = time.perf_counter()
-        ta.append((t1 - t0) * 1e3)
-        tb.append((t2 - t1) * 1e3)
-    return ta, tb
+        for f, ts in zip(fns, out):
+            t0 = time.perf_counter()
+            f()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return out
 
 
 def tp_pruner(model, x, head, kind):
@@ -128,6 +130,14 @@ def _save(key: str, info: dict) -> None:
 def test_regularize(benchmark, name, kind):
     model, x, groups, head, sgd_ms = setup(name)
     eng = Regularization(model, groups, REGS[kind](), backend="torch")
+    eng.apply_to_grads()  # builds the plan (with the C loops where available)
+    torch_impl.NATIVE = False
+    try:
+        ops = Regularization(model, groups, REGS[kind](), backend="torch")
+        ops.apply_to_grads()  # the plan on torch ops alone
+    finally:
+        torch_impl.NATIVE = True
+    native = bool(eng.buffers.cache["torch"].matrix.native)
     params = [p for p in model.parameters() if p.grad is not None]
     grads, weights = [p.grad for p in params], [p.detach() for p in params]
     saved = [g.clone() for g in grads]
@@ -137,8 +147,9 @@ def test_regularize(benchmark, name, kind):
 
     pruner = tp_pruner(model, x, head, kind)  # traces with autograd: outside no_grad
     with torch.no_grad():
-        ours, floor = _alternating(eng.apply_to_grads, foreach, ROUNDS)
+        ours, floor, ours_ops = _alternating([eng.apply_to_grads, foreach, ops.apply_to_grads], ROUNDS)
         ratios = sorted(o / f for o, f in zip(ours, floor))
+        ratios_ops = sorted(o / f for o, f in zip(ours_ops, floor))
         try:
             tp_t = times(lambda: pruner.regularize(model), TP_ROUNDS, warmup=1)
         except Exception as e:  # Torch-Pruning 1.6.1 crashes on BNScale(group_lasso) without BatchNorm2d
@@ -149,9 +160,11 @@ def test_regularize(benchmark, name, kind):
         for g, s in zip(grads, saved):  # leave the gradients as found for the next case
             g.copy_(s)
 
-    ours_ms, floor_ms, tp_ms = (statistics.median(t) for t in (ours, floor, tp_t))
+    ours_ms, floor_ms, tp_ms, ops_ms = (statistics.median(t) for t in (ours, floor, tp_t, ours_ops))
     info = {
-        "ours_ms": round(ours_ms, 2), "ours_iqr_ms": round(iqr(ours), 2),
+        "ours_ms": round(ours_ms, 2), "ours_iqr_ms": round(iqr(ours), 2), "c_loops": native,
+        "torch_ops_ms": round(ops_ms, 2), "torch_ops_iqr_ms": round(iqr(ours_ops), 2),
+        "torch_ops_x_foreach": round(statistics.median(ratios_ops), 2),
         "foreach_ms": round(floor_ms, 2), "foreach_iqr_ms": round(iqr(floor), 2),
         "tp_ms": round(tp_ms, 1), "tp_iqr_ms": round(iqr(tp_t), 1), "tp_error": tp_error,
         "sgd_step_ms": round(sgd_ms, 2),

@@ -9,11 +9,14 @@ slot of it becomes a map from rows or from columns to flat channels, and
 - one read of w gives both row and column sums of squares (the squared temporary is a scratch block,
   row chunks of at most CHUNK_ELEMS elements so it stays in cache), scattered into the flat channel
   sums with one `index_add_` for the whole model;
-- one pass updates it: `t += (coef_rows[:, None] + coef_cols[None, :]) * w`, the coefficient block
-  built per row chunk in the same scratch.
+- one pass updates it: `t += coef_rows[:, None] * w`, then `t += coef_cols[None, :] * w` on the same
+  row chunk while it is in cache (for the gradient; a sign or in-place target gets the coefficient
+  block `coef_rows + coef_cols` built per row chunk in the same scratch).
 
-That is 4 ops per weight (square, two sums; coefficient block, addcmul_) where the per-slot form needed
-about 7 and read the weight 4 times.
+That is 4-5 ops per weight (square, two sums; two broadcast addcmul_) where the per-slot form needed
+about 7 and read the weight 4 times. On the CPU, float32/float64 weights go instead through the C loops of
+`cpu_native` (one read of w for both sums, one pass for the update) where they build; these torch ops
+are the fallback and the path for other devices and dtypes.
 
 1-D parameters (norm weights, biases) are batched with `torch._foreach_*` ops. Parameters whose slots fit
 no such form (slots on two non-leading dims, overlapping slots, no dense layout) take the per-slot path
