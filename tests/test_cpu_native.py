@@ -161,3 +161,18 @@ def test_cached_build_is_reused(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     finally:
         cpu_native.reset()
+
+
+@needs_native
+def test_in_place_writes_bump_the_version_counter():
+    """A backward through a graph that saved a weight the decoupled shrink changed fails as with torch ops."""
+    m = make()
+    x = torch.randn(2, 3, 4, 4)
+    out = m.conv3(m.conv2(m.conv1(x))).sum()  # conv weights saved for backward
+    v = m.conv2.weight._version
+    eng = Regularization(m, hand_groups(), GroupNorm(0.1, decoupled=True), backend="torch")
+    eng.apply_decoupled({id(p): 1.0 for p in m.parameters()})
+    assert eng.buffers.cache["torch"].matrix.native
+    assert m.conv2.weight._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

@@ -459,19 +459,23 @@ class _MatrixPath:
     def _update_native(self, target: str) -> list:
         """t += (coef_rows + coef_cols) * w through the C loops; returns the units they could not take
         (a .grad laid out unlike its parameter)."""
-        rest = []
+        rest, written = [], []
         for table, us in self.native:
             for m, u in zip(table.mats, us):
                 g, t = u.p.grad, None
                 if g is not None and u.updates:
                     if target == "param":
                         t = u.p.data_ptr()
+                        written.append(u.p)
                     elif g.layout == torch.strided and g.stride() == u.p.stride():
                         t = g.data_ptr()
+                        written.append(g)
                     else:
                         rest.append(u)
                 m.w, m.t = u.p.data_ptr(), t
             table.update()
+        # what torch's in-place ops do: autograd then refuses a backward through a changed weight
+        torch.autograd.graph.increment_version(written)
         return rest
 
 
