@@ -93,3 +93,4 @@ def test_bench_small(capsys, tmp_path):
     assert rows["tritonprune[torch]"]["vs_tritonprune"] == 1.0
     assert rows["sgd step"]["vs_sgd_step"] == 1.0
     assert all(r["median_ms"] > 0 and r["width"] == 8 for r in data["rows"])
+    assert "CPU accelerator" in out and data["cpu_accelerator"].split(":")[0] in ("on", "off")

@@ -171,10 +171,19 @@ def table(rows: Sequence[Timing]) -> str:
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
 
 
+def cpu_accelerator() -> str:
+    """'on', or 'off: <why>' for the torch backend's C loops (kernels/cpu_native)."""
+    from .kernels import cpu_native
+
+    why = cpu_native.why_unavailable()
+    return "on" if why is None else f"off: {why}"
+
+
 def to_json(rows: Sequence[Timing]) -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_accelerator": cpu_accelerator(),
         "reg": REG,
         "rows": [asdict(r) for r in rows],
     }

@@ -161,6 +161,8 @@ def bench(args: argparse.Namespace) -> int:
             raise _fail("bench", f"--backends: unknown backend {b!r}; choose from torch, triton, reference")
     print(f"regularize(): GroupNorm(reg={benchmark.REG}) on SmallResNet widths {args.sizes}, device {dev}, "
           f"{torch.get_num_threads()} threads", flush=True)
+    if dev.type == "cpu":
+        print(f"CPU accelerator (C loops of the torch backend): {benchmark.cpu_accelerator()}", flush=True)
     rows = benchmark.run(args.sizes, backends, args.device, torch_pruning=not args.no_torch_pruning,
                          min_time=args.min_time, progress=None if args.quiet else lambda m: print(f"  {m}", flush=True))
     print()
