@@ -3,6 +3,7 @@ the torch backend's use of them (and its fallback when they are off or cannot be
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -176,3 +177,16 @@ def test_in_place_writes_bump_the_version_counter():
     assert m.conv2.weight._version > v
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+@needs_native
+def test_unusable_cache_dir_falls_back_to_a_private_temp_dir(monkeypatch, tmp_path):
+    (blocker := tmp_path / "a-file").write_text("")  # the cache dir cannot be created under a file
+    monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu_native.reset()
+    try:
+        assert cpu_native.library() is not None, cpu_native.why_unavailable()
+        assert len(list((tmp_path / "tmp").glob(f"tritonprune-{os.getuid()}/cpu_native-*.so"))) == 1
+    finally:
+        cpu_native.reset()

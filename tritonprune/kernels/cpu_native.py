@@ -104,17 +104,23 @@ def _load() -> None:
         return
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), repr((FLAGS, BUILDS)).encode(), cc.encode(),
                                      _cpu_key().encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"cpu_native-{key}.so"
-    try:
-        if not path.exists():
-            err = _compile(cc, path)
-            if err is not None:
-                _why = f"{cc} failed to compile {SOURCE.name}: {err}"
-                return
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        _why = f"could not build or load {path}: {e}"
+    name = f"cpu_native-{key}.so"
+    # an unwritable cache dir (read-only home) still gets the accelerator: the second place is this user's
+    for where in (_cache_dir(), Path(tempfile.gettempdir()) / f"tritonprune-{os.getuid()}"):
+        path = where / name
+        try:
+            if not path.exists():
+                err = _compile(cc, path)
+                if err is not None:
+                    _why = f"{cc} failed to compile {SOURCE.name}: {err}"
+                    return
+            lib = ctypes.CDLL(str(path))
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            _why = f"could not build or load {path}: {e}"
+    else:
         return
+    _why = None
     for sfx in _SUFFIX.values():
         fn = getattr(lib, f"tp_run_{sfx}")
         fn.argtypes = [ctypes.c_int, ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
