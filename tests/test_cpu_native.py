@@ -190,3 +190,21 @@ def test_unusable_cache_dir_falls_back_to_a_private_temp_dir(monkeypatch, tmp_pa
         assert len(list((tmp_path / "tmp").glob(f"tritonprune-{os.getuid()}/cpu_native-*.so"))) == 1
     finally:
         cpu_native.reset()
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_same_thread_count_gives_bitwise_equal_sums(threads, monkeypatch):
+    """Each thread's column partials are added in a fixed order: no float atomics, no run-to-run drift."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    w, _, _, _ = _case(torch.float32, seed=3)
+    outs = []
+    for _ in range(3):
+        table = cpu_native.Table(torch.float32, SHAPES)
+        rows = [torch.empty(R) for R, _, _ in SHAPES]
+        cols = [torch.empty((R // Rg) * J) for R, J, Rg in SHAPES]
+        for m, x, r, c in zip(table.mats, w, rows, cols):
+            m.w, m.rows, m.cols = x.data_ptr(), r.data_ptr(), c.data_ptr()
+        table.sq_sums()
+        outs.append(torch.cat(rows + cols))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
