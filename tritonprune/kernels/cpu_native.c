@@ -28,13 +28,23 @@ typedef struct {
 
 typedef struct {
     const tp_mat *m;
-    int64_t n, begin, end, total_cols;
+    int64_t n, begin, end;
     void *colpart;
     int op;
 } tp_job;
 
 static int64_t active(const tp_mat *m, int op) {
     return op == 0 ? (m->rows != NULL || m->cols != NULL) : (m->t != NULL && (m->rowc || m->colc));
+}
+
+/* Rows [r0, r1) of matrix m (its elements start at `base` in the job's element range) this job owns;
+ * cuts fall on row starts of the matrix they lie in, so both ends are whole rows. */
+static void row_span(const tp_job *jb, const tp_mat *m, int64_t base, int64_t *r0, int64_t *r1) {
+    int64_t sz = m->O * m->J;
+    int64_t lo = jb->begin > base ? jb->begin - base : 0;
+    int64_t hi = jb->end - base < sz ? jb->end - base : sz;
+    *r0 = lo / m->J;
+    *r1 = lo < hi ? hi / m->J : *r0;
 }
 
 /* One weight dtype's loops, accumulating in that dtype (float32 or float64); coefficients are float32. */
@@ -45,10 +55,8 @@ static int64_t active(const tp_mat *m, int op) {
         for (int64_t i = 0; i < jb->n; i++) {                                                              \
             const tp_mat *m = &jb->m[i];                                                                   \
             if (!active(m, 0)) continue;                                                                   \
-            int64_t sz = m->O * m->J, ncol = (m->O / m->Rg) * m->J;                                       \
-            int64_t lo = jb->begin > base ? jb->begin - base : 0;                                          \
-            int64_t hi = jb->end - base < sz ? jb->end - base : sz;                                        \
-            int64_t r = lo / m->J, r_end = lo < hi ? hi / m->J : r;                                       \
+            int64_t r, r_end;                                                                              \
+            row_span(jb, m, base, &r, &r_end);                                                             \
             if (m->cols && m->Rg == m->O) { /* four rows per pass over their columns (one conv group) */    \
                 for (; r + 4 <= r_end; r += 4) {                                                           \
                     const T *restrict x0 = (const T *)m->w + r * m->J;                                     \
@@ -77,8 +85,8 @@ static int64_t active(const tp_mat *m, int op) {
                 }                                                                                          \
                 if (m->rows) ((T *)m->rows)[r] = acc;                                                      \
             }                                                                                              \
-            base += sz;                                                                                    \
-            cbase += ncol;                                                                                 \
+            base += m->O * m->J;                                                                           \
+            cbase += (m->O / m->Rg) * m->J;                                                                \
         }                                                                                                  \
     }                                                                                                      \
     static void update_##suffix(const tp_job *jb) {                                                        \
@@ -86,10 +94,9 @@ static int64_t active(const tp_mat *m, int op) {
         for (int64_t i = 0; i < jb->n; i++) {                                                              \
             const tp_mat *m = &jb->m[i];                                                                   \
             if (!active(m, 1)) continue;                                                                   \
-            int64_t sz = m->O * m->J;                                                                      \
-            int64_t lo = jb->begin > base ? jb->begin - base : 0;                                          \
-            int64_t hi = jb->end - base < sz ? jb->end - base : sz;                                        \
-            for (int64_t r = lo / m->J; lo < hi && r < hi / m->J; r++) {                                   \
+            int64_t r0, r1;                                                                                \
+            row_span(jb, m, base, &r0, &r1);                                                               \
+            for (int64_t r = r0; r < r1; r++) {                                                            \
                 const T *x = (const T *)m->w + r * m->J;                                                   \
                 T *t = (T *)m->t + r * m->J;                                                               \
                 T a = m->rowc ? (T)m->rowc[r] : (T)0;                                                      \
@@ -100,7 +107,7 @@ static int64_t active(const tp_mat *m, int op) {
                     for (int64_t j = 0; j < m->J; j++) t[j] += a * x[j];                                   \
                 }                                                                                          \
             }                                                                                              \
-            base += sz;                                                                                    \
+            base += m->O * m->J;                                                                           \
         }                                                                                                  \
     }                                                                                                      \
     static void *run_##suffix(void *arg) {                                                                 \
@@ -124,12 +131,13 @@ static int64_t active(const tp_mat *m, int op) {
             cbase += ncol;                                                                                 \
         }                                                                                                  \
     }                                                                                                      \
-    /* op 0: sums (colpart: nthreads * tp_total_cols scratch), op 1: update */                          \
+    /* op 0: sums (colpart: nthreads * total_cols scratch), op 1: update */                             \
     int tp_run_##suffix(int op, const tp_mat *ms, int64_t n, int nthreads, T *colpart) {                   \
         if (nthreads < 1) nthreads = 1;                                                                    \
         if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;                                                \
-        tp_dispatch(op, ms, n, nthreads, colpart, sizeof(T), run_##suffix);                                \
-        if (op == 0) reduce_cols_##suffix(ms, n, nthreads, colpart, tp_total_cols(ms, n));                 \
+        int64_t tc = total_cols(ms, n);                                                                    \
+        tp_dispatch(op, ms, n, nthreads, colpart, tc, sizeof(T), run_##suffix);                            \
+        if (op == 0) reduce_cols_##suffix(ms, n, nthreads, colpart, tc);                                   \
         return 0;                                                                                          \
     }
 
@@ -156,7 +164,7 @@ static void run_parts(tp_job *jobs, int nthreads, void *(*fn)(void *)) {
 #endif
 
 /* columns of all active matrices: the length of one thread's partial buffer */
-int64_t tp_total_cols(const tp_mat *ms, int64_t n) {
+static int64_t total_cols(const tp_mat *ms, int64_t n) {
     int64_t tc = 0;
     for (int64_t i = 0; i < n; i++)
         if (active(&ms[i], 0)) tc += (ms[i].O / ms[i].Rg) * ms[i].J;
@@ -164,9 +172,9 @@ int64_t tp_total_cols(const tp_mat *ms, int64_t n) {
 }
 
 /* Split the active elements over nthreads at row boundaries and run `fn` on each part. */
-static void tp_dispatch(int op, const tp_mat *ms, int64_t n, int nthreads, void *colpart, size_t esize,
-                       void *(*fn)(void *)) {
-    int64_t total = 0, tc = tp_total_cols(ms, n);
+static void tp_dispatch(int op, const tp_mat *ms, int64_t n, int nthreads, void *colpart, int64_t tc,
+                        size_t esize, void *(*fn)(void *)) {
+    int64_t total = 0;
     for (int64_t i = 0; i < n; i++)
         if (active(&ms[i], op)) total += ms[i].O * ms[i].J;
     if (op == 0) memset(colpart, 0, esize * (size_t)nthreads * (size_t)tc);
@@ -184,7 +192,7 @@ static void tp_dispatch(int op, const tp_mat *ms, int64_t n, int nthreads, void 
             }
             cut = c < prev ? prev : c;
         }
-        jobs[t] = (tp_job){ms, n, prev, cut, tc, (char *)colpart + esize * (size_t)t * (size_t)tc, op};
+        jobs[t] = (tp_job){ms, n, prev, cut, (char *)colpart + esize * (size_t)t * (size_t)tc, op};
         prev = cut;
     }
     run_parts(jobs, nthreads, fn);

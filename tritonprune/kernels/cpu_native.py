@@ -74,7 +74,7 @@ def _compile(cc: str, out: Path) -> str | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    err = ""
+    err = "no build was tried"
     try:
         for extra in BUILDS:
             r = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
@@ -82,8 +82,8 @@ def _compile(cc: str, out: Path) -> str | None:
             if r.returncode == 0:
                 os.replace(tmp, out)
                 return None
-            err = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            err = err[0]
+            lines = (r.stderr or r.stdout).strip().splitlines()
+            err = lines[-1] if lines else f"exit code {r.returncode}, no output"
         return err
     finally:
         if os.path.exists(tmp):

@@ -239,10 +239,14 @@ class _Matrix:
                 torch.sum(sq, red_c, out=cdst)
             if self.colpart_view is not None:
                 torch.sum(self.colpart_view, 0, out=self.cols_acc)
+        self.land_wide_sums()
+
+    def land_wide_sums(self) -> None:
+        """Sums of a float64 weight accumulate in float64 buffers; they land in the float32 parts here."""
         if self.wide:
-            if need_r:
+            if self.need_rows:
                 self.rows_dst.copy_(self.rows_acc)
-            if need_c:
+            if self.need_cols:
                 self.cols_dst.copy_(self.cols_acc)
 
     # -------------------------------------------------------------------------------------- update
@@ -427,11 +431,7 @@ class _MatrixPath:
                 m.w = u.p.data_ptr()
             table.sq_sums()
             for u in us:
-                if u.wide:  # float64 sums land in the float32 parts
-                    if u.need_rows:
-                        u.rows_dst.copy_(u.rows_acc)
-                    if u.need_cols:
-                        u.cols_dst.copy_(u.cols_acc)
+                u.land_wide_sums()
         for u in self.torch_mats:
             u.sq_sums()
         ext = self.acc_ext.zero_()
