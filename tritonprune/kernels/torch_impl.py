@@ -585,48 +585,45 @@ class _SlotPath:
                     slot_scale: torch.Tensor | None) -> None:
         if not (self.rows or self.cols):
             return
-        wviews = self.views(bufs)
         torch.index_select(coef, 0, self.row_idx, out=self.row_coef)
         torch.index_select(coef, 0, self.col_idx, out=self.col_coef)
         if slot_scale is not None:
             self.row_coef.mul_(slot_scale.index_select(0, self.row_sid))
             self.col_coef.mul_(slot_scale.index_select(0, self.col_sid))
-        snap = self._snapshots(bufs, target)
-        for k in self.rows + self.cols:
-            p = bufs.entries[k][2]
-            if p.grad is None:
+        for k, t, w, other in self._update_views(bufs, target):
+            if other is None:
+                t.addcmul_(w, self.coef_views[k])
                 continue
-            t = _target(p, target)
-            if t.stride() != p.stride():
-                tv, wv, geo = _other_layout(bufs, k, t, snap.get(id(p), p.detach()))
-                c = coef.narrow(0, bufs.chans[k], geo.G * geo.C).view(geo.G, 1, geo.C, 1)
-                tv.addcmul_(wv, c if slot_scale is None else c * slot_scale[k])
-                continue
-            w = wviews[k] if id(p) not in snap else _view(snap[id(p)], bufs.geometries[k])
-            _view(t, bufs.geometries[k]).addcmul_(w, self.coef_views[k])
+            c = coef.narrow(0, bufs.chans[k], other.G * other.C).view(other.G, 1, other.C, 1)
+            t.addcmul_(w, c if slot_scale is None else c * slot_scale[k])
 
     def add_sign_(self, bufs: GroupBuffers, reg: float, target: str, slot_scale: torch.Tensor | None) -> None:
         if not (self.rows or self.cols):
             return
-        wviews = self.views(bufs)
-        snap = self._snapshots(bufs, target)
         if slot_scale is not None:
             slot_scale = slot_scale * float(reg)
-        for k in self.rows + self.cols:
-            p = bufs.entries[k][2]
-            if p.grad is None:
-                continue
-            t = _target(p, target)
-            if t.stride() != p.stride():
-                t, w, _ = _other_layout(bufs, k, t, snap.get(id(p), p.detach()))
-            else:
-                w = wviews[k] if id(p) not in snap else _view(snap[id(p)], bufs.geometries[k])
-                t = _view(t, bufs.geometries[k])
+        for k, t, w, _ in self._update_views(bufs, target):
             if slot_scale is None:
                 t.add_(torch.sign(w).to(_F32), alpha=float(reg))
             else:
                 t.addcmul_(torch.sign(w), slot_scale.narrow(0, k, 1))
 
+    def _update_views(self, bufs: GroupBuffers, target: str):
+        """(slot, target view, weight view, None) per update slot whose parameter has a .grad; for a
+        target laid out unlike its parameter, `[G, A, C, B]` views of it and of the weight copied into
+        its layout, with their geometry last."""
+        wviews = self.views(bufs)
+        snap = self._snapshots(bufs, target)
+        for k in self.rows + self.cols:
+            p = bufs.entries[k][2]
+            if p.grad is None:
+                continue
+            t = _target(p, target)
+            if t.stride() != p.stride():
+                yield (k, *_other_layout(bufs, k, t, snap.get(id(p), p.detach())))
+                continue
+            w = wviews[k] if id(p) not in snap else _view(snap[id(p)], bufs.geometries[k])
+            yield k, _view(t, bufs.geometries[k]), w, None
 
 def _view(t: torch.Tensor, geo) -> torch.Tensor:
     """Rows as [G, C, B]; columns as [G, A, C*B] (importance-only slots: rows if A == 1 else columns)."""
