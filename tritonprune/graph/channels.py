@@ -88,10 +88,7 @@ class IdSpace:
             self.edges_b.append(b[both])
 
     def exclude(self, ids: torch.Tensor) -> None:
-        ids = ids.reshape(-1)
-        ids = ids[ids >= 0]
-        if ids.numel():
-            self.excluded.append(ids.unique())
+        _append_known(self.excluded, ids)
 
     def require_blocks(self, ids: torch.Tensor, blocks: int) -> None:
         if blocks > 1:
@@ -107,10 +104,7 @@ class IdSpace:
         self.fixed_lines.append((lines, why))
 
     def mix(self, ids: torch.Tensor) -> None:
-        ids = ids.reshape(-1)
-        ids = ids[ids >= 0]
-        if ids.numel():
-            self.mixing.append(ids.unique())
+        _append_known(self.mixing, ids)
 
     def require_balanced(self, parts: torch.Tensor, why: str) -> None:
         """Each row of `parts` is one part of a dim an op indexes by position; pruning must keep the parts
@@ -179,3 +173,11 @@ def channel_vector(ids: torch.Tensor, dim: int, size: int) -> torch.Tensor | Non
     if flat.numel() == 1 and flat.item() < 0:
         return torch.full((size,), NONE, dtype=torch.long)
     return None
+
+
+def _append_known(to: list, ids: torch.Tensor) -> None:
+    """Append the distinct channel ids of `ids` (the -1 of id-less elements dropped), if there are any."""
+    ids = ids.reshape(-1)
+    ids = ids[ids >= 0]
+    if ids.numel():
+        to.append(ids.unique())
