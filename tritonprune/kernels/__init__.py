@@ -6,7 +6,9 @@ Each backend is a module with
         per flat channel, the sum of w**2 over the importance slots (bit0 of FLAGS);
     group_norm_coef(bufs, sums, reg, alpha) -> float32 [n_channels]
         reg * gamma, gamma = 2 ** (alpha * (n_max - n) / (n_max - n_min)) per group with n = sqrt(sums);
-        gamma = 1 where n_max - n_min is 0 or not finite, or the group has one channel;
+        gamma = 1 where the group is flat: one channel, or a spread n_max - n_min that is not finite or
+        not above FLAT_SPREAD_RTOL * n_max (equal norms in exact arithmetic differ by float32 rounding
+        residue that depends on the summation order: every backend treats such a group as flat);
     group_lasso_coef(bufs, sums_bn, reg) -> float32 [n_channels]
         reg / sqrt(sums_bn / n_importance_slots_bn + 1e-9) (0 on channels without a BatchNorm slot);
     add_scaled_(bufs, coef, *, target="grad" | "param", slot_scale=None)
@@ -29,6 +31,11 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("reference", "torch", "triton")
+
+# A group's norms count as equal (gamma 1) when their spread is at most this fraction of the largest:
+# 2**-16 is about 128 float32 ulps, far above the residue of summing equal channels in another order
+# and far below any spread that training produces.
+FLAT_SPREAD_RTOL = 2.0**-16
 _MODULES = {"reference": ".reference", "torch": ".torch_impl", "triton": ".triton_impl"}
 
 
