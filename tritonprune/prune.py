@@ -43,6 +43,7 @@ from .graph.group import IN, OUT, Group, Slot
 from .graph.trace import unwrap
 from .importance import METHODS, Importance, compute_importance
 from .slicing import Cut, apply_cuts, build_cuts, model_tensors, remap_groups, zero_channels
+from .wrappers import resolve_optimizer
 
 FORMAT = "tritonprune.PrunePlan"
 VERSION = 1
@@ -110,7 +111,7 @@ class PrunePlan:
     def apply(self, model: nn.Module, optimizer: Any = None) -> nn.Module:
         """Physically remove the channels; slice `optimizer`'s state and hand it the new parameters."""
         cuts = self.check(model)
-        apply_cuts(unwrap(model), cuts, optimizer)
+        apply_cuts(unwrap(model), cuts, resolve_optimizer(optimizer))  # through accelerate/Lightning wrappers
         return model
 
     def remap(self, groups: Iterable[Group], model: nn.Module | None = None) -> list[Group]:
@@ -401,6 +402,7 @@ def prune(
     normalizer: "mean" | "max" | None (per group, as in Torch-Pruning); seed: for "random".
     """
     model = unwrap(model)
+    optimizer = resolve_optimizer(optimizer)  # the RegularizedOptimizer inside accelerate/Lightning wrappers
     if target_params is not None and target_macs is not None:
         raise ValueError("give target_params or target_macs, not both")
     target = target_params if target_params is not None else target_macs

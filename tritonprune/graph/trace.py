@@ -8,18 +8,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..wrappers import unwrap_model as unwrap  # noqa: F401  (the one unwrapping helper; re-exported)
+
 
 class TraceError(RuntimeError):
     """torch.export could not trace the model; the message carries its reason."""
-
-
-def unwrap(model: object) -> nn.Module:
-    """The module to analyse: DistributedDataParallel / DataParallel wrappers are looked through."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def split_inputs(example_inputs: object) -> tuple[tuple, dict]:
