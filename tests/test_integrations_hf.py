@@ -1,0 +1,118 @@
+"""A tiny Hugging Face Trainer on CPU: sparse training, pruning at a step, and a resume after pruning
+that ends bitwise where the uninterrupted run ended."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tv import torchvision
+
+import tritonprune as tpr
+from tritonprune.wrappers import optimizer_chain, resolve_optimizer
+
+torchvision()  # the Trainer imports torchvision; on the CPU torch build it needs the stand-in of tests/tv.py
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+hf = pytest.importorskip("tritonprune.integrations.hf")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+EXAMPLE = {"x": torch.randn(2, 6)}
+
+
+def _data(n=32):
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return [{"x": x, "labels": y} for x, y in zip(xs, ys)]
+
+
+def _trainer(out, model, callbacks, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=0.05, lr_scheduler_type="linear", save_strategy="steps", save_steps=4, report_to=[],
+        logging_strategy="no", dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True, **kw,
+    )
+    cls = hf.sparse_trainer(transformers.Trainer)
+    return cls(model=model, args=args, train_dataset=_data(), callbacks=callbacks, example_inputs=EXAMPLE,
+               regularizer=tpr.GroupNorm(reg=1e-2), sparse_kwargs={"backend": "torch"})
+
+
+def _model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def test_trainer_sparse_training_prune_and_bitwise_resume(tmp_path):
+    model = _model()
+    cb = hf.PruneCallback(EXAMPLE, ratio=0.5, at_step=3)
+    trainer = _trainer(tmp_path, model, [cb])
+    steps = []
+    trainer.add_callback(type("Count", (transformers.TrainerCallback,), {
+        "on_train_begin": lambda self, *a, optimizer=None, **k: steps.append(optimizer_chain(optimizer)),
+    })())
+    calls = []
+    orig = tpr.RegularizedOptimizer.regularize
+    tpr.RegularizedOptimizer.regularize = lambda self: (calls.append(1), orig(self))[1]
+    try:
+        trainer.train()
+    finally:
+        tpr.RegularizedOptimizer.regularize = orig
+    assert any(isinstance(o, tpr.RegularizedOptimizer) for o in steps[0])
+    assert len(calls) == 8  # 8 optimizer steps of 2 accumulated batches: the term once per real step
+    assert model.fc1.out_features == 8 and model.fc2.out_features == 6  # pruned at step 3, trained on
+    reg = resolve_optimizer(trainer.optimizer)
+    assert all(g.size in (8, 6) for g in reg.groups)
+    assert os.path.isfile(tmp_path / "checkpoint-4" / hf.PLAN_FILE)
+    assert os.path.isfile(tmp_path / "checkpoint-8" / hf.PLAN_FILE)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # a fresh process would build the unpruned model again: the callback re-prunes it before the load
+    model2 = _model()
+    cb2 = hf.PruneCallback(EXAMPLE, ratio=0.5, at_step=3)
+    trainer2 = _trainer(tmp_path, model2, [cb2])
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert cb2.plan is not None and cb2.plan.removed == cb.plan.removed
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, final[k]), k
+
+
+def test_apply_checkpoint_plan_and_errors(tmp_path):
+    model = _model()
+    plan = tpr.prune(model, EXAMPLE, ratio=0.5)
+    (tmp_path / "ckpt").mkdir()
+    plan.save(tmp_path / "ckpt" / hf.PLAN_FILE)
+    fresh = _model()
+    assert hf.apply_checkpoint_plan(fresh, str(tmp_path / "ckpt")).removed == plan.removed
+    assert fresh.fc1.weight.shape == model.fc1.weight.shape
+    assert hf.apply_checkpoint_plan(fresh, str(tmp_path / "ckpt")) is None  # already pruned: nothing to do
+    assert hf.apply_checkpoint_plan(_model(), str(tmp_path)) is None  # no plan there
+
+    # weights with fewer channels and no plan to explain them: say what to do, not "size mismatch"
+    cb = hf.PruneCallback(EXAMPLE, ratio=0.5, at_step=1)
+    cb._output_dir = str(tmp_path / "nothing")
+    other = _model()
+    other.register_load_state_dict_pre_hook(cb._before_load)
+    with pytest.raises(ValueError, match="apply_checkpoint_plan"):
+        other.load_state_dict(model.state_dict())
+
+    with pytest.raises(ValueError, match="at_step"):
+        hf.PruneCallback(EXAMPLE, ratio=0.5)
+    with pytest.raises(TypeError, match="example_inputs"):
+        hf.sparse_trainer()(model=_model(), args=transformers.TrainingArguments(
+            output_dir=str(tmp_path), report_to=[], use_cpu=True))
