@@ -46,3 +46,68 @@ def check_schedule(at_step: int | None, at_epoch: int | None = None, *, epochs: 
     name, value = given[0]
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "at_epoch" else 1):
         raise ValueError(f"PruneCallback: {name} must be an int >= {0 if name == 'at_epoch' else 1}, got {value!r}")
+
+
+# ------------------------------------------------------------------ plans carried by state dicts
+# A pruned module's state_dict() carries its plan (as JSON) in the state dict's metadata, next to the
+# version numbers torch keeps there, so any checkpoint made of it (torch.save, Lightning, weights-only)
+# tells a freshly built model how to re-prune itself before the weights load.
+
+PLAN_KEY = "tritonprune_plan"
+
+
+def carry_plan(module: nn.Module, plan: Any) -> None:
+    """From now on `module.state_dict()` carries `plan` in its root metadata (`state_dict._metadata[""]`)."""
+    import json
+
+    if getattr(module, "_tritonprune_plan_json", None) is None:
+        module.register_state_dict_post_hook(_add_plan_metadata)
+    module._tritonprune_plan_json = json.dumps(plan.to_dict())
+
+
+def carried_plan(module: nn.Module) -> Any:
+    """The plan `module` was pruned by, as recorded by `carry_plan` (None if none)."""
+    return _plan_from_json(getattr(module, "_tritonprune_plan_json", None))
+
+
+def plan_of_state_dict(state_dict: Any) -> Any:
+    """The PrunePlan a state dict carries (see `carry_plan`), or None."""
+    meta = getattr(state_dict, "_metadata", None) or {}
+    return _plan_from_json(meta.get("", {}).get(PLAN_KEY))
+
+
+def reprune_before_load(module: nn.Module) -> None:
+    """From now on, `module.load_state_dict(sd)` with weights that carry a plan (see `carry_plan`) and
+    have other shapes than the module re-prunes the module by that plan first."""
+    if not getattr(module, "_tritonprune_reprune_hook", False):
+        module.register_load_state_dict_pre_hook(_reprune_pre_hook)
+        module._tritonprune_reprune_hook = True
+
+
+# module-level hooks (no closures): a module holding them still pickles
+def _add_plan_metadata(module, state_dict, prefix, local_metadata) -> None:
+    if not prefix and getattr(module, "_tritonprune_plan_json", None) is not None:
+        local_metadata[PLAN_KEY] = module._tritonprune_plan_json
+
+
+def _reprune_pre_hook(module, state_dict, prefix, local_metadata, *args) -> None:
+    if prefix:
+        return
+    plan = _plan_from_json(local_metadata.get(PLAN_KEY))
+    if plan is None:
+        return
+    own = dict(module.state_dict(keep_vars=True))
+    if all(own[n].shape == state_dict[n].shape for n in plan.shapes if n in own and n in state_dict):
+        return  # the module has these shapes already
+    plan.apply(module)
+    carry_plan(module, plan)
+
+
+def _plan_from_json(text: Any) -> Any:
+    if text is None:
+        return None
+    import json
+
+    from ..prune import PrunePlan
+
+    return PrunePlan.from_dict(json.loads(text) if isinstance(text, str) else text)
