@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -57,6 +58,38 @@ def _no_stack_traces() -> Iterator[None]:
         cfg.do_not_emit_stack_traces = saved
 
 
+def _floating_dtypes(obj: object) -> set[torch.dtype]:
+    if isinstance(obj, torch.Tensor):
+        return {obj.dtype} if obj.is_floating_point() else set()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return set().union(*(_floating_dtypes(v) for v in obj)) if obj else set()
+    return set()
+
+
+def _hints(model: nn.Module, args: tuple, kwargs: dict, error: BaseException) -> list[str]:
+    """What to do about the failures users meet most, recognised from the model and export's message."""
+    text = f"{type(error).__name__}: {error}"
+    hints = []
+    if re.search(r"[A-Za-z]+Cache\b", text):
+        hints.append(
+            "Hugging Face decoders return a KV cache (DynamicCache) that torch.export cannot output: build the "
+            "model with use_cache=False (e.g. from_pretrained(..., use_cache=False), or config.use_cache = False), "
+            "or pass use_cache=False in example_inputs ({'input_ids': ids, 'use_cache': False})."
+        )
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    inputs = _floating_dtypes((args, kwargs))
+    if len(params) == 1 and inputs and inputs != params:
+        (want,) = params
+        hints.append(
+            f"The model's parameters are {want} but the floating example inputs are "
+            f"{', '.join(sorted(str(d) for d in inputs))}: pass example inputs of the model's dtype "
+            f"(x.to({want})), as the model receives them in training (Lightning's '-true' precisions, .half())."
+        )
+    return hints
+
+
 def export(model: nn.Module, example_inputs: object) -> torch.export.ExportedProgram:
     args, kwargs = split_inputs(example_inputs)
     with preserved(model), _no_stack_traces():
@@ -65,7 +98,8 @@ def export(model: nn.Module, example_inputs: object) -> torch.export.ExportedPro
         except Exception as e:  # torch.export raises many types; keep its reason
             reason = str(e).strip().splitlines()
             first = next((line for line in reason if line.strip()), type(e).__name__)
+            hints = _hints(model, args, kwargs, e) or ["Check that example_inputs match what forward() expects."]
             raise TraceError(
                 f"torch.export could not trace {type(model).__name__} with the given example_inputs: "
-                f"{type(e).__name__}: {first}\nCheck that example_inputs match what forward() expects."
+                f"{type(e).__name__}: {first}\n" + "\n".join(hints)
             ) from e
