@@ -87,6 +87,16 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return v
+
+
 def _ratio(text: str) -> float:
     try:
         r = float(text)
@@ -150,8 +160,7 @@ def inspect(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from . import benchmark
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise _fail("bench", "--device cuda was asked for but torch sees no CUDA device; use --device cpu")
@@ -161,9 +170,14 @@ def bench(args: argparse.Namespace) -> int:
             raise _fail("bench", f"--backends: unknown backend {b!r}; choose from torch, triton, reference")
     print(f"regularize(): GroupNorm(reg={benchmark.REG}) on SmallResNet widths {args.sizes}, device {dev}, "
           f"{torch.get_num_threads()} threads", flush=True)
+    with_tp = not args.no_torch_pruning
+    if with_tp and importlib.util.find_spec("torch_pruning") is None:
+        with_tp = False
+        print("torch-pruning is not installed: its rows are left out (pip install torch-pruning==1.6.1 to "
+              "compare; --no-torch-pruning silences this)", flush=True)
     if dev.type == "cpu":
         print(f"CPU accelerator (C loops of the torch backend): {benchmark.cpu_accelerator()}", flush=True)
-    rows = benchmark.run(args.sizes, backends, args.device, torch_pruning=not args.no_torch_pruning,
+    rows = benchmark.run(args.sizes, backends, args.device, torch_pruning=with_tp,
                          min_time=args.min_time, progress=None if args.quiet else lambda m: print(f"  {m}", flush=True))
     print()
     print(benchmark.table(rows))
@@ -190,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmallResNet widths, comma-separated (default 16,32,64; 128 and 256 are ResNet-18 sized)")
     p.add_argument("--backends", default=None, help="comma-separated: torch, triton (CUDA), reference (slow)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1, like the demo: on a busy machine several threads are "
+                        "much slower and noisier; the count is printed)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per method (default 0.3)")
     p.add_argument("--no-torch-pruning", action="store_true", help="leave Torch-Pruning out")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")

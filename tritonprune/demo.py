@@ -466,5 +466,6 @@ def main(args: argparse.Namespace) -> int:
     if figure(results, png):
         print(f"wrote {png}, {os.path.join(cfg.out, 'results.json')}, {os.path.join(cfg.out, 'table.md')}")
     else:
-        print(f"matplotlib is not installed: no figure; wrote {os.path.join(cfg.out, 'results.json')}")
+        print(f"matplotlib is not installed: no figure (pip install matplotlib); wrote "
+              f"{os.path.join(cfg.out, 'results.json')}, {os.path.join(cfg.out, 'table.md')}")
     return 0

@@ -51,6 +51,11 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
         module = importlib.import_module(_MODULES[name], __name__)
     except ImportError as e:
         raise ValueError(f"tritonprune.kernels: backend {name!r} is not available here ({e}); use backend='torch'") from e
+    if name == "triton" and not module.HAS_TRITON:
+        raise ValueError(
+            "tritonprune.kernels: backend 'triton' needs the triton package, which is not installed: "
+            "pip install 'tritonprune[gpu]' (or use backend='torch' / 'auto')"
+        )
     if name == "triton" and dev is not None:
         module.check_available(dev)  # CPU tensors need TRITON_INTERPRET=1
     return module
