@@ -74,7 +74,7 @@ def test_accelerated_optimizer_chain_is_resolved(accelerator):
     assert reg._engine.calls >= 2
 
 
-def test_fabric_model_and_optimizer_are_unwrapped():
+def test_fabric_model_and_optimizer_are_unwrapped(tmp_path):
     from tv import torchvision
 
     torchvision()  # lightning imports torchvision through torchmetrics
@@ -93,6 +93,19 @@ def test_fabric_model_and_optimizer_are_unwrapped():
     fabric.backward(fmodel(X).square().mean())
     fopt.step()
     assert all(p.grad is None or p.grad.shape == p.shape for p in model.parameters())
+
+    # fabric.save / fabric.load after pruning: the state dict carries the plan, a fresh model re-prunes
+    from tritonprune.integrations import carry_plan, reprune_before_load
+
+    carry_plan(model, plan)
+    fabric.save(tmp_path / "ckpt", {"model": fmodel})
+    fresh = _net()
+    reprune_before_load(fresh)
+    ffresh = fabric.setup_module(fresh)
+    fabric.load(tmp_path / "ckpt", {"model": ffresh})
+    assert fresh[0].out_channels == 4
+    model.eval(), fresh.eval()
+    assert torch.equal(fresh(X), model(X))
 
 
 def test_torch_compile_module_is_unwrapped():
