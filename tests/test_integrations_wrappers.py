@@ -74,6 +74,26 @@ def test_accelerated_optimizer_chain_is_resolved(accelerator):
     assert reg._engine.calls >= 2
 
 
+def test_accelerate_accumulation_applies_the_term_once_per_update():
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    try:
+        model = _net()
+        reg = _regularized(model)
+        pmodel, acc = accelerator.prepare(model, reg)
+        calls = []
+        orig = reg.regularize
+        reg.regularize = lambda: (calls.append(1), orig())[1]
+        for _ in range(4):
+            with accelerator.accumulate(pmodel):
+                accelerator.backward(pmodel(X).square().mean())
+                acc.step()
+                acc.zero_grad()
+        assert len(calls) == 2
+    finally:
+        accelerate.state.AcceleratorState._reset_state(True)
+
+
 def test_fabric_model_and_optimizer_are_unwrapped(tmp_path):
     from tv import torchvision
 
