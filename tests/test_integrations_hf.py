@@ -1,5 +1,5 @@
-"""A tiny Hugging Face Trainer on CPU: sparse training, pruning at a step, and a resume after pruning
-that ends bitwise where the uninterrupted run ended."""
+"""A tiny Hugging Face Trainer on CPU (a 2-layer Llama with GQA): sparse training, pruning at a step,
+and a resume after pruning that ends bitwise where the uninterrupted run ended."""
 
 from __future__ import annotations
 
@@ -36,21 +36,32 @@ class Net(nn.Module):
 EXAMPLE = {"x": torch.randn(2, 6)}
 
 
-def _data(n=32):
+def _llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   use_cache=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+LLAMA_EXAMPLE = {"input_ids": torch.randint(0, 64, (1, 12))}
+
+
+def _token_data(n=16):
     g = torch.Generator().manual_seed(1)
-    xs, ys = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
-    return [{"x": x, "labels": y} for x, y in zip(xs, ys)]
+    return [{"input_ids": (ids := torch.randint(0, 64, (12,), generator=g)), "labels": ids.clone()} for _ in range(n)]
 
 
-def _trainer(out, model, callbacks, **kw):
+def _trainer(out, model, callbacks):
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=0.05, lr_scheduler_type="linear", save_strategy="steps", save_steps=4, report_to=[],
-        logging_strategy="no", dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True, **kw,
+        output_dir=str(out), max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-3, save_strategy="steps", save_steps=3, report_to=[], logging_strategy="no",
+        dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True,
     )
     cls = hf.sparse_trainer(transformers.Trainer)
-    return cls(model=model, args=args, train_dataset=_data(), callbacks=callbacks, example_inputs=EXAMPLE,
-               regularizer=tpr.GroupNorm(reg=1e-2), sparse_kwargs={"backend": "torch"})
+    return cls(model=model, args=args, train_dataset=_token_data(), callbacks=callbacks,
+               example_inputs=LLAMA_EXAMPLE, regularizer=tpr.GroupNorm(reg=1e-3, decoupled=True),
+               sparse_kwargs={"backend": "torch"})
 
 
 def _model():
@@ -59,35 +70,39 @@ def _model():
 
 
 def test_trainer_sparse_training_prune_and_bitwise_resume(tmp_path):
-    model = _model()
-    cb = hf.PruneCallback(EXAMPLE, ratio=0.5, at_step=3)
+    model = _llama()
+    cb = hf.PruneCallback(LLAMA_EXAMPLE, ratio=0.5, at_step=2)
     trainer = _trainer(tmp_path, model, [cb])
-    steps = []
-    trainer.add_callback(type("Count", (transformers.TrainerCallback,), {
-        "on_train_begin": lambda self, *a, optimizer=None, **k: steps.append(optimizer_chain(optimizer)),
+    seen = []
+    trainer.add_callback(type("Chain", (transformers.TrainerCallback,), {
+        "on_train_begin": lambda self, *a, optimizer=None, **k: seen.append(optimizer_chain(optimizer)),
     })())
     calls = []
-    orig = tpr.RegularizedOptimizer.regularize
-    tpr.RegularizedOptimizer.regularize = lambda self: (calls.append(1), orig(self))[1]
+    orig = tpr.RegularizedOptimizer._shrink_decoupled
+    tpr.RegularizedOptimizer._shrink_decoupled = lambda self: (calls.append(1), orig(self))[1]
     try:
         trainer.train()
     finally:
-        tpr.RegularizedOptimizer.regularize = orig
-    assert any(isinstance(o, tpr.RegularizedOptimizer) for o in steps[0])
-    assert len(calls) == 8  # 8 optimizer steps of 2 accumulated batches: the term once per real step
-    assert model.fc1.out_features == 8 and model.fc2.out_features == 6  # pruned at step 3, trained on
+        tpr.RegularizedOptimizer._shrink_decoupled = orig
+    assert any(isinstance(o, tpr.RegularizedOptimizer) for o in seen[0])
+    assert len(calls) == 6  # 6 optimizer steps of 2 accumulated batches: the term once per real step
+    layer = model.model.layers[0]
+    assert layer.mlp.gate_proj.out_features == 32 and layer.self_attn.q_proj.out_features == 16  # pruned, trained on
     reg = resolve_optimizer(trainer.optimizer)
-    assert all(g.size in (8, 6) for g in reg.groups)
-    assert os.path.isfile(tmp_path / "checkpoint-4" / hf.PLAN_FILE)
-    assert os.path.isfile(tmp_path / "checkpoint-8" / hf.PLAN_FILE)
+    assert reg.groups == cb.plan.remap(cb.plan.groups)
+    assert os.path.isfile(tmp_path / "checkpoint-3" / hf.PLAN_FILE)
+    assert os.path.isfile(tmp_path / "checkpoint-6" / hf.PLAN_FILE)
     final = {k: v.clone() for k, v in model.state_dict().items()}
 
-    # a fresh process would build the unpruned model again: the callback re-prunes it before the load
-    model2 = _model()
-    cb2 = hf.PruneCallback(EXAMPLE, ratio=0.5, at_step=3)
+    # a fresh process builds the unpruned model again: the callback re-prunes it before the weights load,
+    # and hands the optimizer the groups of the uninterrupted run (a fresh trace of the pruned Llama
+    # groups its channels differently)
+    model2 = _llama()
+    cb2 = hf.PruneCallback(LLAMA_EXAMPLE, ratio=0.5, at_step=2)
     trainer2 = _trainer(tmp_path, model2, [cb2])
-    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert cb2.plan is not None and cb2.plan.removed == cb.plan.removed
+    assert resolve_optimizer(trainer2.optimizer).groups == reg.groups
     for k, v in model2.state_dict().items():
         assert torch.equal(v, final[k]), k
 

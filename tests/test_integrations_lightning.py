@@ -72,6 +72,7 @@ def test_fit_prunes_at_step_and_resumes_bitwise(tmp_path):
     cb2 = tl.PruneCallback(EXAMPLE, ratio=0.5, at_step=3)
     _trainer(tmp_path / "resumed", cb2).fit(module2, _loader(), ckpt_path=str(tmp_path / "epoch=0.ckpt"))
     assert cb2.plan is not None and cb2.plan.removed == cb.plan.removed
+    assert cb2.plan.info["regularized_groups"] and module2.trainer.optimizers[0].groups == cb.plan.remap(cb.plan.groups)
     for k, v in module2.state_dict().items():
         assert torch.equal(v, final[k]), k
 

@@ -48,6 +48,40 @@ def check_schedule(at_step: int | None, at_epoch: int | None = None, *, epochs: 
         raise ValueError(f"PruneCallback: {name} must be an int >= {0 if name == 'at_epoch' else 1}, got {value!r}")
 
 
+# ------------------------------------------------------------------ the regularized groups after a resume
+# An uninterrupted run regularizes, after pruning, the optimizer's groups remapped by the plan; a resumed
+# run builds its RegularizedOptimizer on the re-pruned model, whose fresh trace may group its channels
+# differently (or in another order, which changes float32 sums). Handing it the remapped groups makes
+# the resume bitwise.
+
+REMAPPABLE = "regularized_groups"  # plan.info key: the plan's groups were the RegularizedOptimizer's
+
+
+def mark_remappable(plan: Any, optimizer: Any, prune_kwargs: dict[str, Any]) -> None:
+    """Record in `plan.info` whether `tpr.prune` took the RegularizedOptimizer's groups (its own rule:
+    no `groups=`, no `ignored_layers`)."""
+    from ..optim import RegularizedOptimizer
+    from ..wrappers import resolve_optimizer
+
+    plan.info[REMAPPABLE] = bool(
+        prune_kwargs.get("groups") is None and not prune_kwargs.get("ignored_layers")
+        and isinstance(resolve_optimizer(optimizer), RegularizedOptimizer)
+    )
+
+
+def restore_groups(optimizer: Any, plan: Any) -> bool:
+    """Give the RegularizedOptimizer in `optimizer`'s chain the groups the run had after pruning by `plan`
+    (when `mark_remappable` said they can be rebuilt); True if it did."""
+    from ..optim import RegularizedOptimizer
+    from ..wrappers import resolve_optimizer
+
+    reg = resolve_optimizer(optimizer)
+    if not (isinstance(reg, RegularizedOptimizer) and plan.info.get(REMAPPABLE)):
+        return False
+    reg.reset_groups(plan.remap(plan.groups))
+    return True
+
+
 # ------------------------------------------------------------------ plans carried by state dicts
 # A pruned module's state_dict() carries its plan (as JSON) in the state dict's metadata, next to the
 # version numbers torch keeps there, so any checkpoint made of it (torch.save, Lightning, weights-only)

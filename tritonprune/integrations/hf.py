@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from ..optim import RegularizedOptimizer
 from ..prune import PrunePlan, prune
 from ..wrappers import optimizer_chain, unwrap_model
-from . import PLAN_FILE, check_schedule, inputs_like
+from . import PLAN_FILE, REMAPPABLE, check_schedule, inputs_like, mark_remappable, restore_groups
 
 __all__ = ["PruneCallback", "SparseTrainingMixin", "sparse_trainer", "apply_checkpoint_plan", "PLAN_FILE"]
 
@@ -111,6 +111,7 @@ class PruneCallback(TrainerCallback):
         self.prune_kwargs = prune_kwargs
         self.plan: PrunePlan | None = None
         self._output_dir: str | None = None
+        self._resumed = False  # the model was re-pruned from a checkpoint in this run
 
     # ------------------------------------------------------------------------------ resume
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -128,7 +129,7 @@ class PruneCallback(TrainerCallback):
             plan = PrunePlan.load(os.path.join(folder, PLAN_FILE))
             if _plan_fits(plan, module, state_dict):
                 plan.apply(module)
-                self.plan = plan
+                self.plan, self._resumed = plan, True
                 return
         raise ValueError(
             "tritonprune PruneCallback: the checkpoint's weights have fewer channels than the model, and no "
@@ -137,6 +138,10 @@ class PruneCallback(TrainerCallback):
             "trainer.train(resume_from_checkpoint=checkpoint_dir)"
         )
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self._resumed and optimizer is not None:
+            restore_groups(optimizer, self.plan)  # the groups of the uninterrupted run: a bitwise resume
+
     # ------------------------------------------------------------------------------ pruning
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step != self.at_step or self.plan is not None:
@@ -144,6 +149,7 @@ class PruneCallback(TrainerCallback):
         plain = unwrap_model(model)
         self.plan = prune(plain, inputs_like(self.example_inputs, plain), ratio=self.ratio,
                           optimizer=optimizer, **self.prune_kwargs)
+        mark_remappable(self.plan, optimizer, self.prune_kwargs)
 
     def on_save(self, args, state, control, **kwargs):
         if self.plan is None or not args.should_save:
@@ -179,9 +185,13 @@ class SparseTrainingMixin:
         if any(isinstance(o, RegularizedOptimizer) for o in optimizer_chain(optimizer)):
             return optimizer  # a second train() call: accelerate already wraps our optimizer
         model = unwrap_model(self.model)
+        kwargs = dict(self.tpr_sparse_kwargs)
+        resumed = [cb.plan for cb in self.callback_handler.callbacks
+                   if isinstance(cb, PruneCallback) and cb._resumed and cb.plan.info.get(REMAPPABLE)]
+        if resumed and "groups" not in kwargs and not kwargs.get("ignored_layers"):
+            kwargs["groups"] = resumed[0].remap(resumed[0].groups)  # re-pruned from a checkpoint: no new trace
         self.optimizer = RegularizedOptimizer(
-            optimizer, model, inputs_like(self.tpr_example_inputs, model),
-            regularizer=self.tpr_regularizer, **self.tpr_sparse_kwargs,
+            optimizer, model, inputs_like(self.tpr_example_inputs, model), regularizer=self.tpr_regularizer, **kwargs,
         )
         return self.optimizer
 

@@ -45,8 +45,10 @@ from . import (
     carry_plan,
     check_schedule,
     inputs_like,
+    mark_remappable,
     plan_of_state_dict,
     reprune_before_load,
+    restore_groups,
 )
 
 __all__ = ["PruneCallback", "apply_checkpoint_plan", "carry_plan", "reprune_before_load", "PLAN_KEY"]
@@ -97,6 +99,7 @@ class PruneCallback(Callback):
         self.at_epoch = at_epoch
         self.prune_kwargs = prune_kwargs
         self.plan: PrunePlan | None = None
+        self._resumed = False  # the module was re-pruned from a checkpoint in this run
 
     def setup(self, trainer, pl_module, stage) -> None:
         reprune_before_load(pl_module)
@@ -108,9 +111,16 @@ class PruneCallback(Callback):
                 f"PruneCallback: the module has {len(optimizers)} optimizers, and pruning slices the state of one; "
                 "with several, prune in your own hook with tpr.prune(module, x, optimizer=the one to carry on)"
             )
+        optimizer = optimizers[0] if optimizers else None
         self.plan = prune(pl_module, inputs_like(self.example_inputs, pl_module), ratio=self.ratio,
-                          optimizer=optimizers[0] if optimizers else None, **self.prune_kwargs)
+                          optimizer=optimizer, **self.prune_kwargs)
+        mark_remappable(self.plan, optimizer, self.prune_kwargs)
         carry_plan(pl_module, self.plan)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # configure_optimizers ran on the re-pruned module: give it the groups of the uninterrupted run
+        if self._resumed and len(trainer.optimizers) == 1:
+            restore_groups(trainer.optimizers[0], self.plan)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.at_epoch is not None and self.plan is None and trainer.current_epoch == self.at_epoch:
@@ -129,5 +139,6 @@ class PruneCallback(Callback):
         # the weights are loaded already (the pre-hook re-pruned the module): remember the plan
         if self.plan is None:
             self.plan = carried_plan(pl_module)
+            self._resumed = self.plan is not None
             if self.plan is None and PLAN_KEY in checkpoint:
                 self.plan = PrunePlan.from_dict(checkpoint[PLAN_KEY])
