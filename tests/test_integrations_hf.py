@@ -107,6 +107,23 @@ def test_trainer_sparse_training_prune_and_bitwise_resume(tmp_path):
         assert torch.equal(v, final[k]), k
 
 
+def test_plain_trainer_prune_callback_slices_adamw_state(tmp_path):
+    model = _model()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_strategy="no", report_to=[],
+        logging_strategy="no", dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(6, generator=g), "labels": torch.tensor(i % 3)} for i in range(16)]
+    cb = hf.PruneCallback(EXAMPLE, ratio=0.5, at_step=2, importance="l1")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    assert model.fc1.out_features == 8 and cb.plan.info["importance"] == "l1"
+    inner = resolve_optimizer(trainer.optimizer)
+    assert type(inner).__name__ == "AdamW" and cb.plan.info["regularized_groups"] is False
+    assert inner.state[model.fc1.weight]["exp_avg"].shape == (8, 6)  # sliced along, then stepped twice more
+
+
 def test_apply_checkpoint_plan_and_errors(tmp_path):
     model = _model()
     plan = tpr.prune(model, EXAMPLE, ratio=0.5)

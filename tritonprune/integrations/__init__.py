@@ -19,15 +19,19 @@ PLAN_FILE = "tritonprune_plan.json"
 
 
 def inputs_like(example_inputs: Any, model: nn.Module) -> Any:
-    """`example_inputs` on the device of `model`'s parameters, floating tensors cast to their dtype (a
-    `bf16-true` / `.half()` model traced with float32 inputs fails in its first layer)."""
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if param is None:
+    """`example_inputs` on the device of `model`'s parameters, floating tensors cast to their dtype when
+    they all share one (a `bf16-true` / `.half()` model traced with float32 inputs fails in its first
+    layer; a model mixing dtypes gets its inputs' dtypes unchanged)."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if not params:
         return example_inputs
+    device = params[0].device
+    dtypes = {p.dtype for p in params}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
 
     def move(x):
         if isinstance(x, torch.Tensor):
-            return x.to(param.device, param.dtype) if x.is_floating_point() else x.to(param.device)
+            return x.to(device, dtype) if x.is_floating_point() and dtype is not None else x.to(device)
         if isinstance(x, dict):
             return {k: move(v) for k, v in x.items()}
         if isinstance(x, (tuple, list)):
