@@ -37,9 +37,7 @@ def unwrap_model(model: object) -> nn.Module:
         for cls in type(model).__mro__:
             attr = _MODEL_WRAPPERS.get(cls.__name__)
             if attr is not None:
-                inner = model._modules.get(attr)
-                if inner is None:
-                    inner = model.__dict__.get(attr)
+                inner = getattr(model, attr, None)  # a submodule, or a property (FSDP1's .module)
                 break
         if not isinstance(inner, nn.Module):
             return model
