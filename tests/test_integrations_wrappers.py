@@ -104,6 +104,9 @@ def test_fabric_model_and_optimizer_are_unwrapped(tmp_path):
     reg = _regularized(model)
     fmodel, fopt = fabric.setup(model, reg)
     assert unwrap_model(fmodel) is model and resolve_optimizer(fopt) is reg
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    assert resolve_optimizer(LightningOptimizer(reg)) is reg  # self.optimizers() in a LightningModule
     fopt.zero_grad()
     fabric.backward(fmodel(X).square().mean())
     fopt.step()
