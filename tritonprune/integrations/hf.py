@@ -123,8 +123,8 @@ class PruneCallback(TrainerCallback):
         if prefix or self.plan is not None:
             return
         own = module.state_dict(keep_vars=True)
-        if all(n not in own or own[n].shape == t.shape for n, t in state_dict.items()):
-            return  # weights of the unpruned model (or of another model: load_state_dict reports it)
+        if not any(n in own and t.numel() < own[n].numel() for n, t in state_dict.items()):
+            return  # not weights of a pruned copy (load_state_dict reports any other mismatch itself)
         for folder in _checkpoint_dirs(self._output_dir or "."):
             plan = PrunePlan.load(os.path.join(folder, PLAN_FILE))
             if _plan_fits(plan, module, state_dict):
