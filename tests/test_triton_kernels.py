@@ -285,7 +285,7 @@ def test_mixed_dtypes_and_float64():
     for p in m.parameters():
         p.grad = torch.randn_like(p)
     bufs = GroupBuffers.build(m, groups, _select_groupnorm)
-    assert len({code for code, *_ in ti._plan(bufs).update}) == 4
+    assert len({code for code, *_ in ti._plan(bufs).mat_update}) == 4
     sums = ti.channel_sq_sums(bufs)
     _close(sums, _oracle_sums(bufs), torch.float32, "mixed sums")
     coef = ti.group_norm_coef(bufs, sums, 1e-2, 4.0)
