@@ -52,7 +52,7 @@ def zoo_specs():
 
 def test_zoo_specs_cover_every_kernel_kind(zoo_specs):
     kernels = {s.kernel for s in zoo_specs}
-    assert {"mat_sums", "mat_update", "gather", "reduce", "gamma", "lasso"} <= kernels
+    assert {"mat_sums", "colsum", "reduce", "gamma", "lasso", "gather", "mat_update"} <= kernels
     # both dtypes, both update forms and both targets reach the matrix update
     upd = {(dict(s.constexprs)["DTYPE"], dict(s.constexprs)["SIGN"], dict(s.constexprs)["TO_PARAM"])
            for s in zoo_specs if s.kernel == "mat_update"}

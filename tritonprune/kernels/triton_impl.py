@@ -6,8 +6,9 @@ is a dense matrix `[G*R, J]` in its physical layout with a row and a column chan
 - `channel_sq_sums`: `_mat_sums_kernel` reads each weight once in 2-D tiles `[BR, BJ]` (BR rows held by
   every thread, VEC contiguous columns per thread: 16-byte loads) and writes both its row sums (a row's
   sum over one program's columns) and its column sums (a column's sum over one program's rows) as fp32
-  partials; `_reduce_kernel` then sums, per flat channel, its runs of partials in a fixed order. A
-  channel's column maps are resolved once, on the host, into those runs: no per-element index
+  partials; `_colsum_kernel` sums each column's partials over its row blocks (coalesced), and
+  `_reduce_kernel` sums, per flat channel, its row and column sums in a fixed order. A channel's row
+  and column maps are resolved once, on the host, into those index lists: no per-element index
   arithmetic, no division.
 - `group_norm_coef`: `_gamma_kernel`, one program per group; `group_lasso_coef`: `_lasso_kernel`.
 - `add_scaled_` / `add_sign_`: `_gather_kernel` turns the channel coefficients into one coefficient per
@@ -65,6 +66,8 @@ except ImportError:  # pragma: no cover - triton is the `gpu` extra
 from ..layout import DTYPE_CODES, FLAG_IMPORTANCE, FLAG_UPDATE, N_COLS
 from . import FLAT_SPREAD_RTOL
 from .triton_plan import (
+    COLSUM_BLOCK,
+    COLSUM_COLS,
     NUM_WARPS,
     SUMS_COLS,
     UPD_COLS,
@@ -275,6 +278,23 @@ def _gather_kernel(upd_ptr, sid_ptr, coef_ptr, scale_ptr, out_ptr, n, reg, SIGN:
     tl.store(out_ptr + i, c, mask=ok)
 
 
+def _colsum_kernel(part_ptr, work_ptr, BLOCK: tl.constexpr):
+    # part[dst + j] = sum over rb < n_rb (in order) of part[src + rb * stride + j], j < n: the column sums
+    # of one conv group of a matrix from its row blocks' partials (coalesced rows of partials)
+    item = work_ptr + tl.program_id(0).to(tl.int64) * 5
+    src = tl.load(item)
+    n_rb = tl.load(item + 1)
+    stride = tl.load(item + 2)
+    n = tl.load(item + 3)
+    dst = tl.load(item + 4)
+    j = tl.arange(0, BLOCK).to(tl.int64)
+    m = j < n
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for rb in range(0, n_rb):
+        acc += tl.load(part_ptr + src + rb * stride + j, mask=m, other=0.0)
+    tl.store(part_ptr + dst + j, acc, mask=m)
+
+
 def _reduce_kernel(part_ptr, first_ptr, count_ptr, stride_ptr, start_ptr, bne_ptr, bnc_ptr, out_ptr,
                    n_channels, BLOCK: tl.constexpr):
     # out[ch] = sum over the runs e of channel ch (in order) of part[first[e] + i*stride[e]], i < count[e]
@@ -472,6 +492,7 @@ _RAW = {
     "mat_sums": _mat_sums_kernel,
     "mat_update": _mat_update_kernel,
     "gather": _gather_kernel,
+    "colsum": _colsum_kernel,
     "reduce": _reduce_kernel,
     "gamma": _gamma_kernel,
     "lasso": _lasso_kernel,
@@ -487,6 +508,7 @@ SIGNATURES = {
     "mat_update": {"table_ptr": "*i64", "work_ptr": "*i64", "coef_ptr": "*fp32"},
     "gather": {"upd_ptr": "*i64", "sid_ptr": "*i64", "coef_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*fp32",
                "n": "i32", "reg": "fp32"},
+    "colsum": {"part_ptr": "*fp32", "work_ptr": "*i64"},
     "reduce": {"part_ptr": "*fp32", "first_ptr": "*i64", "count_ptr": "*i64", "stride_ptr": "*i64",
                "start_ptr": "*i64", "bne_ptr": "*i64", "bnc_ptr": "*i64", "out_ptr": "*fp32", "n_channels": "i32"},
     "gamma": {"sums_ptr": "*fp32", "goff_ptr": "*i64", "out_ptr": "*fp32", "reg": "fp32", "alpha": "fp32",
@@ -548,6 +570,7 @@ class _Plan:
     n_groups: int
     mat_sums: list = field(default_factory=list)  # (dtype code, work, n_items)
     mat_update: list = field(default_factory=list)  # (dtype code, work, n_items)
+    colsum: tuple | None = None  # (work, n_items)
     n_parts: int = 0
     red: tuple = ()  # first, count, stride, start, bne, bnc (device int64)
     n_red_blocks: int = 0
@@ -669,6 +692,8 @@ def _build_plan(bufs) -> _Plan:
         plan.mat_sums.append((code, torch.tensor(rows, dtype=torch.int64).reshape(-1, SUMS_COLS).to(dev), len(rows)))
     for code, rows in sorted(mp.update.items()):
         plan.mat_update.append((code, torch.tensor(rows, dtype=torch.int64).reshape(-1, UPD_COLS).to(dev), len(rows)))
+    if mp.colsum:
+        plan.colsum = (torch.tensor(mp.colsum, dtype=torch.int64).reshape(-1, COLSUM_COLS).to(dev), len(mp.colsum))
     slot_entries = _build_slot_path(bufs, plan, rest, mp.n_parts)
     entries = torch.cat(mp.entries + [slot_entries]) if mp.entries else slot_entries
     _reduction(plan, entries, dev)
@@ -713,6 +738,8 @@ class _guard:
 def _sums_specs(plan: _Plan) -> list[tuple[Spec, object]]:
     out = [(Spec("mat_sums", "sums", tuple({"DTYPE": code, **_mat_consts(code, "sums")}.items())), (work, n))
            for code, work, n in plan.mat_sums]
+    if plan.colsum is not None:
+        out.append((Spec("colsum", "other", (("BLOCK", COLSUM_BLOCK),)), plan.colsum))
     out += [(Spec("slot_sums", "other", tuple(_slot_sums_consts(code, ch_fast).items())), (work, n))
             for code, ch_fast, work, n in plan.slot_sums]
     out.append((Spec("reduce", "other", (("BLOCK", _RED_BLOCK),)), None))
@@ -738,6 +765,8 @@ def launch_specs(bufs, regularizer: str, decoupled: bool = False) -> list[Spec]:
     """The kernel specializations one step of `regularizer` ("group_norm" | "group_lasso" | "bn_scale";
     `decoupled`: the target="param" form with a slot_scale) launches on `bufs`, in launch order.
     Builds the plan (host-side only); launches nothing."""
+    if bufs.n_slots == 0:  # the engine launches nothing then
+        return []
     plan = _plan_host(bufs)
     specs: list[Spec] = []
     if regularizer in ("group_norm", "group_lasso"):
@@ -779,6 +808,9 @@ def channel_sq_sums(bufs) -> torch.Tensor:
             c = dict(spec.constexprs)
             if spec.kernel == "reduce":
                 k["reduce"][(plan.n_red_blocks,)](part, *plan.red, out, plan.n_channels, **c)
+            elif spec.kernel == "colsum":
+                work, n = payload
+                k["colsum"][(n,)](part, work, **c)
             else:
                 work, n = payload
                 k[spec.kernel][(n,)](bufs.table, work, part, **c, num_warps=NUM_WARPS)

@@ -56,9 +56,13 @@ def tile_for(code: int, kernel: str) -> Tile:
     return Tile(br=br, bj=bj, qc=8 * bj)
 
 
+# columns per program of the column-sum kernel
+COLSUM_BLOCK = 1024
+
 # work-table widths (int64 columns)
 SUMS_COLS = 10  # slot, delta, J, r0, nrows, q0, q1, rowpart, colpart, vec_ok
 UPD_COLS = 10  # slot, delta, J, r0, nrows, q0, q1, rowc, colc, vec_ok
+COLSUM_COLS = 5  # first partial, row blocks, stride, columns, first output
 
 
 class Unsupported(Exception):
@@ -104,6 +108,7 @@ class Unit:
     cols: tuple  # (imp, upd, sid) int64 [G*J]
     row_part: int = 0  # first row partial: layout [n_col_items, O]
     col_part: int = 0  # first column partial: layout [G, n_row_blocks, J]
+    col_sum: int = 0  # first column sum (over the row blocks): layout [G, J]
     row_pos: int = 0  # first row coefficient in `gathered`
     col_pos: int = 0  # first column coefficient in `gathered` (G*J of them)
 
@@ -173,6 +178,7 @@ class MatrixPlan:
     units: list = field(default_factory=list)
     sums: dict = field(default_factory=dict)  # dtype code -> list of work rows
     update: dict = field(default_factory=dict)
+    colsum: list = field(default_factory=list)  # work rows of the column-sum kernel
     n_parts: int = 0  # partials written by the matrix sums kernel
     n_pos: int = 0  # coefficient positions (`gathered`)
     # reduction entries: int64 [n, 4] blocks of (channel, first partial, count, stride), in summation order
@@ -206,7 +212,13 @@ def build_matrix_plan(bufs, units: list[Unit]) -> MatrixPlan:
             n_rb = math.ceil(u.R / ts.br)
             u.row_part = part
             u.col_part = _pad16(part + n_ci * u.n_out)
-            part = _pad16(u.col_part + u.G * n_rb * u.J)
+            u.col_sum = _pad16(u.col_part + u.G * n_rb * u.J)
+            part = _pad16(u.col_sum + u.G * u.J)
+            # column sums: each column's partials over its group's row blocks, summed in row-block order
+            for g in range(u.G):
+                for j0 in range(0, u.J, COLSUM_BLOCK):
+                    plan.colsum.append([u.col_part + g * n_rb * u.J + j0, n_rb, u.J, min(COLSUM_BLOCK, u.J - j0),
+                                        u.col_sum + g * u.J + j0])
             rows = plan.sums.setdefault(u.code, [])
             for g in range(u.G):
                 for rb in range(n_rb):
@@ -221,9 +233,7 @@ def build_matrix_plan(bufs, units: list[Unit]) -> MatrixPlan:
             plan.entries.append(torch.stack([u.rows[0][r], u.row_part + r, torch.full_like(r, n_ci),
                                              torch.full_like(r, u.n_out)], 1))
             c = torch.nonzero(u.cols[0] >= 0).flatten()
-            g, j = c // u.J, c % u.J
-            plan.entries.append(torch.stack([u.cols[0][c], u.col_part + g * n_rb * u.J + j,
-                                             torch.full_like(c, n_rb), torch.full_like(c, u.J)], 1))
+            plan.entries.append(torch.stack([u.cols[0][c], u.col_sum + c, torch.ones_like(c), torch.zeros_like(c)], 1))
         if u.updates:
             rows = plan.update.setdefault(u.code, [])
             n_rb = math.ceil(u.R / tu.br)
