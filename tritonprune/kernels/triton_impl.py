@@ -281,14 +281,16 @@ def _gather_kernel(upd_ptr, sid_ptr, coef_ptr, scale_ptr, out_ptr, n, reg, SIGN:
 def _colsum_kernel(part_ptr, work_ptr, BLOCK: tl.constexpr):
     # part[dst + j] = sum over rb < n_rb (in order) of part[src + rb * stride + j], j < n: the column sums
     # of one conv group of a matrix from its row blocks' partials (coalesced rows of partials)
+    # (src, stride, dst are multiples of 16 by construction: rounding them lets the compiler see it)
     item = work_ptr + tl.program_id(0).to(tl.int64) * 5
-    src = tl.load(item)
+    src = tl.load(item) // 16 * 16
     n_rb = tl.load(item + 1)
-    stride = tl.load(item + 2)
+    stride = tl.load(item + 2) // 16 * 16
     n = tl.load(item + 3)
-    dst = tl.load(item + 4)
+    dst = tl.load(item + 4) // 16 * 16
     j = tl.arange(0, BLOCK).to(tl.int64)
-    m = j < n
+    # rows are padded to 16: the padding is read and written (unused) so the mask stays 16-aligned
+    m = j < (n + 15) // 16 * 16
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for rb in range(0, n_rb):
         acc += tl.load(part_ptr + src + rb * stride + j, mask=m, other=0.0)

@@ -62,7 +62,7 @@ COLSUM_BLOCK = 1024
 # work-table widths (int64 columns)
 SUMS_COLS = 10  # slot, delta, J, r0, nrows, q0, q1, rowpart, colpart, vec_ok
 UPD_COLS = 10  # slot, delta, J, r0, nrows, q0, q1, rowc, colc, vec_ok
-COLSUM_COLS = 5  # first partial, row blocks, stride, columns, first output
+COLSUM_COLS = 5  # first partial, row blocks, stride, columns, first output (all but columns: multiples of 16)
 
 
 class Unsupported(Exception):
@@ -107,8 +107,8 @@ class Unit:
     rows: tuple  # (imp, upd, sid) int64 [O]
     cols: tuple  # (imp, upd, sid) int64 [G*J]
     row_part: int = 0  # first row partial: layout [n_col_items, O]
-    col_part: int = 0  # first column partial: layout [G, n_row_blocks, J]
-    col_sum: int = 0  # first column sum (over the row blocks): layout [G, J]
+    col_part: int = 0  # first column partial: layout [G, n_row_blocks, J padded to 16]
+    col_sum: int = 0  # first column sum (over the row blocks): layout [G, J padded to 16]
     row_pos: int = 0  # first row coefficient in `gathered`
     col_pos: int = 0  # first column coefficient in `gathered` (G*J of them)
 
@@ -210,15 +210,17 @@ def build_matrix_plan(bufs, units: list[Unit]) -> MatrixPlan:
         if u.need_sums:
             n_ci = math.ceil(u.J / ts.qc)
             n_rb = math.ceil(u.R / ts.br)
+            # rows of column partials and of column sums start on 16-element boundaries (vector access)
+            jp = _pad16(u.J)
             u.row_part = part
             u.col_part = _pad16(part + n_ci * u.n_out)
-            u.col_sum = _pad16(u.col_part + u.G * n_rb * u.J)
-            part = _pad16(u.col_sum + u.G * u.J)
+            u.col_sum = u.col_part + u.G * n_rb * jp
+            part = u.col_sum + u.G * jp
             # column sums: each column's partials over its group's row blocks, summed in row-block order
             for g in range(u.G):
                 for j0 in range(0, u.J, COLSUM_BLOCK):
-                    plan.colsum.append([u.col_part + g * n_rb * u.J + j0, n_rb, u.J, min(COLSUM_BLOCK, u.J - j0),
-                                        u.col_sum + g * u.J + j0])
+                    plan.colsum.append([u.col_part + g * n_rb * jp + j0, n_rb, jp, min(COLSUM_BLOCK, u.J - j0),
+                                        u.col_sum + g * jp + j0])
             rows = plan.sums.setdefault(u.code, [])
             for g in range(u.G):
                 for rb in range(n_rb):
@@ -227,13 +229,14 @@ def build_matrix_plan(bufs, units: list[Unit]) -> MatrixPlan:
                     for ci in range(n_ci):
                         q0 = ci * ts.qc
                         rows.append([u.slot, u.delta, u.J, r0, nr, q0, min(u.J, q0 + ts.qc),
-                                     u.row_part + ci * u.n_out + r0, u.col_part + (g * n_rb + rb) * u.J + q0, vec_ok])
+                                     u.row_part + ci * u.n_out + r0, u.col_part + (g * n_rb + rb) * jp + q0, vec_ok])
             # entries: a row's partials over the column items, a column's over the row blocks of its group
             r = torch.nonzero(u.rows[0] >= 0).flatten()
             plan.entries.append(torch.stack([u.rows[0][r], u.row_part + r, torch.full_like(r, n_ci),
                                              torch.full_like(r, u.n_out)], 1))
             c = torch.nonzero(u.cols[0] >= 0).flatten()
-            plan.entries.append(torch.stack([u.cols[0][c], u.col_sum + c, torch.ones_like(c), torch.zeros_like(c)], 1))
+            at = u.col_sum + (c // u.J) * jp + c % u.J
+            plan.entries.append(torch.stack([u.cols[0][c], at, torch.ones_like(c), torch.zeros_like(c)], 1))
         if u.updates:
             rows = plan.update.setdefault(u.code, [])
             n_rb = math.ceil(u.R / tu.br)
