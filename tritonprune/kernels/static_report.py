@@ -12,7 +12,8 @@ instructions per element processed: loop instructions / elements each thread han
 
 This is a static model, not a timing: it says how many instructions the SM issues per element, which
 bounds the kernel only when issue, not memory, is the limit (an H200 issues ~33 T lane-instructions/s
-against 4.8 TB/s, so ~14 instructions per fp32 element read and written still keep up with memory).
+against 4.8 TB/s: ~7 per byte moved, ~28 per fp32 element the sums read, ~83 per fp32 element the
+update reads, reads and writes back; half that in bf16).
 
 The same functions serve tests/test_triton_aot.py (`model_launch_specs`, `compile_specs`). Compilation
 needs a process where triton was imported without TRITON_INTERPRET=1 (`--specs` runs a list of
