@@ -47,12 +47,21 @@ def zoo_specs():
         groups = find_groups(model, inputs)
         for s in sr.model_launch_specs(model, groups):
             specs.setdefault(s, None)
+        if name == "resnext":  # the generic per-slot kernels too (parameters that fit no matrix form)
+            ti.MATRIX_PATH = False
+            try:
+                for s in sr.model_launch_specs(model, groups, dtypes=(torch.float32,),
+                                               regularizers=(("group_norm", False), ("bn_scale", True))):
+                    specs.setdefault(s, None)
+            finally:
+                ti.MATRIX_PATH = True
     return list(specs)
 
 
 def test_zoo_specs_cover_every_kernel_kind(zoo_specs):
     kernels = {s.kernel for s in zoo_specs}
-    assert {"mat_sums", "colsum", "reduce", "gamma", "lasso", "gather", "mat_update"} <= kernels
+    assert {"mat_sums", "colsum", "reduce", "gamma", "lasso", "gather", "mat_update", "slot_sums",
+            "slot_update"} <= kernels
     # both dtypes, both update forms and both targets reach the matrix update
     upd = {(dict(s.constexprs)["DTYPE"], dict(s.constexprs)["SIGN"], dict(s.constexprs)["TO_PARAM"])
            for s in zoo_specs if s.kernel == "mat_update"}
