@@ -1,59 +1,65 @@
-"""GPU benchmark of the Triton backend (skipped without CUDA), for ResNet-50-size (25.6M) and ViT-B-size
-(86M) parameter sets, each regularizer:
+"""GPU check and benchmark of the Triton backend, one call of at most ~8 minutes on an H100/H200:
 
-- effective bandwidth: bytes that must move (importance weights read once for the sums; every updated
-  element's w and grad read and grad written once) / time of one full regularization (all launches),
-  against a measured device-to-device copy (`dst.copy_(src)`, 2 bytes moved per byte copied).
-  Target: >= 60% of the copy bandwidth;
-- against Torch-Pruning 1.6.1's `pruner.regularize(model)` on the same GPU. Target: >= 100x faster;
-- against one fused AdamW step (`torch.optim.AdamW(fused=True)`) on the same parameters.
-  Target: <= 0.6x its time.
+    python bench/bench_triton_gpu.py            # or: python -m pytest bench/bench_triton_gpu.py -s
 
-Times are medians of CUDA-event-timed batches after warm-up (the device is synchronized around each
-batch). Results go to bench/results/triton_gpu_<model>_<regularizer>.json with the device name and the
-git commit. Run:
+1. correctness on CUDA against the torch backend: every zoo model (tests/zoo.py), ResNet-50, ViT-B/16 and
+   a Llama config (transformers; skipped if it is not installed), fp32 and bf16, the three regularizers,
+   coupled and decoupled; each tensor by ||triton - torch|| / ||torch|| (fp32 <= 1e-5, bf16 <= 1e-2), NaN
+   never passes, gradients drawn fresh (never zeros);
+2. achieved bandwidth: the bytes one regularization must move (each read weight once; each updated grad
+   read and written once) over its time (all launches replayed from a CUDA graph, so the kernels and not
+   the host's launch overhead are timed; CUDA events, median of batches after warm-up; the eager time
+   is recorded beside it), against a measured device-to-device copy of 1 GiB (bytes read + written).
+   Target >= 60% of the copy;
+3. against Torch-Pruning 1.6.1's `pruner.regularize(model)` on the same GPU and model. Target >= 100x;
+4. against one `torch.optim.AdamW(fused=True)` step on the same parameters. Target <= 0.6x its time;
+5. CUDA-graph capture of `opt.step()` (RegularizedOptimizer over SGD with momentum): replays equal the
+   eager steps bitwise;
+6. a `torch.compile`d training step (forward, backward, `opt.step()`; the regularization breaks the
+   graph, by design) equals the eager one.
 
-    python -m pytest bench/bench_triton_gpu.py --benchmark-only -s
+A short table comes last; everything goes to bench/results/triton_gpu_<device>.json with the device name,
+versions and commit. Without CUDA it builds the models, groups and launch plans (host-side only), prints
+the bytes each step must move, and says it skipped the GPU parts: that much runs on any machine.
 
-Not measured yet: this file was written on a machine without a GPU (the kernels were only checked in
-the Triton interpreter), so bench/results/ holds no GPU numbers until someone runs it on one.
+Floors to hold the results against (bytes each step must move, fp32, from the dry run; an H200 copies
+at about 4.8 TB/s on its datasheet, the script measures its own copy): GroupNorm on ResNet-50 306 MB
+(~64 us), on ViT-B/16 1036 MB (~216 us), on the 4-layer Llama 639 MB (~133 us); bf16 halves them. The
+kernels do no arithmetic worth counting (a few flops per byte), so the floor is memory; the static
+model (bench/results/triton_static_sm90) puts the sums at 4.4 (fp32) / 5.2 (bf16) and the update at
+6.0 / 8.2 SASS instructions per element, far under what an H200 issues per element at full bandwidth
+(~33 T lane-instructions/s over 4.8 TB/s: ~7 per byte, so ~28 per fp32 element read by the sums, ~83 per
+fp32 element read, read and written by the update). Known extra traffic: one fp32 column partial per 16 fp32 / 8 bf16 weight elements in the sums.
 
-CUDA graphs (reasoned, not run): a regularization step issues only kernel launches on the current
-stream; it allocates with `torch.empty` (served from the graph's private pool while capturing), reads no
-device memory on the host, and never synchronizes. Every launch takes its addresses from the pointer
-table, so capturing `opt.step()` works provided the gradients keep their addresses across replays:
-`zero_grad(set_to_none=False)` and a warm-up step before capture (so .grad exists and
-`GroupBuffers.refresh_pointers` sees no change inside the capture). The regularizer's `reg`/`alpha` and
-the decoupled mode's learning rates are baked into the captured graph (lr is copied to a device tensor
-only when it changes, which must not happen during capture). The plan (work tables) is built on the
-first call, on the host, from tensors it uploads with `.to(device)`: do that warm-up step outside the
-capture, as torch requires for any lazily initialised state.
-
-torch.compile (reasoned, not run): the Triton launchers read raw addresses from an int64 table and
-launch `triton.jit` kernels through Python, which Dynamo does not trace as tensor dataflow. Compile the
-forward/backward (the usual `torch.compile(model)`), and call `opt.step()` outside the compiled
-function; if the step is inside one, decorate the regularization with `torch.compiler.disable` so the
-graph breaks only around it.
+Status: written on a machine without a GPU (no GPU was lent for this work); nothing here has been run on
+CUDA yet. See bench/results/triton_static_sm90/ for the static (compiled, not timed) model of the kernels.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import statistics
 import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT / "tests"))  # tests/zoo.py
+sys.path.insert(0, str(ROOT))
 
-RESULTS = Path(__file__).parent / "results"
+REGS = ("group_norm", "bn_scale", "group_lasso")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -129,29 +135,79 @@ class ViTB(nn.Module):
         return self.head(self.ln(self.blocks(x))[:, 0])
 
 
-MODELS = {
-    "resnet50": (ResNet50, (2, 3, 64, 64), "fc"),
-    "vit_b": (ViTB, (1, 3, 224, 224), "head"),
-}
-_CACHE: dict = {}
+def _llama():
+    """A 4-layer Llama (width 1024, GQA 16/4 heads, MLP 2816), or None without transformers."""
+    try:
+        from tritonprune.kernels.static_report import _torchvision_or_stub
+
+        _torchvision_or_stub()
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except Exception:  # noqa: BLE001 - optional
+        return None
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=8000, max_position_embeddings=256, use_cache=False)
+    return LlamaForCausalLM(cfg).eval(), (torch.randint(0, 8000, (1, 32)),)
 
 
-def setup(name: str, device: str = "cuda"):
-    """(model with random .grad on `device`, example inputs, groups, head name); cached per process."""
-    if name not in _CACHE:
-        from tritonprune.graph import find_groups
+def big_models() -> dict:
+    """name -> (model, example inputs, head module name for Torch-Pruning or None)."""
+    torch.manual_seed(0)
+    out = {"resnet50": (ResNet50(), (torch.randn(2, 3, 64, 64),), "fc"),
+           "vit_b": (ViTB(), (torch.randn(1, 3, 224, 224),), "head")}
+    llama = _llama()
+    if llama is not None:
+        out["llama_4l"] = (*llama, None)
+    return out
 
-        torch.manual_seed(0)
-        make, shape, head = MODELS[name]
-        model, x = make(), (torch.randn(shape),)
+
+_GROUPS: dict = {}
+
+
+def groups_of(name: str, model: nn.Module, x) -> list:
+    from tritonprune.graph import find_groups
+
+    if name not in _GROUPS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            groups = find_groups(model, x)  # traced on CPU: the groups name tensors, not devices
-        model = model.to(device)
-        for p in model.parameters():
-            p.grad = torch.randn_like(p)
-        _CACHE[name] = (model, tuple(t.to(device) for t in x), groups, head)
-    return _CACHE[name]
+            _GROUPS[name] = find_groups(model, x)  # traced on CPU: groups name tensors, not devices
+    return _GROUPS[name]
+
+
+def regularizer(kind: str, decoupled: bool = False):
+    from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
+
+    return {"group_norm": GroupNorm(1e-4, decoupled=decoupled), "bn_scale": BNScale(1e-5, decoupled=decoupled),
+            "group_lasso": GroupLasso(1e-5, decoupled=decoupled)}[kind]
+
+
+def moved_bytes(bufs) -> int:
+    """The least a step must move: every weight element it reads, once (importance or update); for every
+    updated element, its grad read and written once. A weight in two slots counts once."""
+    from tritonprune.layout import FLAG_IMPORTANCE, FLAG_UPDATE
+
+    read: dict[int, torch.Tensor] = {}
+    upd: dict[int, torch.Tensor] = {}
+    size: dict[int, int] = {}
+    for (_, _, p), geo, f in zip(bufs.entries, bufs.geometries, bufs.flags):
+        size[id(p)] = p.element_size()
+        idx = torch.arange(p.numel()).as_strided((geo.G, geo.A, geo.C, geo.B),
+                                                 (geo.stride_g, geo.stride_a, geo.stride_c, 1), geo.offset)
+        idx = idx.reshape(-1)
+        if f & FLAG_IMPORTANCE or (f & FLAG_UPDATE and p.grad is not None):
+            read.setdefault(id(p), torch.zeros(p.numel(), dtype=torch.bool))[idx] = True
+        if f & FLAG_UPDATE and p.grad is not None:
+            upd.setdefault(id(p), torch.zeros(p.numel(), dtype=torch.bool))[idx] = True
+    return (sum(int(m.sum()) * size[k] for k, m in read.items())
+            + sum(int(m.sum()) * 2 * size[k] for k, m in upd.items()))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -174,48 +230,75 @@ def cuda_ms(fn, reps: int = 20, trials: int = 7, warmup: int = 3) -> tuple[float
     return statistics.median(times), max(times) - min(times)
 
 
-def copy_bandwidth(nbytes: int) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), on a buffer of `nbytes`."""
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written) on a buffer of `nbytes`."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
     dst = torch.empty_like(src)
-    ms, _ = cuda_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    ms, _ = cuda_ms(lambda: dst.copy_(src), reps=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def moved_bytes(bufs) -> int:
-    """The least a step must move: every weight element it reads, once (importance or update); for every
-    updated element, its grad read and written once. A weight in two slots (out-rows of one group,
-    in-columns of another) counts once, so reading it twice shows up as lost efficiency."""
-    from tritonprune.layout import FLAG_IMPORTANCE, FLAG_UPDATE
-
-    read: dict[int, torch.Tensor] = {}
-    upd: dict[int, torch.Tensor] = {}
-    size: dict[int, int] = {}
-    for (_, _, p), geo, f in zip(bufs.entries, bufs.geometries, bufs.flags):
-        size[id(p)] = p.element_size()
-        idx = torch.arange(p.numel()).as_strided((geo.G, geo.A, geo.C, geo.B),
-                                                 (geo.stride_g, geo.stride_a, geo.stride_c, 1), geo.offset)
-        idx = idx.reshape(-1)
-        if f & FLAG_IMPORTANCE or (f & FLAG_UPDATE and p.grad is not None):
-            read.setdefault(id(p), torch.zeros(p.numel(), dtype=torch.bool))[idx] = True
-        if f & FLAG_UPDATE and p.grad is not None:
-            upd.setdefault(id(p), torch.zeros(p.numel(), dtype=torch.bool))[idx] = True
-    return (sum(int(m.sum()) * size[k] for k, m in read.items())
-            + sum(int(m.sum()) * 2 * size[k] for k, m in upd.items()))
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+# ------------------------------------------------------------------------------------------- parts
 
 
-def tp_pruner(model, x, head, kind):
+def _capture(fn) -> torch.cuda.CUDAGraph:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # side-stream warm-up, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def check_correctness(models: dict, log) -> list[dict]:
+    """triton vs torch backend on CUDA, every model x dtype x regularizer x (coupled, decoupled)."""
+    from zoo import ZOO
+
+    from tritonprune.engine import Regularization
+
+    rows = []
+    cases = [(f"zoo:{n}", *ZOO[n](), None) for n in sorted(ZOO)] + [(n, m, x, h) for n, (m, x, h) in models.items()]
+    for name, model, x, _ in cases:
+        groups = groups_of(name, model, x)
+        for dtype in (torch.float32, torch.bfloat16):
+            base = copy.deepcopy(model).to(device="cuda", dtype=dtype)
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            grads = {n: torch.randn(p.shape, generator=gen, device="cuda").to(dtype) for n, p in base.named_parameters()}
+            for kind in REGS:
+                for decoupled in (False, True):
+                    out = {}
+                    for backend in ("torch", "triton"):
+                        m = copy.deepcopy(base)
+                        for n, p in m.named_parameters():
+                            p.grad = grads[n].clone()
+                        eng = Regularization(m, groups, regularizer(kind, decoupled), backend=backend)
+                        with torch.no_grad():
+                            if decoupled:
+                                eng.apply_decoupled({id(p): 0.1 for p in m.parameters()})
+                            else:
+                                eng.apply_to_grads()
+                        torch.cuda.synchronize()
+                        out[backend] = {n: (p.detach() if decoupled else p.grad).clone() for n, p in m.named_parameters()}
+                    worst = max((_rel(out["triton"][n], out["torch"][n]) for n in out["torch"]), default=0.0)
+                    ok = worst <= TOL[dtype]
+                    rows.append({"model": name, "dtype": str(dtype)[6:], "regularizer": kind, "decoupled": decoupled,
+                                 "max_rel_err": worst, "ok": ok})
+                    if not ok:
+                        log(f"MISMATCH {name} {dtype} {kind} decoupled={decoupled}: rel err {worst:.3g}")
+    return rows
+
+
+def _tp_pruner(model, x, head, kind):
     import torch_pruning as tp
 
     with warnings.catch_warnings():
@@ -228,112 +311,219 @@ def tp_pruner(model, x, head, kind):
                                        ignored_layers=ign, group_lasso=(kind == "group_lasso"))
 
 
-def _regs():
-    from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
-
-    return {"group_norm": GroupNorm(1e-4), "bn_scale": BNScale(1e-5), "group_lasso": GroupLasso(1e-5)}
-
-
-CASES = [("resnet50", k) for k in ("group_norm", "bn_scale", "group_lasso")] + [("vit_b", "group_norm")]
-
-
-@pytest.mark.parametrize("name,kind", CASES)
-def test_triton_gpu(benchmark, name, kind):
+def time_models(models: dict, copy_gbs: float, log) -> list[dict]:
     from tritonprune.engine import Regularization
 
-    model, x, groups, head = setup(name)
-    eng = Regularization(model, groups, _regs()[kind], backend="triton")
-    assert eng.buffers.device.type == "cuda"
-    bufs = eng.buffers
-    params = [p for p in model.parameters() if p.grad is not None]
-    saved = [p.grad.clone() for p in params]
+    rows = []
+    for name, (model, x, head) in models.items():
+        groups = groups_of(name, model, x)
+        for dtype in (torch.float32, torch.bfloat16):
+            m = copy.deepcopy(model).to(device="cuda", dtype=dtype)
+            params = list(m.parameters())
+            for p in params:
+                p.grad = torch.randn_like(p)
+            adam = torch.optim.AdamW(params, lr=1e-3, fused=True)
+            adam_ms, adam_spread = cuda_ms(adam.step)
+            for kind in REGS:
+                if kind != "group_norm" and not any(isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                                                    for mod in m.modules()):
+                    continue
+                eng = Regularization(m, groups, regularizer(kind), backend="triton")
+                bufs = eng.buffers
+                with torch.no_grad():
+                    eager_ms, _ = cuda_ms(eng.apply_to_grads)  # with the host's launch overhead
+                    graph = _capture(eng.apply_to_grads)  # the kernels alone, as a captured step runs them
+                    ours_ms, ours_spread = cuda_ms(graph.replay)
+                nbytes = moved_bytes(bufs)
+                eff = nbytes / (ours_ms * 1e-3) / 1e9
+                tp_ms = None
+                tp_error = None
+                if dtype == torch.float32 and head is not None:
+                    try:
+                        tm = copy.deepcopy(model).cuda()
+                        for p in tm.parameters():
+                            p.grad = torch.randn_like(p)
+                        pruner = _tp_pruner(tm, tuple(t.cuda() for t in x), head, kind)
+                        tp_ms, _ = cuda_ms(lambda pr=pruner, mm=tm: pr.regularize(mm), reps=1, trials=3, warmup=1)
+                    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                        tp_error = f"{type(e).__name__}: {e}"[:200]
+                row = {"model": name, "dtype": str(dtype)[6:], "regularizer": kind,
+                       "params_M": round(sum(p.numel() for p in params) / 1e6, 2), "slots": bufs.n_slots,
+                       "ours_ms": round(ours_ms, 4), "ours_spread_ms": round(ours_spread, 4),
+                       "ours_eager_ms": round(eager_ms, 4),
+                       "moved_MB": round(nbytes / 1e6, 1), "effective_GBs": round(eff, 1),
+                       "bandwidth_fraction": round(eff / copy_gbs, 3),
+                       "adamw_fused_ms": round(adam_ms, 4), "adamw_spread_ms": round(adam_spread, 4),
+                       "ratio_to_adamw": round(ours_ms / adam_ms, 3),
+                       "tp_ms": None if tp_ms is None else round(tp_ms, 2),
+                       "speedup_vs_tp": None if tp_ms is None else round(tp_ms / ours_ms, 1), "tp_error": tp_error}
+                rows.append(row)
+                log(f"{name} {row['dtype']} {kind}: {ours_ms:.3f} ms, {eff:.0f} GB/s "
+                    f"({row['bandwidth_fraction']:.0%} of copy), AdamW x{row['ratio_to_adamw']}, TP x{row['speedup_vs_tp']}")
+    return rows
 
-    with torch.no_grad():
-        ours_ms, ours_spread = cuda_ms(eng.apply_to_grads)
-    nbytes = moved_bytes(bufs)
-    copy_gbs = copy_bandwidth(max(nbytes, 256 << 20))
-    eff_gbs = nbytes / (ours_ms * 1e-3) / 1e9
 
-    adam = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    adam_ms, adam_spread = cuda_ms(adam.step)
-    with torch.no_grad():
-        for p, g in zip(params, saved):
+def check_cuda_graph(model: nn.Module, x, groups) -> dict:
+    """Capture RegularizedOptimizer(SGD momentum).step() in a CUDA graph; replays equal eager steps."""
+    import tritonprune as tpr
+
+    def make():
+        m = copy.deepcopy(model).cuda()
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        opt = tpr.RegularizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), m,
+                                       regularizer=regularizer("group_norm"), groups=groups, backend="triton")
+        return m, opt
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    feeds = [[torch.randn(p.shape, generator=gen, device="cuda") for p in model.parameters()] for _ in range(6)]
+    eager_m, eager_opt = make()
+    graph_m, graph_opt = make()
+    for m, opt in ((eager_m, eager_opt), (graph_m, graph_opt)):  # warm-up step: plans, state, compiled kernels
+        for p, g in zip(m.parameters(), feeds[0]):
             p.grad.copy_(g)
-
-    tp_ms = tp_spread = None
-    try:
-        pruner = tp_pruner(model, x, head, kind)
-        tp_ms, tp_spread = cuda_ms(lambda: pruner.regularize(model), reps=1, trials=3, warmup=1)
-    except Exception as e:  # Torch-Pruning fails on some models; record why
-        tp_error = f"{type(e).__name__}: {e}"[:300]
-    else:
-        tp_error = None
-
-    def step():
-        eng.apply_to_grads()
-        torch.cuda.synchronize()
-
-    with torch.no_grad():
-        benchmark.pedantic(step, rounds=20, warmup_rounds=3)
-
-    info = {
-        "model": name, "regularizer": kind, "device": torch.cuda.get_device_name(),
-        "commit": git_commit(), "torch": torch.__version__, "triton": __import__("triton").__version__,
-        "params_M": round(sum(p.numel() for p in params) / 1e6, 2), "slots": bufs.n_slots,
-        "ours_ms": round(ours_ms, 4), "ours_spread_ms": round(ours_spread, 4),
-        "moved_MB": round(nbytes / 1e6, 1), "effective_GBs": round(eff_gbs, 1),
-        "copy_GBs": round(copy_gbs, 1), "bandwidth_fraction": round(eff_gbs / copy_gbs, 3),
-        "adamw_fused_ms": round(adam_ms, 4), "adamw_spread_ms": round(adam_spread, 4),
-        "ratio_to_adamw": round(ours_ms / adam_ms, 3),
-        "tp_ms": None if tp_ms is None else round(tp_ms, 2),
-        "tp_spread_ms": None if tp_spread is None else round(tp_spread, 2),
-        "speedup_vs_tp": None if tp_ms is None else round(tp_ms / ours_ms, 1), "tp_error": tp_error,
-        "targets": {"bandwidth_fraction": ">= 0.6", "speedup_vs_tp": ">= 100", "ratio_to_adamw": "<= 0.6"},
-    }
-    benchmark.extra_info.update(info)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"triton_gpu_{name}_{kind}.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"\n{name} {kind}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "targets"))
-    assert math.isfinite(ours_ms) and ours_ms > 0
-
-
-def test_cuda_graph_capture():
-    """Capture the regularization in a CUDA graph and replay it: same gradients as eager."""
-    from tritonprune.engine import Regularization
-
-    model, _, groups, _ = setup("resnet50")
-    eng = Regularization(model, groups, _regs()["group_norm"], backend="triton")
-    params = [p for p in model.parameters() if p.grad is not None]
-    base = [p.grad.clone() for p in params]
-    with torch.no_grad():
-        eng.apply_to_grads()  # warm-up: plan, kernels compiled
-        eager = [p.grad.clone() for p in params]
-        for p, g in zip(params, base):
+        opt.step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for p, g in zip(graph_m.parameters(), feeds[1]):
             p.grad.copy_(g)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            eng.apply_to_grads()  # side-stream warm-up, as torch.cuda.graphs asks
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        for p, g in zip(params, base):
-            p.grad.copy_(g)
-        with torch.cuda.graph(graph):
-            eng.apply_to_grads()
-        for p, g in zip(params, base):
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    for p, g in zip(eager_m.parameters(), feeds[1]):
+        p.grad.copy_(g)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for feed in feeds[2:]:
+        for p, g in zip(graph_m.parameters(), feed):
             p.grad.copy_(g)
         graph.replay()
+        for p, g in zip(eager_m.parameters(), feed):
+            p.grad.copy_(g)
+        eager_opt.step()
+    torch.cuda.synchronize()
+    equal = all(torch.equal(a, b) for a, b in zip(graph_m.parameters(), eager_m.parameters()))
+    worst = max(_rel(a, b) for a, b in zip(graph_m.parameters(), eager_m.parameters()))
+    replay_ms, _ = cuda_ms(graph.replay)
+    eager_ms, _ = cuda_ms(eager_opt.step)
+    return {"equal": equal, "max_rel_err": worst, "replay_ms": round(replay_ms, 4), "eager_ms": round(eager_ms, 4)}
+
+
+def check_compiled_step(model: nn.Module, x, groups) -> dict:
+    """A torch.compile'd training step (forward, backward, opt.step()) against the eager one."""
+    import tritonprune as tpr
+
+    x = tuple(t.cuda() for t in x)
+    res = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(3)
+        m = copy.deepcopy(model).cuda().train()
+        opt = tpr.RegularizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), m,
+                                       regularizer=regularizer("group_norm"), groups=groups, backend="triton")
+
+        def train_step(m=m, opt=opt):
+            out = m(*x)
+            loss = (out.float() ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            return loss
+
+        fn = torch.compile(train_step) if mode == "compiled" else train_step
+        t0 = time.perf_counter()
+        losses = [float(fn()) for _ in range(3)]
         torch.cuda.synchronize()
-    for p, e in zip(params, eager):
-        assert torch.equal(p.grad, e)
+        res[mode] = (losses, [p.detach().clone() for p in m.parameters()], time.perf_counter() - t0)
+    worst = max(_rel(a, b) for a, b in zip(res["compiled"][1], res["eager"][1]))
+    return {"max_rel_err_params": worst, "ok": worst <= 1e-4, "losses_eager": res["eager"][0],
+            "losses_compiled": res["compiled"][0], "compile_and_3_steps_s": round(res["compiled"][2], 1)}
 
 
-if __name__ == "__main__":  # quick CPU check of the setup (groups, byte counts), no timing
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    for n in MODELS:
-        from tritonprune.layout import GroupBuffers
+# ------------------------------------------------------------------------------------------- main
 
-        m, _, g, _ = setup(n, "cpu")
-        b = GroupBuffers.build(m, g, _regs()["group_norm"].select)
-        print(n, f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M params, {len(g)} groups, "
-              f"{b.n_slots} slots, {moved_bytes(b) / 1e6:.0f} MB to move per GroupNorm step")
+
+def dry_run(models: dict, log) -> list[dict]:
+    """What runs without a GPU: groups, buffers, launch plans (host-side), bytes per step."""
+    from tritonprune.kernels import triton_impl as ti
+    from tritonprune.layout import GroupBuffers
+
+    rows = []
+    for name, (model, x, _) in models.items():
+        groups = groups_of(name, model, x)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for kind in REGS:
+            bufs = GroupBuffers.build(model, groups, regularizer(kind).select)
+            specs = ti.launch_specs(bufs, kind)
+            rows.append({"model": name, "regularizer": kind, "slots": bufs.n_slots, "launches": len(specs),
+                         "moved_MB_fp32": round(moved_bytes(bufs) / 1e6, 1)})
+            log(f"{name} {kind}: {bufs.n_slots} slots, {len(specs)} launches per step, "
+                f"{rows[-1]['moved_MB_fp32']} MB to move (fp32)")
+    return rows
+
+
+def main() -> int:
+    t0 = time.perf_counter()
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    models = big_models()
+    if not torch.cuda.is_available():
+        dry_run(models, log)
+        log("no CUDA device: correctness, bandwidth, Torch-Pruning, AdamW, CUDA-graph and torch.compile parts skipped")
+        return 0
+    os.environ.pop("TRITON_INTERPRET", None)
+    device = torch.cuda.get_device_name()
+    info = {"device": device, "commit": git_commit(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__}
+    info["copy_GBs"] = round(copy_bandwidth(), 1)
+    log(f"{device}: device-to-device copy {info['copy_GBs']} GB/s")
+    info["correctness"] = check_correctness(models, log)
+    info["timing"] = time_models(models, info["copy_GBs"], log)
+    rn, rx, _ = models["resnet50"]
+    info["cuda_graph"] = check_cuda_graph(rn, rx, groups_of("resnet50", rn, rx))
+    from zoo import ZOO
+
+    zm, zx = ZOO["resnet_bottleneck"]()
+    info["torch_compile"] = check_compiled_step(zm, zx, groups_of("zoo:resnet_bottleneck", zm, zx))
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    RESULTS.mkdir(exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in device).strip("_").lower()
+    path = RESULTS / f"triton_gpu_{slug}.json"
+    path.write_text(json.dumps(info, indent=1) + "\n")
+
+    bad = [r for r in info["correctness"] if not r["ok"]]
+    print(f"\n{device}, {info['seconds']} s, results in {path.relative_to(ROOT)}")
+    print(f"correctness: {len(info['correctness']) - len(bad)}/{len(info['correctness'])} cases within tolerance"
+          + (f"; worst {max(r['max_rel_err'] for r in bad):.3g}" if bad else ""))
+    print(f"cuda graph of opt.step(): equal={info['cuda_graph']['equal']} "
+          f"(replay {info['cuda_graph']['replay_ms']} ms vs eager {info['cuda_graph']['eager_ms']} ms); "
+          f"torch.compile step: ok={info['torch_compile']['ok']}")
+    head = (f"{'model':<9} {'dtype':<8} {'regularizer':<12} {'ms':>7} {'eager':>7} {'GB/s':>6} {'of copy':>7} "
+            f"{'/AdamW':>6} {'x TP':>6}")
+    print(head)
+    for r in info["timing"]:
+        print(f"{r['model']:<9} {r['dtype']:<8} {r['regularizer']:<12} {r['ours_ms']:>7.3f} {r['ours_eager_ms']:>7.3f} "
+              f"{r['effective_GBs']:>6.0f} "
+              f"{r['bandwidth_fraction']:>7.0%} {r['ratio_to_adamw']:>6.2f} {str(r['speedup_vs_tp']):>6}")
+    print("targets: >= 60% of copy, >= 100x Torch-Pruning, <= 0.6x fused AdamW")
+    return 0 if not bad and info["cuda_graph"]["equal"] and info["torch_compile"]["ok"] else 1
+
+
+def test_bench_triton_gpu():
+    """pytest entry: the whole run; skipped without CUDA (`python bench/bench_triton_gpu.py` then runs the
+    host-side parts)."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert main() == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
