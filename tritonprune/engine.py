@@ -20,13 +20,25 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .bounds import TermBounds, capturing
 from .graph.group import BATCHNORM, Group, Slot
 from .graph.trace import unwrap
-from .kernels import get_backend
+from .kernels import BACKENDS, get_backend
 from .layout import GroupBuffers
 from .regularizers import BNScale, GroupLasso, GroupNorm, Regularizer, resolve_regularizer
 
 Params = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None
+
+STATE_VERSION = 1
+
+
+def check_backend_name(backend: object, who: str = "tritonprune") -> str:
+    """'auto' or one of BACKENDS, imported once here so a missing triton is reported now, not at a step."""
+    if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
+        raise ValueError(f"{who}: unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+    if backend != "auto":
+        get_backend(backend)  # ImportError -> ValueError naming the backend
+    return backend
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -52,14 +64,18 @@ class Regularization:
         self.model = unwrap(model)
         self._params = params
         self.regularizer = resolve_regularizer(regularizer)
-        self.backend_name = backend
+        self.backend_name = check_backend_name(backend)
         self.calls = 0
         self._bufs: GroupBuffers | None = None
+        self._bounds: TermBounds | None = None
         self._backend = None
         self._coef: torch.Tensor | None = None
         self._coef_age = 0
         self._scale_key: tuple | None = None
         self._scale: torch.Tensor | None = None
+        self._watch: list[torch.Tensor] = []  # parameters that may be updated: their requires_grad is watched
+        self._watch_key: tuple[bool, ...] = ()
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self.sharded = None
         if _is_sharded(self.model):
             from .distributed import ShardedLayout
@@ -80,6 +96,10 @@ class Regularization:
                 f"{len(groups)} groups has a BatchNorm layer; use GroupNorm(...) for this model"
             )
         self.groups = groups
+        # the shapes the groups describe: a layer replaced by a wider one later is caught at the next build
+        named = dict(self.model.named_parameters())
+        self._shapes = {s.name: tuple(named[s.name].shape) for g in groups for s in g.slots
+                        if not s.is_buffer and s.name in named}
         self._invalidate()
 
     def set_params(self, params: Params) -> None:
@@ -89,22 +109,49 @@ class Regularization:
 
     def _invalidate(self) -> None:
         self._bufs = None
+        self._bounds = None
         self._coef = None
         self._scale_key = None
 
     def _select(self) -> Callable[[Slot], tuple[bool, bool]]:
+        """The regularizer's choice, the update restricted to `params` that require grad (frozen ones
+        keep counting in the importance). Sets the watched parameters."""
         select = self.regularizer.select
+        named = dict(self.model.named_parameters())
         if self._params is None:
-            return select
-        params = self._params() if callable(self._params) else self._params
-        ids = {id(p) for p in params}
-        allowed = {n for n, p in self.model.named_parameters() if id(p) in ids}
+            candidates = named
+        else:
+            params = self._params() if callable(self._params) else self._params
+            ids = {id(p) for p in params}
+            candidates = {n: p for n, p in named.items() if id(p) in ids}
+        allowed = {n for n, p in candidates.items() if p.requires_grad}
+        self._watch = list(candidates.values())
+        self._watch_key = tuple(p.requires_grad for p in self._watch)
 
         def restricted(slot: Slot) -> tuple[bool, bool]:
             imp, upd = select(slot)
             return imp, upd and slot.name in allowed
 
         return restricted
+
+    def _check_shapes(self) -> None:
+        named = dict(self.model.named_parameters())
+        for name, shape in self._shapes.items():
+            p = named.get(name)
+            if p is not None and tuple(p.shape) != shape:
+                raise ValueError(
+                    f"tritonprune: {name} now has shape {tuple(p.shape)}, but the groups were found with "
+                    f"{shape} (was the layer replaced or pruned by hand?); regularizing them would cover only "
+                    "part of its channels. Rebuild the optimizer, or pass new groups with set_groups() / "
+                    "RegularizedOptimizer.reset_groups(tpr.find_groups(model, example_inputs)); "
+                    "tritonprune.prune() does this for you"
+                )
+        for p in named.values():
+            if p.device.type == "meta":
+                raise ValueError(
+                    "tritonprune: the model has parameters on the meta device (no data to regularize); "
+                    "materialize it first (model.to_empty(device=...) and load the weights), then build the optimizer"
+                )
 
     def _stale(self) -> bool:
         if self.sharded is not None:
@@ -113,12 +160,14 @@ class Regularization:
 
     @property
     def buffers(self) -> GroupBuffers:
+        """The current GroupBuffers, rebuilt first where the model changed (validated; see `prepare`)."""
         if self._bufs is None or self._stale():
+            self._check_shapes()
             try:
                 if self.sharded is not None:
-                    self._bufs = self.sharded.build(self.groups, self._select())
+                    bufs = self.sharded.build(self.groups, self._select())
                 else:
-                    self._bufs = GroupBuffers.build(self.model, self.groups, self._select())
+                    bufs = GroupBuffers.build(self.model, self.groups, self._select())
             except ValueError as e:
                 if self._bufs is None:  # first build for these groups: the message says it all
                     raise
@@ -126,14 +175,61 @@ class Regularization:
                     f"{e}. The model no longer matches the groups (was it pruned?): pass the new groups with "
                     "set_groups(), or let tritonprune.prune() update the optimizer"
                 ) from None
-            self._backend = get_backend(self.backend_name, self._bufs.device)
+            backend = get_backend(self.backend_name, bufs.device)
+            self._bufs, self._backend = bufs, backend
+            self._bounds = None
             self._coef = None
             self._scale_key = None
         if self.sharded is not None:
             self.sharded.attach_grads(self._bufs)  # local views of the shards' .grad on the proxies
+        self._check_grads(self._bufs)
         if getattr(self._backend, "USES_POINTER_TABLE", True):
             self._bufs.refresh_pointers()  # only the Triton kernels read the table's addresses
         return self._bufs
+
+    def _stale(self) -> bool:
+        if tuple(p.requires_grad for p in self._watch) != self._watch_key:
+            return True  # a parameter was frozen or unfrozen: it must (not) be updated from now on
+        if self.sharded is not None:
+            return self.sharded.is_stale(self._bufs)
+        return self._bufs.is_stale(self.model)
+
+    @staticmethod
+    def _check_grads(bufs: GroupBuffers) -> None:
+        for _, slot, p in bufs.entries:
+            g = p.grad
+            if g is not None and g.layout != torch.strided:
+                raise ValueError(
+                    f"tritonprune: {slot.name}.grad is a {g.layout} tensor; the regularizer needs dense gradients "
+                    "(nn.Embedding(sparse=True) and sparse optimizers are not supported: use sparse=False)"
+                )
+
+    def prepare(self) -> GroupBuffers:
+        """Validate everything a step needs (groups against the model, backend, buffers, gradients)
+        without writing anything; the optimizer calls it before a decoupled inner step."""
+        return self.buffers
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue bitwise: the cached coefficients and their age."""
+        return {"version": STATE_VERSION, "calls": self.calls, "coef_age": self._coef_age,
+                "n_channels": sum(g.size for g in self.groups),
+                "coef": None if self._coef is None else self._coef.detach().clone()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        n = sum(g.size for g in self.groups)
+        coef = state.get("coef")
+        if coef is not None and (not isinstance(coef, torch.Tensor) or coef.shape != (n,)):
+            raise ValueError(
+                f"tritonprune: the checkpoint's cached coefficients cover {getattr(coef, 'shape', None)} channels, "
+                f"the groups {n}: it was saved for another model (or before pruning)"
+            )
+        bufs = self.prepare() if coef is not None else None
+        self.calls = int(state.get("calls", 0))
+        self._coef_age = int(state.get("coef_age", 0))
+        self._coef = None if coef is None else coef.to(device=bufs.device, dtype=torch.float32).clone()
+        self._bounds = None  # re-measured from the restored coefficients at the next step
 
     # ------------------------------------------------------------------------------------------ apply
 
@@ -168,23 +264,48 @@ class Regularization:
         return self._scale
 
     def _apply(self, bufs: GroupBuffers, target: str, slot_scale: torch.Tensor | None) -> None:
+        """Compute (or reuse) the coefficients, check the terms fit their targets, then write.
+
+        Every check runs before the first write: a step that raises leaves grads and weights as they were.
+        """
         r, be = self.regularizer, self._backend
-        self.calls += 1
         if bufs.n_slots == 0 and self.sharded is None:  # a rank with no local rows still joins the all-reduce
+            self.calls += 1
             return
+        decoupled = target == "param"
+        scales = self._scale_key if slot_scale is not None else None
+        check = not capturing(bufs.device)  # no host sync inside CUDA-graph capture: the warm-up step checked
+        if self._bounds is None:
+            self._bounds = TermBounds(bufs, self.groups)
         if isinstance(r, BNScale):
+            if check:
+                self._bounds.check_sign(r.reg, scales, decoupled)
             be.add_sign_(bufs, r.reg, target=target, slot_scale=slot_scale)
+            self.calls += 1
             return
-        if self._coef is None or self._coef_age >= r.refresh_every:
+        fresh = self._coef is None or self._coef_age >= r.refresh_every
+        coef = self._coef
+        if fresh:
             sums = be.channel_sq_sums(bufs)
             if self.sharded is not None:
                 sums = self.sharded.reduce_sums(sums)  # the one collective of a step
             if isinstance(r, GroupNorm):
-                self._coef = be.group_norm_coef(bufs, sums, r.reg, r.alpha)
+                coef = be.group_norm_coef(bufs, sums, r.reg, r.alpha)
             elif isinstance(r, GroupLasso):
-                self._coef = be.group_lasso_coef(bufs, sums, r.reg)
+                coef = be.group_lasso_coef(bufs, sums, r.reg)
             else:
                 raise TypeError(f"tritonprune: no backend path for regularizer {r!r}")
-            self._coef_age = 0
+            if check:
+                self._bounds.measure(sums, coef)
+        measured = fresh
+        if check and not fresh and self._bounds.slot_coef is None:  # coefficients restored from a checkpoint
+            self._bounds.measure(be.channel_sq_sums(bufs), coef)
+            measured = True
+        if check:
+            self._bounds.check_scaled(scales, decoupled, measured)
+        be.add_scaled_(bufs, coef, target=target, slot_scale=slot_scale)
+        # committed only once written: a refused step leaves the cache and the counters as they were
+        if fresh:
+            self._coef, self._coef_age = coef, 0
         self._coef_age += 1
-        be.add_scaled_(bufs, self._coef, target=target, slot_scale=slot_scale)
+        self.calls += 1
