@@ -163,6 +163,7 @@ class Regularization:
         """The current GroupBuffers, rebuilt first where the model changed (validated; see `prepare`)."""
         if self._bufs is None or self._stale():
             self._check_shapes()
+            self._check_grads((name, p) for name, p in self.model.named_parameters())  # build reads grads
             try:
                 if self.sharded is not None:
                     bufs = self.sharded.build(self.groups, self._select())
@@ -182,7 +183,7 @@ class Regularization:
             self._scale_key = None
         if self.sharded is not None:
             self.sharded.attach_grads(self._bufs)  # local views of the shards' .grad on the proxies
-        self._check_grads(self._bufs)
+        self._check_grads((slot.name, p) for _, slot, p in self._bufs.entries)
         if getattr(self._backend, "USES_POINTER_TABLE", True):
             self._bufs.refresh_pointers()  # only the Triton kernels read the table's addresses
         return self._bufs
@@ -195,12 +196,12 @@ class Regularization:
         return self._bufs.is_stale(self.model)
 
     @staticmethod
-    def _check_grads(bufs: GroupBuffers) -> None:
-        for _, slot, p in bufs.entries:
+    def _check_grads(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, p in named:
             g = p.grad
             if g is not None and g.layout != torch.strided:
                 raise ValueError(
-                    f"tritonprune: {slot.name}.grad is a {g.layout} tensor; the regularizer needs dense gradients "
+                    f"tritonprune: {name}.grad is a {g.layout} tensor; the regularizer needs dense gradients "
                     "(nn.Embedding(sparse=True) and sparse optimizers are not supported: use sparse=False)"
                 )
 
