@@ -98,7 +98,8 @@ class GroupNorm(Regularizer):
 
     `n_c` is the L2 norm of channel c over all importance slots of its group and
     `gamma_c = 2 ** (alpha * (n_max - n_c) / (n_max - n_min))`, in [1, 2**alpha]: weak channels are pushed
-    harder. gamma is 1 where a group has one channel or equal norms.
+    harder. gamma is 1 where a group has one channel or equal norms (a spread at most
+    `kernels.FLAT_SPREAD_RTOL` times n_max, so float32 rounding of equal norms counts as equal).
 
     Args:
         reg: strength (>= 0).
