@@ -268,10 +268,13 @@ def test_plain_optimizer_loads_the_wrappers_state_dict_and_mismatch_is_refused()
     other = wrap(make())  # refresh_every=1: no entry
     assert "tritonprune" not in other.state_dict()
     small = make()
-    opt_small = RegularizedOptimizer(torch.optim.SGD(small.parameters(), lr=0.1), small,
+    opt_small = RegularizedOptimizer(torch.optim.SGD(small.parameters(), lr=0.3), small,
                                      groups=groups()[:1], regularizer=tpr.GroupNorm(reg=0.05, refresh_every=3))
+    before = repr(opt_small.optimizer.state_dict())
     with pytest.raises(ValueError, match="another model"):
         opt_small.load_state_dict(copy.deepcopy(sd))
+    assert repr(opt_small.optimizer.state_dict()) == before  # refused before the inner optimizer loaded
+    assert opt_small.param_groups[0]["lr"] == 0.3
 
 
 def test_pickle_keeps_the_cached_coefficients():

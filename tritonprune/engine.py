@@ -218,14 +218,19 @@ class Regularization:
                 "n_channels": sum(g.size for g in self.groups),
                 "coef": None if self._coef is None else self._coef.detach().clone()}
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def check_state_dict(self, state: Mapping) -> None:
+        """Raise ValueError if `state` (from `state_dict()`) does not fit these groups; changes nothing."""
         n = sum(g.size for g in self.groups)
         coef = state.get("coef")
-        if coef is not None and (not isinstance(coef, torch.Tensor) or coef.shape != (n,)):
+        if coef is not None and (not isinstance(coef, torch.Tensor) or tuple(coef.shape) != (n,)):
             raise ValueError(
-                f"tritonprune: the checkpoint's cached coefficients cover {getattr(coef, 'shape', None)} channels, "
-                f"the groups {n}: it was saved for another model (or before pruning)"
+                f"tritonprune: the checkpoint's cached coefficients have shape {tuple(getattr(coef, 'shape', ()))}, "
+                f"the groups {n} channels: it was saved for another model (or before pruning)"
             )
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.check_state_dict(state)
+        coef = state.get("coef")
         bufs = self.prepare() if coef is not None else None
         self.calls = int(state.get("calls", 0))
         self._coef_age = int(state.get("coef_age", 0))

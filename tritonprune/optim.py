@@ -291,6 +291,7 @@ class RegularizedOptimizer(Optimizer):
                 state_dict = result
         ours = state_dict.get(STATE_KEY)
         if ours is not None:
+            self._engine.check_state_dict(ours)  # before the inner optimizer loads anything
             state_dict = {k: v for k, v in state_dict.items() if k != STATE_KEY}
         self._optimizer.load_state_dict(state_dict)
         if ours is not None:
