@@ -20,6 +20,9 @@ Between two refreshes of the coefficients (`refresh_every` > 1) the sums are sta
 (coupled) or <= 2 (decoupled) the term cannot exceed |w| whatever w is; elsewhere max|w| of those
 parameters is read. BNScale's term is s_k * reg * sign(w): K_p alone bounds it.
 
+Under FSDP2 the bounds are taken over whole parameters and the all-reduced sums, so every rank refuses
+the same step (a refusal on one rank only would leave the others waiting in the next collective).
+
 Not checked: a gradient already within |term| of its dtype's largest value (the sum may round to inf;
 reading every gradient each step would cost as much as the regularization itself).
 """
@@ -29,8 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from .layout import FLAG_UPDATE, GroupBuffers
 
 # n_c comes from float32 sums: a little headroom for their rounding
 _MARGIN = 1.0 + 2.0**-10
@@ -44,28 +45,44 @@ def _acc_max(dtype: torch.dtype) -> float:
     return _dtype_max(torch.promote_types(dtype, torch.float32))
 
 
+def _max_abs(p: torch.Tensor) -> float:
+    if not p.numel():
+        return 0.0
+    m = p.detach().abs().amax()
+    return float(m.full_tensor() if hasattr(m, "full_tensor") else m)  # a DTensor reduces over its ranks
+
+
 def capturing(device: torch.device) -> bool:
     """True inside CUDA-graph capture, where no host sync is allowed (the checks then rely on the warm-up step)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class TermBounds:
-    """Per-slot maxima of the coefficients and norms of one GroupBuffers, and the checks on them."""
+    """Per-slot maxima of the coefficients and norms over the groups' update slots, and the checks on them.
 
-    def __init__(self, bufs: GroupBuffers, groups):
-        self.bufs = bufs
+    Built from the groups themselves (whole parameters, global channel ranges), not from the buffers'
+    rows: under FSDP2 every rank then reaches the same verdict from the same all-reduced sums.
+    """
+
+    def __init__(self, groups, select, named: dict, device: torch.device):
         self.groups = groups
-        lengths = [geo.G * geo.C for geo in bufs.geometries]
-        dev = bufs.device
-        chans = bufs.chans
-        self._idx = torch.cat([torch.arange(c, c + n) for c, n in zip(chans, lengths)] or [torch.zeros(0, dtype=torch.int64)]).to(dev)
-        self._sid = torch.repeat_interleave(torch.arange(bufs.n_slots), torch.tensor(lengths, dtype=torch.int64)).to(dev)
-        # update slots by parameter, in table order
-        self._update_of: dict[int, list[int]] = {}
-        for k, ((_, _, p), flags) in enumerate(zip(bufs.entries, bufs.flags)):
-            if flags & FLAG_UPDATE:
-                self._update_of.setdefault(id(p), []).append(k)
-        self._param = {id(p): (slot.name, p) for _, slot, p in bufs.entries}
+        self.group_offsets = [0]
+        for g in groups:
+            self.group_offsets.append(self.group_offsets[-1] + g.size)
+        starts, lengths = [], []
+        self._update_of: dict[str, list[int]] = {}  # parameter name -> indices of its update slots
+        for gi, g in enumerate(groups):
+            for slot in g.slots:
+                if slot.is_buffer or slot.name not in named or not select(slot)[1]:
+                    continue
+                self._update_of.setdefault(slot.name, []).append(len(starts))
+                starts.append(self.group_offsets[gi] + slot.offset)
+                lengths.append(slot.length)
+        self.params = {name: named[name] for name in self._update_of}  # the parameters that get the term
+        self.n_slots = len(starts)
+        self._idx = torch.cat([torch.arange(c, c + n) for c, n in zip(starts, lengths)]
+                              or [torch.zeros(0, dtype=torch.int64)]).to(device)
+        self._sid = torch.repeat_interleave(torch.arange(self.n_slots), torch.tensor(lengths, dtype=torch.int64)).to(device)
         self.slot_coef: list[float] | None = None  # max coef over each slot's channels (host)
         self.slot_norm: list[float] | None = None  # max n_c over each slot's channels (host)
         self._checked_key: tuple | None = None
@@ -74,7 +91,7 @@ class TermBounds:
 
     def measure(self, sums: torch.Tensor, coef: torch.Tensor) -> None:
         """Refuse non-finite sums (naming the group); keep per-slot maxima of coef and n. One host sync."""
-        n_slots = self.bufs.n_slots
+        n_slots = self.n_slots
         sums = sums.to(torch.float32)
         finite = torch.isfinite(sums)
         n = sums.clamp(min=0).sqrt()
@@ -89,30 +106,31 @@ class TermBounds:
         self._checked_key = None
 
     def _raise_non_finite(self, sums: torch.Tensor, finite: torch.Tensor) -> None:
-        bad = torch.nonzero(~finite).flatten().cpu()
-        gi = int(self.bufs.channel_group.cpu()[bad[0]])
+        c = int(torch.nonzero(~finite).flatten()[0])
+        gi = max(i for i, off in enumerate(self.group_offsets[:-1]) if off <= c)
         group = self.groups[gi]
-        first = int(bad[0]) - int(self.bufs.group_offsets.cpu()[gi])
         names = sorted({s.name for s in group.slots if not s.is_buffer})[:4]
-        value = float(sums[bad[0]])
         raise ValueError(
             f"tritonprune: group #{gi} ({group.origin or 'channels of ' + ', '.join(names)}) has a sum of squares of "
-            f"{value} at channel {first} (weights inf/NaN, or above ~1.8e19 where float32 squares overflow): the "
-            "training has diverged; nothing was modified. Lower the learning rate or reg, or restore a checkpoint"
+            f"{float(sums[c])} at channel {c - self.group_offsets[gi]} (weights inf/NaN, or above ~1.8e19 where "
+            "float32 squares overflow): the training has diverged; nothing was modified. Lower the learning rate "
+            "or reg, or restore a checkpoint"
         )
 
     # ------------------------------------------------------------------------------------- checks
 
-    def check_scaled(self, scales: list[float] | None, decoupled: bool, fresh: bool) -> None:
-        """Check coef * w terms; `scales` per slot (None: 1 everywhere), `fresh`: sums of this step."""
-        key = (id(self.slot_coef), None if scales is None else tuple(scales))
+    def check_scaled(self, scales: dict[str, float] | None, decoupled: bool, fresh: bool) -> None:
+        """Check coef * w terms; `scales`: lr by parameter name (None: 1 everywhere; a parameter
+        missing from it is not shrunk), `fresh`: the sums are this step's."""
+        key = (id(self.slot_coef), None if scales is None else tuple(sorted(scales.items())))
         if key == self._checked_key and not fresh:
             return
         limit_k = 2.0 if decoupled else 1.0
         reads_w = False  # some parameter's bound needs max|w| at every step until the next refresh
-        for pid, ks in self._update_of.items():
-            name, p = self._param[pid]
-            K = sum(self.slot_coef[k] * (1.0 if scales is None else abs(scales[k])) for k in ks)
+        for name, ks in self._update_of.items():
+            p = self.params[name]
+            s = 1.0 if scales is None else abs(scales.get(name, 0.0))
+            K = sum(self.slot_coef[k] for k in ks) * s
             reads_w = reads_w or not K <= limit_k
             if fresh:
                 W = max(self.slot_norm[k] for k in ks) * _MARGIN
@@ -121,18 +139,18 @@ class TermBounds:
             else:
                 if capturing(p.device):
                     continue
-                W = float(p.detach().abs().amax()) if p.numel() else 0.0
+                W = _max_abs(p)
             self._check(name, p.dtype, K, W, decoupled)
         self._checked_key = None if reads_w else key
 
-    def check_sign(self, reg: float, scales: list[float] | None, decoupled: bool) -> None:
-        """BNScale: |term| = s_k * reg, known on the host."""
-        key = ("sign", reg, None if scales is None else tuple(scales))
+    def check_sign(self, reg: float, scales: dict[str, float] | None, decoupled: bool) -> None:
+        """BNScale: |term| = lr * reg per slot, known on the host."""
+        key = ("sign", reg, None if scales is None else tuple(sorted(scales.items())))
         if key == self._checked_key:
             return
-        for pid, ks in self._update_of.items():
-            name, p = self._param[pid]
-            K = sum(reg * (1.0 if scales is None else abs(scales[k])) for k in ks)
+        for name, ks in self._update_of.items():
+            p = self.params[name]
+            K = len(ks) * reg * (1.0 if scales is None else abs(scales.get(name, 0.0)))
             if not K <= min(_dtype_max(p.dtype), _acc_max(p.dtype)):
                 self._refuse(name, p.dtype, K, decoupled)
         self._checked_key = key

@@ -164,11 +164,12 @@ class Regularization:
         if self._bufs is None or self._stale():
             self._check_shapes()
             self._check_grads((name, p) for name, p in self.model.named_parameters())  # build reads grads
+            select = self._select()
             try:
                 if self.sharded is not None:
-                    bufs = self.sharded.build(self.groups, self._select())
+                    bufs = self.sharded.build(self.groups, select)
                 else:
-                    bufs = GroupBuffers.build(self.model, self.groups, self._select())
+                    bufs = GroupBuffers.build(self.model, self.groups, select)
             except ValueError as e:
                 if self._bufs is None:  # first build for these groups: the message says it all
                     raise
@@ -178,7 +179,7 @@ class Regularization:
                 ) from None
             backend = get_backend(self.backend_name, bufs.device)
             self._bufs, self._backend = bufs, backend
-            self._bounds = None
+            self._bounds = TermBounds(self.groups, select, dict(self.model.named_parameters()), bufs.device)
             self._coef = None
             self._scale_key = None
         if self.sharded is not None:
@@ -235,7 +236,8 @@ class Regularization:
         self.calls = int(state.get("calls", 0))
         self._coef_age = int(state.get("coef_age", 0))
         self._coef = None if coef is None else coef.to(device=bufs.device, dtype=torch.float32).clone()
-        self._bounds = None  # re-measured from the restored coefficients at the next step
+        if self._bounds is not None:
+            self._bounds.slot_coef = None  # re-measured from the restored coefficients at the next step
 
     # ------------------------------------------------------------------------------------------ apply
 
@@ -258,9 +260,10 @@ class Regularization:
         Parameters missing from `lr_of_param` or without a .grad are left alone.
         """
         bufs = self.buffers
+        lr_by_name = {name: float(lr_of_param.get(id(p), 0.0)) for name, p in self._bounds.params.items()}
         if self.sharded is not None:
             lr_of_param = self.sharded.local_lr(lr_of_param)
-        self._apply(bufs, "param", self._slot_scale(bufs, lr_of_param))
+        self._apply(bufs, "param", self._slot_scale(bufs, lr_of_param), lr_by_name)
 
     def _slot_scale(self, bufs: GroupBuffers, lr_of_param: Mapping[int, float]) -> torch.Tensor:
         key = tuple(float(lr_of_param.get(id(p), 0.0)) for _, _, p in bufs.entries)
@@ -269,7 +272,8 @@ class Regularization:
             self._scale_key = key
         return self._scale
 
-    def _apply(self, bufs: GroupBuffers, target: str, slot_scale: torch.Tensor | None) -> None:
+    def _apply(self, bufs: GroupBuffers, target: str, slot_scale: torch.Tensor | None,
+               scales: dict[str, float] | None = None) -> None:
         """Compute (or reuse) the coefficients, check the terms fit their targets, then write.
 
         Every check runs before the first write: a step that raises leaves grads and weights as they were.
@@ -279,10 +283,7 @@ class Regularization:
             self.calls += 1
             return
         decoupled = target == "param"
-        scales = self._scale_key if slot_scale is not None else None
         check = not capturing(bufs.device)  # no host sync inside CUDA-graph capture: the warm-up step checked
-        if self._bounds is None:
-            self._bounds = TermBounds(bufs, self.groups)
         if isinstance(r, BNScale):
             if check:
                 self._bounds.check_sign(r.reg, scales, decoupled)
