@@ -3,7 +3,12 @@
 The optimizer wrapper calls `apply_to_grads()` before the inner step (coupled mode) or
 `apply_decoupled(lr_of_param)` after it (decoupled mode). The flattened buffers are built lazily, rebuilt
 by themselves when a parameter is replaced or reshaped (after pruning), and the per-channel
-coefficients are kept for `regularizer.refresh_every` calls.
+coefficients are kept for `regularizer.refresh_every` calls (`state_dict()` / `load_state_dict()` carry
+them across a checkpoint).
+
+Every call validates before it writes: the groups against the model's current shapes, the gradients'
+layout, and (`tritonprune.bounds`) that the terms fit their targets' dtypes; a call that raises has
+changed nothing. Parameters that do not require grad are never updated (checked at every call).
 
 DistributedDataParallel / DataParallel wrappers are looked through (slot names are those of the inner
 module). A model whose grouped parameters are FSDP2 DTensors is handled by
@@ -153,11 +158,6 @@ class Regularization:
                     "materialize it first (model.to_empty(device=...) and load the weights), then build the optimizer"
                 )
 
-    def _stale(self) -> bool:
-        if self.sharded is not None:
-            return self.sharded.is_stale(self._bufs)
-        return self._bufs.is_stale(self.model)
-
     @property
     def buffers(self) -> GroupBuffers:
         """The current GroupBuffers, rebuilt first where the model changed (validated; see `prepare`)."""
@@ -306,7 +306,10 @@ class Regularization:
                 self._bounds.measure(sums, coef)
         measured = fresh
         if check and not fresh and self._bounds.slot_coef is None:  # coefficients restored from a checkpoint
-            self._bounds.measure(be.channel_sq_sums(bufs), coef)
+            sums = be.channel_sq_sums(bufs)
+            if self.sharded is not None:
+                sums = self.sharded.reduce_sums(sums)  # every rank takes this branch at the same step
+            self._bounds.measure(sums, coef)
             measured = True
         if check:
             self._bounds.check_scaled(scales, decoupled, measured)
