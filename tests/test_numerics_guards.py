@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tritonprune.engine import Regularization
-from tritonprune.graph.group import AFFINE, BATCHNORM, IN, LINEAR, OUT, Group, Slot
+from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LINEAR, OUT, Group, Slot
 from tritonprune.kernels import FLAT_SPREAD_RTOL, get_backend, torch_impl
 from tritonprune.layout import GroupBuffers
 from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
@@ -85,6 +85,36 @@ def test_channels_equal_in_exact_arithmetic_give_gamma_one(backend, monkeypatch)
         assert torch.equal(coef, torch.full((c,), 0.1, dtype=torch.float32)), (trial, sums)
     if backend != "reference":  # the reference sums in float64: its float32 sums are usually all equal
         assert residue_seen, "no trial had unequal float32 sums: the test would not catch the rule"
+
+
+class ConvBN(nn.Module):
+    def __init__(self, c: int, m: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, m, 1, bias=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_bn_channels_equal_in_exact_arithmetic_give_gamma_one(backend, monkeypatch):
+    """Conv out-rows (3x3 kernels), BatchNorm weights of equal magnitude and 1x1 in-columns, each channel a
+    permutation of the same values (signs included), on odd channel counts."""
+    be = backend_of(backend, monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    for trial in range(8):
+        c, m = 2 * int(torch.randint(1, 12, (1,), generator=g)) + 1, int(torch.randint(1, 9, (1,), generator=g))
+        model = ConvBN(c, m)
+        kernel = torch.randn(27, generator=g) * 3
+        col = torch.randn(m, generator=g)
+        with torch.no_grad():
+            model.conv.weight.copy_(torch.stack([kernel[torch.randperm(27, generator=g)] for _ in range(c)]).view(c, 3, 3, 3))
+            model.bn.weight.copy_(0.7 * torch.sign(torch.randn(c, generator=g)))
+            model.conv2.weight.copy_(torch.stack([col[torch.randperm(m, generator=g)] for _ in range(c)], 1).view(m, c, 1, 1))
+        groups = [Group(c, (Slot("conv.weight", "conv", CONV, OUT, 0, 0, c),
+                            Slot("bn.weight", "bn", BATCHNORM, AFFINE, 0, 0, c),
+                            Slot("conv2.weight", "conv2", CONV, IN, 1, 0, c)))]
+        _, coef = coefficients(model, groups, be, reg=1e-3, alpha=4.0)
+        assert torch.equal(coef, torch.full((c,), 1e-3, dtype=torch.float32)), trial
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
