@@ -212,6 +212,19 @@ def test_fp16_term_above_65504_is_refused_with_nothing_written(backend):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_fp16_gradient_plus_term_that_rounds_to_inf_is_refused():
+    """|term| >= 16 (half an fp16 ulp at 65504) can push a finite gradient to inf: then max|grad| is read."""
+    model = fp16_model(scale=1.0)
+    with torch.no_grad():
+        model.fc1.weight.grad[0, 0] = 65504.0  # the largest float16
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"fc1\.weight\.grad \(max \|g\| = 65504\).*overflow float16"):
+        Regularization(model, mlp_groups(5), GroupNorm(reg=2.0)).apply_to_grads()  # term up to ~ 2*16*2*n
+    assert_unchanged(model, snap)
+    Regularization(model, mlp_groups(5), GroupNorm(reg=1e-3)).apply_to_grads()  # |term| < 16: cannot round up
+    assert torch.isfinite(model.fc1.weight.grad).all() and model.fc1.weight.grad[0, 0] == 65504.0
+
+
 def test_fp16_decoupled_shrink_that_overflows_is_refused():
     model = fp16_model(scale=3000.0)
     snap = snapshot(model)

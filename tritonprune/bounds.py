@@ -16,15 +16,17 @@ Checks (each failing one raises ValueError naming the group or the parameter; no
 - coupled: K_p * W_p <= the largest value of p's dtype (and of the float32 accumulator);
 - decoupled: the new weight is w * (1 - s) with 0 <= s <= K_p, so |w'| <= W_p * max(1, K_p - 1).
 
+Coupled, the term is added into the gradient: once the term's bound reaches half an ulp of the dtype's
+largest value (16 for float16, ~1e31 for float32) a finite gradient plus the term may round to inf, and
+only then is max|grad| of that parameter read and `max|g| + bound` checked too.
+
 Between two refreshes of the coefficients (`refresh_every` > 1) the sums are stale: where K_p <= 1
-(coupled) or <= 2 (decoupled) the term cannot exceed |w| whatever w is; elsewhere max|w| of those
-parameters is read. BNScale's term is s_k * reg * sign(w): K_p alone bounds it.
+(coupled) or <= 2 (decoupled) the term cannot exceed |w| whatever w is; elsewhere, and for coupled
+float16 parameters, max|w| of those parameters is read. BNScale's term is s_k * reg * sign(w): K_p
+alone bounds it. Weights that turn inf/NaN between two refreshes are found at the next refresh.
 
 Under FSDP2 the bounds are taken over whole parameters and the all-reduced sums, so every rank refuses
 the same step (a refusal on one rank only would leave the others waiting in the next collective).
-
-Not checked: a gradient already within |term| of its dtype's largest value (the sum may round to inf;
-reading every gradient each step would cost as much as the regularization itself).
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ _MARGIN = 1.0 + 2.0**-10
 
 def _dtype_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
+
+
+def _half_ulp_at_max(dtype: torch.dtype) -> float:
+    """Below this, a finite value plus the term rounds to at most the largest finite value."""
+    fi = torch.finfo(dtype)
+    return 2.0 ** (math.frexp(fi.max)[1] - 1) * fi.eps / 2
 
 
 def _acc_max(dtype: torch.dtype) -> float:
@@ -126,40 +134,63 @@ class TermBounds:
         if key == self._checked_key and not fresh:
             return
         limit_k = 2.0 if decoupled else 1.0
-        reads_w = False  # some parameter's bound needs max|w| at every step until the next refresh
+        reads = False  # some parameter's verdict needs a fresh read at every step until the next refresh
         for name, ks in self._update_of.items():
             p = self.params[name]
             s = 1.0 if scales is None else abs(scales.get(name, 0.0))
             K = sum(self.slot_coef[k] for k in ks) * s
-            reads_w = reads_w or not K <= limit_k
+            # coupled half-precision gradients: g + term may round to inf once |term| >= half an ulp of
+            # the dtype's largest value (16 for float16), so their weights are re-read between refreshes
+            narrow = not decoupled and p.dtype == torch.float16
+            reads = reads or not K <= limit_k or narrow
             if fresh:
                 W = max(self.slot_norm[k] for k in ks) * _MARGIN
-            elif K <= limit_k:
+            elif K <= limit_k and not narrow:
                 continue  # |term| <= |w| (decoupled: |w'| <= |w|) whatever w is
+            elif capturing(p.device):
+                continue
             else:
-                if capturing(p.device):
-                    continue
                 W = _max_abs(p)
-            self._check(name, p.dtype, K, W, decoupled)
-        self._checked_key = None if reads_w else key
+            reads = self._check(name, p, K, W, decoupled) or reads
+        self._checked_key = None if reads else key
 
     def check_sign(self, reg: float, scales: dict[str, float] | None, decoupled: bool) -> None:
         """BNScale: |term| = lr * reg per slot, known on the host."""
         key = ("sign", reg, None if scales is None else tuple(sorted(scales.items())))
         if key == self._checked_key:
             return
+        reads = False
         for name, ks in self._update_of.items():
             p = self.params[name]
             K = len(ks) * reg * (1.0 if scales is None else abs(scales.get(name, 0.0)))
+            reads = self._check_grad_sum(name, p, K, decoupled) or reads
             if not K <= min(_dtype_max(p.dtype), _acc_max(p.dtype)):
                 self._refuse(name, p.dtype, K, decoupled)
-        self._checked_key = key
+        self._checked_key = None if reads else key
 
-    def _check(self, name: str, dtype: torch.dtype, K: float, W: float, decoupled: bool) -> None:
+    def _check(self, name: str, p: torch.Tensor, K: float, W: float, decoupled: bool) -> bool:
+        """Refuse if the term (or the result it is added into) leaves p's dtype; True if p.grad was read."""
+        dtype = p.dtype
         term = K * W
         result = W * max(1.0, K - 1.0) if decoupled else term
         if not (term <= _acc_max(dtype) and result <= _dtype_max(dtype)):  # NaN fails
             self._refuse(name, dtype, term, decoupled)
+        return self._check_grad_sum(name, p, term, decoupled)
+
+    @staticmethod
+    def _check_grad_sum(name: str, p: torch.Tensor, term: float, decoupled: bool) -> bool:
+        """Coupled: refuse if grad + term can round to inf; True if p.grad had to be read."""
+        dtype = p.dtype
+        if decoupled or term < _half_ulp_at_max(dtype) or p.grad is None or capturing(p.device):
+            return False  # a finite gradient plus this term rounds to at most the largest value
+        g = _max_abs(p.grad)
+        if not g + term < _dtype_max(dtype) + _half_ulp_at_max(dtype):
+            raise ValueError(
+                f"tritonprune: {name}.grad (max |g| = {g:.5g}) plus its regularization term (up to {term:.3g}) "
+                f"would overflow {str(dtype).replace('torch.', '')}; nothing was modified. Lower reg, scale the "
+                "loss down, or keep this parameter in float32"
+            )
+        return True
 
     @staticmethod
     def _refuse(name: str, dtype: torch.dtype, bound: float, decoupled: bool) -> None:
