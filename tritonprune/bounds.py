@@ -53,11 +53,15 @@ def _acc_max(dtype: torch.dtype) -> float:
     return _dtype_max(torch.promote_types(dtype, torch.float32))
 
 
-def _max_abs(p: torch.Tensor) -> float:
-    if not p.numel():
-        return 0.0
-    m = p.detach().abs().amax()
-    return float(m.full_tensor() if hasattr(m, "full_tensor") else m)  # a DTensor reduces over its ranks
+def _max_abs(ts: list[torch.Tensor]) -> list[float]:
+    """max|t| of each tensor, with one host sync for all of them."""
+    if not ts:
+        return []
+    ms = []
+    for t in ts:
+        m = t.detach().abs().amax() if t.numel() else t.new_zeros(())
+        ms.append((m.full_tensor() if hasattr(m, "full_tensor") else m).float())  # a DTensor reduces over ranks
+    return torch.stack(ms).tolist()
 
 
 def capturing(device: torch.device) -> bool:
@@ -135,23 +139,27 @@ class TermBounds:
             return
         limit_k = 2.0 if decoupled else 1.0
         reads = False  # some parameter's verdict needs a fresh read at every step until the next refresh
+        todo: list[tuple[str, torch.Tensor, float, float | None]] = []
         for name, ks in self._update_of.items():
             p = self.params[name]
             s = 1.0 if scales is None else abs(scales.get(name, 0.0))
             K = sum(self.slot_coef[k] for k in ks) * s
-            # coupled half-precision gradients: g + term may round to inf once |term| >= half an ulp of
-            # the dtype's largest value (16 for float16), so their weights are re-read between refreshes
+            # coupled float16 gradients: g + term may round to inf once |term| >= half an ulp of the
+            # largest value (16), so their weights are re-read between refreshes
             narrow = not decoupled and p.dtype == torch.float16
             reads = reads or not K <= limit_k or narrow
             if fresh:
-                W = max(self.slot_norm[k] for k in ks) * _MARGIN
-            elif K <= limit_k and not narrow:
+                todo.append((name, p, K, max(self.slot_norm[k] for k in ks) * _MARGIN))
+            elif (K <= limit_k and not narrow) or capturing(p.device):
                 continue  # |term| <= |w| (decoupled: |w'| <= |w|) whatever w is
-            elif capturing(p.device):
-                continue
             else:
-                W = _max_abs(p)
-            reads = self._check(name, p, K, W, decoupled) or reads
+                todo.append((name, p, K, None))
+        unread = [p for _, p, _, W in todo if W is None]
+        read = iter(_max_abs(unread))
+        todo = [(name, p, K, next(read) if W is None else W) for name, p, K, W in todo]
+        for name, p, K, W in todo:
+            self._check(name, p.dtype, K * W, W * max(1.0, K - 1.0) if decoupled else K * W, decoupled)
+        reads = self._check_grad_sums([(name, p, K * W) for name, p, K, W in todo], decoupled) or reads
         self._checked_key = None if reads else key
 
     def check_sign(self, reg: float, scales: dict[str, float] | None, decoupled: bool) -> None:
@@ -159,38 +167,36 @@ class TermBounds:
         key = ("sign", reg, None if scales is None else tuple(sorted(scales.items())))
         if key == self._checked_key:
             return
-        reads = False
+        terms = []
         for name, ks in self._update_of.items():
             p = self.params[name]
             K = len(ks) * reg * (1.0 if scales is None else abs(scales.get(name, 0.0)))
-            reads = self._check_grad_sum(name, p, K, decoupled) or reads
-            if not K <= min(_dtype_max(p.dtype), _acc_max(p.dtype)):
-                self._refuse(name, p.dtype, K, decoupled)
+            self._check(name, p.dtype, K, K, decoupled)
+            terms.append((name, p, K))
+        reads = self._check_grad_sums(terms, decoupled)
         self._checked_key = None if reads else key
 
-    def _check(self, name: str, p: torch.Tensor, K: float, W: float, decoupled: bool) -> bool:
-        """Refuse if the term (or the result it is added into) leaves p's dtype; True if p.grad was read."""
-        dtype = p.dtype
-        term = K * W
-        result = W * max(1.0, K - 1.0) if decoupled else term
+    def _check(self, name: str, dtype: torch.dtype, term: float, result: float, decoupled: bool) -> None:
+        """Refuse if the term (computed in the accumulator) or the value written leaves the dtype."""
         if not (term <= _acc_max(dtype) and result <= _dtype_max(dtype)):  # NaN fails
             self._refuse(name, dtype, term, decoupled)
-        return self._check_grad_sum(name, p, term, decoupled)
 
     @staticmethod
-    def _check_grad_sum(name: str, p: torch.Tensor, term: float, decoupled: bool) -> bool:
-        """Coupled: refuse if grad + term can round to inf; True if p.grad had to be read."""
-        dtype = p.dtype
-        if decoupled or term < _half_ulp_at_max(dtype) or p.grad is None or capturing(p.device):
-            return False  # a finite gradient plus this term rounds to at most the largest value
-        g = _max_abs(p.grad)
-        if not g + term < _dtype_max(dtype) + _half_ulp_at_max(dtype):
-            raise ValueError(
-                f"tritonprune: {name}.grad (max |g| = {g:.5g}) plus its regularization term (up to {term:.3g}) "
-                f"would overflow {str(dtype).replace('torch.', '')}; nothing was modified. Lower reg, scale the "
-                "loss down, or keep this parameter in float32"
-            )
-        return True
+    def _check_grad_sums(terms: list[tuple[str, torch.Tensor, float]], decoupled: bool) -> bool:
+        """Coupled: refuse where grad + term can round to inf; True if some gradient had to be read."""
+        if decoupled:
+            return False
+        # below half an ulp of the largest value, a finite gradient plus the term cannot round up to inf
+        risky = [(name, p, t) for name, p, t in terms
+                 if not t < _half_ulp_at_max(p.dtype) and p.grad is not None and not capturing(p.device)]
+        for (name, p, t), g in zip(risky, _max_abs([p.grad for _, p, _ in risky])):
+            if not g + t < _dtype_max(p.dtype) + _half_ulp_at_max(p.dtype):
+                raise ValueError(
+                    f"tritonprune: {name}.grad (max |g| = {g:.5g}) plus its regularization term (up to {t:.3g}) "
+                    f"would overflow {str(p.dtype).replace('torch.', '')}; nothing was modified. Lower reg, scale "
+                    "the loss down, or keep this parameter in float32"
+                )
+        return bool(risky)
 
     @staticmethod
     def _refuse(name: str, dtype: torch.dtype, bound: float, decoupled: bool) -> None:
