@@ -3,7 +3,12 @@
 The optimizer wrapper calls `apply_to_grads()` before the inner step (coupled mode) or
 `apply_decoupled(lr_of_param)` after it (decoupled mode). The flattened buffers are built lazily, rebuilt
 by themselves when a parameter is replaced or reshaped (after pruning), and the per-channel
-coefficients are kept for `regularizer.refresh_every` calls.
+coefficients are kept for `regularizer.refresh_every` calls (`state_dict()` / `load_state_dict()` carry
+them across a checkpoint).
+
+Every call validates before it writes: the groups against the model's current shapes, the gradients'
+layout, and (`tritonprune.bounds`) that the terms fit their targets' dtypes; a call that raises has
+changed nothing. Parameters that do not require grad are never updated (checked at every call).
 
 DistributedDataParallel / DataParallel wrappers are looked through (slot names are those of the inner
 module). A model whose grouped parameters are FSDP2 DTensors is handled by
@@ -20,13 +25,25 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .bounds import TermBounds, capturing
 from .graph.group import BATCHNORM, Group, Slot
 from .graph.trace import unwrap
-from .kernels import get_backend
+from .kernels import BACKENDS, get_backend
 from .layout import GroupBuffers
 from .regularizers import BNScale, GroupLasso, GroupNorm, Regularizer, resolve_regularizer
 
 Params = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None
+
+STATE_VERSION = 1
+
+
+def check_backend_name(backend: object, who: str = "tritonprune") -> str:
+    """'auto' or one of BACKENDS, imported once here so a missing triton is reported now, not at a step."""
+    if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
+        raise ValueError(f"{who}: unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+    if backend != "auto":
+        get_backend(backend)  # ImportError -> ValueError naming the backend
+    return backend
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -52,14 +69,18 @@ class Regularization:
         self.model = unwrap(model)
         self._params = params
         self.regularizer = resolve_regularizer(regularizer)
-        self.backend_name = backend
+        self.backend_name = check_backend_name(backend)
         self.calls = 0
         self._bufs: GroupBuffers | None = None
+        self._bounds: TermBounds | None = None
         self._backend = None
         self._coef: torch.Tensor | None = None
         self._coef_age = 0
         self._scale_key: tuple | None = None
         self._scale: torch.Tensor | None = None
+        self._watch: list[torch.Tensor] = []  # parameters that may be updated: their requires_grad is watched
+        self._watch_key: tuple[bool, ...] = ()
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self.sharded = None
         if _is_sharded(self.model):
             from .distributed import ShardedLayout
@@ -80,6 +101,10 @@ class Regularization:
                 f"{len(groups)} groups has a BatchNorm layer; use GroupNorm(...) for this model"
             )
         self.groups = groups
+        # the shapes the groups describe: a layer replaced by a wider one later is caught at the next build
+        named = dict(self.model.named_parameters())
+        self._shapes = {s.name: tuple(named[s.name].shape) for g in groups for s in g.slots
+                        if not s.is_buffer and s.name in named}
         self._invalidate()
 
     def set_params(self, params: Params) -> None:
@@ -89,16 +114,24 @@ class Regularization:
 
     def _invalidate(self) -> None:
         self._bufs = None
+        self._bounds = None
         self._coef = None
         self._scale_key = None
 
     def _select(self) -> Callable[[Slot], tuple[bool, bool]]:
+        """The regularizer's choice, the update restricted to `params` that require grad (frozen ones
+        keep counting in the importance). Sets the watched parameters."""
         select = self.regularizer.select
+        named = dict(self.model.named_parameters())
         if self._params is None:
-            return select
-        params = self._params() if callable(self._params) else self._params
-        ids = {id(p) for p in params}
-        allowed = {n for n, p in self.model.named_parameters() if id(p) in ids}
+            candidates = named
+        else:
+            params = self._params() if callable(self._params) else self._params
+            ids = {id(p) for p in params}
+            candidates = {n: p for n, p in named.items() if id(p) in ids}
+        allowed = {n for n, p in candidates.items() if p.requires_grad}
+        self._watch = list(candidates.values())
+        self._watch_key = tuple(p.requires_grad for p in self._watch)
 
         def restricted(slot: Slot) -> tuple[bool, bool]:
             imp, upd = select(slot)
@@ -106,19 +139,37 @@ class Regularization:
 
         return restricted
 
-    def _stale(self) -> bool:
-        if self.sharded is not None:
-            return self.sharded.is_stale(self._bufs)
-        return self._bufs.is_stale(self.model)
+    def _check_shapes(self) -> None:
+        named = dict(self.model.named_parameters())
+        for name, shape in self._shapes.items():
+            p = named.get(name)
+            if p is not None and tuple(p.shape) != shape:
+                raise ValueError(
+                    f"tritonprune: {name} now has shape {tuple(p.shape)}, but the groups were found with "
+                    f"{shape} (was the layer replaced or pruned by hand?); regularizing them would cover only "
+                    "part of its channels. Rebuild the optimizer, or pass new groups with set_groups() / "
+                    "RegularizedOptimizer.reset_groups(tpr.find_groups(model, example_inputs)); "
+                    "tritonprune.prune() does this for you"
+                )
+        for p in named.values():
+            if p.device.type == "meta":
+                raise ValueError(
+                    "tritonprune: the model has parameters on the meta device (no data to regularize); "
+                    "materialize it first (model.to_empty(device=...) and load the weights), then build the optimizer"
+                )
 
     @property
     def buffers(self) -> GroupBuffers:
+        """The current GroupBuffers, rebuilt first where the model changed (validated; see `prepare`)."""
         if self._bufs is None or self._stale():
+            self._check_shapes()
+            self._check_grads((name, p) for name, p in self.model.named_parameters())  # build reads grads
+            select = self._select()
             try:
                 if self.sharded is not None:
-                    self._bufs = self.sharded.build(self.groups, self._select())
+                    bufs = self.sharded.build(self.groups, select)
                 else:
-                    self._bufs = GroupBuffers.build(self.model, self.groups, self._select())
+                    bufs = GroupBuffers.build(self.model, self.groups, select)
             except ValueError as e:
                 if self._bufs is None:  # first build for these groups: the message says it all
                     raise
@@ -126,14 +177,67 @@ class Regularization:
                     f"{e}. The model no longer matches the groups (was it pruned?): pass the new groups with "
                     "set_groups(), or let tritonprune.prune() update the optimizer"
                 ) from None
-            self._backend = get_backend(self.backend_name, self._bufs.device)
+            backend = get_backend(self.backend_name, bufs.device)
+            self._bufs, self._backend = bufs, backend
+            self._bounds = TermBounds(self.groups, select, dict(self.model.named_parameters()), bufs.device)
             self._coef = None
             self._scale_key = None
         if self.sharded is not None:
             self.sharded.attach_grads(self._bufs)  # local views of the shards' .grad on the proxies
+        self._check_grads((slot.name, p) for _, slot, p in self._bufs.entries)
         if getattr(self._backend, "USES_POINTER_TABLE", True):
             self._bufs.refresh_pointers()  # only the Triton kernels read the table's addresses
         return self._bufs
+
+    def _stale(self) -> bool:
+        if tuple(p.requires_grad for p in self._watch) != self._watch_key:
+            return True  # a parameter was frozen or unfrozen: it must (not) be updated from now on
+        if self.sharded is not None:
+            return self.sharded.is_stale(self._bufs)
+        return self._bufs.is_stale(self.model)
+
+    @staticmethod
+    def _check_grads(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, p in named:
+            g = p.grad
+            if g is not None and g.layout != torch.strided:
+                raise ValueError(
+                    f"tritonprune: {name}.grad is a {g.layout} tensor; the regularizer needs dense gradients "
+                    "(nn.Embedding(sparse=True) and sparse optimizers are not supported: use sparse=False)"
+                )
+
+    def prepare(self) -> GroupBuffers:
+        """Validate everything a step needs (groups against the model, backend, buffers, gradients)
+        without writing anything; the optimizer calls it before a decoupled inner step."""
+        return self.buffers
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue bitwise: the cached coefficients and their age."""
+        return {"version": STATE_VERSION, "calls": self.calls, "coef_age": self._coef_age,
+                "n_channels": sum(g.size for g in self.groups),
+                "coef": None if self._coef is None else self._coef.detach().clone()}
+
+    def check_state_dict(self, state: Mapping) -> None:
+        """Raise ValueError if `state` (from `state_dict()`) does not fit these groups; changes nothing."""
+        n = sum(g.size for g in self.groups)
+        coef = state.get("coef")
+        if coef is not None and (not isinstance(coef, torch.Tensor) or tuple(coef.shape) != (n,)):
+            raise ValueError(
+                f"tritonprune: the checkpoint's cached coefficients have shape {tuple(getattr(coef, 'shape', ()))}, "
+                f"the groups {n} channels: it was saved for another model (or before pruning)"
+            )
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.check_state_dict(state)
+        coef = state.get("coef")
+        bufs = self.prepare() if coef is not None else None
+        self.calls = int(state.get("calls", 0))
+        self._coef_age = int(state.get("coef_age", 0))
+        self._coef = None if coef is None else coef.to(device=bufs.device, dtype=torch.float32).clone()
+        if self._bounds is not None:
+            self._bounds.slot_coef = None  # re-measured from the restored coefficients at the next step
 
     # ------------------------------------------------------------------------------------------ apply
 
@@ -156,9 +260,10 @@ class Regularization:
         Parameters missing from `lr_of_param` or without a .grad are left alone.
         """
         bufs = self.buffers
+        lr_by_name = {name: float(lr_of_param.get(id(p), 0.0)) for name, p in self._bounds.params.items()}
         if self.sharded is not None:
             lr_of_param = self.sharded.local_lr(lr_of_param)
-        self._apply(bufs, "param", self._slot_scale(bufs, lr_of_param))
+        self._apply(bufs, "param", self._slot_scale(bufs, lr_of_param), lr_by_name)
 
     def _slot_scale(self, bufs: GroupBuffers, lr_of_param: Mapping[int, float]) -> torch.Tensor:
         key = tuple(float(lr_of_param.get(id(p), 0.0)) for _, _, p in bufs.entries)
@@ -167,24 +272,50 @@ class Regularization:
             self._scale_key = key
         return self._scale
 
-    def _apply(self, bufs: GroupBuffers, target: str, slot_scale: torch.Tensor | None) -> None:
+    def _apply(self, bufs: GroupBuffers, target: str, slot_scale: torch.Tensor | None,
+               scales: dict[str, float] | None = None) -> None:
+        """Compute (or reuse) the coefficients, check the terms fit their targets, then write.
+
+        Every check runs before the first write: a step that raises leaves grads and weights as they were.
+        """
         r, be = self.regularizer, self._backend
-        self.calls += 1
         if bufs.n_slots == 0 and self.sharded is None:  # a rank with no local rows still joins the all-reduce
+            self.calls += 1
             return
+        decoupled = target == "param"
+        check = not capturing(bufs.device)  # no host sync inside CUDA-graph capture: the warm-up step checked
         if isinstance(r, BNScale):
+            if check:
+                self._bounds.check_sign(r.reg, scales, decoupled)
             be.add_sign_(bufs, r.reg, target=target, slot_scale=slot_scale)
+            self.calls += 1
             return
-        if self._coef is None or self._coef_age >= r.refresh_every:
+        fresh = self._coef is None or self._coef_age >= r.refresh_every
+        coef = self._coef
+        if fresh:
             sums = be.channel_sq_sums(bufs)
             if self.sharded is not None:
                 sums = self.sharded.reduce_sums(sums)  # the one collective of a step
             if isinstance(r, GroupNorm):
-                self._coef = be.group_norm_coef(bufs, sums, r.reg, r.alpha)
+                coef = be.group_norm_coef(bufs, sums, r.reg, r.alpha)
             elif isinstance(r, GroupLasso):
-                self._coef = be.group_lasso_coef(bufs, sums, r.reg)
+                coef = be.group_lasso_coef(bufs, sums, r.reg)
             else:
                 raise TypeError(f"tritonprune: no backend path for regularizer {r!r}")
-            self._coef_age = 0
+            if check:
+                self._bounds.measure(sums, coef)
+        measured = fresh
+        if check and not fresh and self._bounds.slot_coef is None:  # coefficients restored from a checkpoint
+            sums = be.channel_sq_sums(bufs)
+            if self.sharded is not None:
+                sums = self.sharded.reduce_sums(sums)  # every rank takes this branch at the same step
+            self._bounds.measure(sums, coef)
+            measured = True
+        if check:
+            self._bounds.check_scaled(scales, decoupled, measured)
+        be.add_scaled_(bufs, coef, target=target, slot_scale=slot_scale)
+        # committed only once written: a refused step leaves the cache and the counters as they were
+        if fresh:
+            self._coef, self._coef_age = coef, 0
         self._coef_age += 1
-        be.add_scaled_(bufs, self._coef, target=target, slot_scale=slot_scale)
+        self.calls += 1

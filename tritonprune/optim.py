@@ -6,6 +6,7 @@ checkpoints, pickling). The mathematics lives in `tritonprune.engine` and `trito
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,8 +15,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .engine import Regularization
+from .engine import Regularization, check_backend_name
 from .regularizers import resolve_regularizer
+
+# key of the wrapper's own entry in state_dict() (cached coefficients of refresh_every > 1)
+STATE_KEY = "tritonprune"
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -84,8 +88,12 @@ class RegularizedOptimizer(Optimizer):
     LBFGS, which needs its closure, cannot be wrapped. Gradient clipping done before ``step()`` does
     not clip the term, which is added inside ``step()``. Only parameters this optimizer steps get the
     term; every grouped parameter of ``model`` still counts in the importance. Pickling or
-    deep-copying the wrapper copies the model and inner optimizer together and rebuilds the engine,
-    so a cached ``refresh_every`` importance is recomputed at the next step. Global optimizer hooks
+    deep-copying the wrapper copies the model and inner optimizer together and rebuilds the engine
+    with its cached ``refresh_every`` coefficients. Parameters that do not require grad are never
+    touched, even with a zero ``.grad`` kept by ``zero_grad(set_to_none=False)`` (they still count in
+    the importance); freezing or unfreezing one mid-training takes effect at the next step. Public
+    attributes the wrapper lacks are looked up on the inner optimizer (``opt.train()`` / ``opt.eval()``
+    of schedule-free optimizers). Global optimizer hooks
     (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire for both the wrapper and the
     inner optimizer.
     """
@@ -121,6 +129,13 @@ class RegularizedOptimizer(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"RegularizedOptimizer: model must be an nn.Module, got {type(model).__name__}")
         _check_owns_model_params(optimizer, model)
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise ValueError(
+                "RegularizedOptimizer: the model has parameters on the meta device (no data to regularize); "
+                "materialize it first (model.to_empty(device=...) and load the weights), then build the optimizer"
+            )
+        backend = check_backend_name(backend, "RegularizedOptimizer")
+        regularizer = resolve_regularizer(regularizer)
 
         ignored_layers = tuple(ignored_layers)
         if groups is None:
@@ -148,6 +163,13 @@ class RegularizedOptimizer(Optimizer):
         self._patch_step_function()
         self._engine = Regularization(model, list(groups), self.regularizer, backend=backend,
                                       params=self._own_params)
+        if not self._engine.groups:
+            warnings.warn(
+                f"RegularizedOptimizer: the model ({type(model).__name__}) has no channel groups to regularize "
+                "(every channel reaches an output, is ignored, or no layer has a rule); step() only runs the "
+                "inner optimizer",
+                stacklevel=2,
+            )
 
     # -------------------------------------------------------------- shared with the inner optimizer
     @property
@@ -205,7 +227,7 @@ class RegularizedOptimizer(Optimizer):
         for group in self.param_groups:
             lr = float(group["lr"])
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and p.requires_grad:
                     lr_of_param[id(p)] = lr
         with torch.no_grad():
             self._engine.apply_decoupled(lr_of_param)
@@ -214,12 +236,17 @@ class RegularizedOptimizer(Optimizer):
         """Regularize, then run the inner optimizer's step (decoupled mode: step, then shrink).
 
         A closure is evaluated here, once, under ``torch.enable_grad()``; its loss is returned.
+        Everything that can be checked is checked before anything is written: a coupled step that
+        raises leaves the gradients untouched and does not step; a decoupled step validates the groups,
+        backend and gradients before the inner step (only a term that would overflow the weights the
+        inner step just produced is found after it, and then nothing is shrunk).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if getattr(self.regularizer, "decoupled", False):
+            self._engine.prepare()
             self._optimizer.step()
             self._shrink_decoupled()
         else:
@@ -240,10 +267,16 @@ class RegularizedOptimizer(Optimizer):
         return [p for group in self._optimizer.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict (hooks registered on the wrapper run around it)."""
+        """The inner optimizer's state dict (hooks registered on the wrapper run around it).
+
+        With ``refresh_every > 1`` it also holds, under ``"tritonprune"``, the cached coefficients and
+        their age, so a resumed run continues bitwise; a plain optimizer loading it ignores the entry.
+        """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self._optimizer.state_dict()
+        if getattr(self.regularizer, "refresh_every", 1) > 1:
+            state_dict[STATE_KEY] = self._engine.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -256,9 +289,31 @@ class RegularizedOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        ours = state_dict.get(STATE_KEY)
+        if ours is not None:
+            self._engine.check_state_dict(ours)  # before the inner optimizer loads anything
+            state_dict = {k: v for k, v in state_dict.items() if k != STATE_KEY}
         self._optimizer.load_state_dict(state_dict)
+        if ours is not None:
+            self._engine.load_state_dict(ours)
+        else:  # a checkpoint without cached coefficients: recompute them at the next step
+            self._engine.load_state_dict({})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: forward public attributes and methods of the inner
+        # optimizer (train()/eval() of schedule-free optimizers, ...). Private and dunder names are not
+        # forwarded, so pickling, copying and torch's own bookkeeping see this object only.
+        if name.startswith("_") or "_optimizer" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            return getattr(self.__dict__["_optimizer"], name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r} (nor has the wrapped "
+                f"{type(self.__dict__['_optimizer']).__name__})"
+            ) from None
 
     def __repr__(self) -> str:
         inner = repr(self._optimizer).replace("\n", "\n  ")
@@ -277,16 +332,20 @@ class RegularizedOptimizer(Optimizer):
             "regularizer": self.regularizer,
             "backend": self.backend,
             "groups": list(self.groups),
+            "engine_state": self._engine.state_dict(),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         groups = state.pop("groups")
+        engine_state = state.pop("engine_state", {})
         self.__dict__.update(state)
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
         self._engine = Regularization(self.model, groups, self.regularizer, backend=self.backend,
                                       params=self._own_params)
+        if engine_state.get("coef") is not None:
+            self._engine.load_state_dict(engine_state)
 
 
 def _check_owns_model_params(optimizer: Optimizer, model: nn.Module) -> None:

@@ -20,23 +20,60 @@ Two ways to apply the term:
 from __future__ import annotations
 
 import math
+import numbers
 
 from .graph.group import BATCHNORM, CONV, CONV_T, IN, LAYERNORM, LINEAR, OUT, Slot
 
 _WEIGHTED = (CONV, CONV_T, LINEAR)
 
+# Every coefficient is computed and stored in float32: the largest one must stay finite there, with
+# headroom for the rounding of exp2 and rsqrt.
+COEF_MAX = 2.0**126
+# gamma spans [1, 2**alpha]: Torch-Pruning uses 4; beyond 64 one channel's term would be 1.8e19 times
+# another's, which no training wants (and reg * 2**alpha soon leaves float32)
+ALPHA_MAX = 64.0
+# GroupLasso's coefficient reg / sqrt(q + 1e-9) is at most reg / sqrt(1e-9)
+_LASSO_GAIN = 1e-9**-0.5
 
-def _check_nonneg(cls: str, name: str, value: float) -> float:
+
+def _check_number(cls: str, name: str, value: object, *, hi: float = math.inf) -> float:
+    """A real number (not a bool, string, tensor or container), finite, in [0, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (pass a Python number, e.g. t.item())" if hasattr(value, "item") else ""
+        raise TypeError(f"tritonprune.{cls}: {name} must be a real number, got {type(value).__name__} {value!r}{hint}")
     value = float(value)
-    if not value >= 0 or math.isinf(value):
-        raise ValueError(f"tritonprune.{cls}: {name} must be a finite number >= 0, got {value}")
+    if not (0.0 <= value <= hi):  # NaN fails too
+        bound = "" if math.isinf(hi) else f" and <= {hi:g}"
+        raise ValueError(f"tritonprune.{cls}: {name} must be a finite number >= 0{bound}, got {value!r}")
     return value
 
 
-def _check_refresh(cls: str, refresh_every: int) -> int:
-    if int(refresh_every) != refresh_every or refresh_every < 1:
+def _check_nonneg(cls: str, name: str, value: object) -> float:
+    return _check_number(cls, name, value, hi=COEF_MAX)
+
+
+def _check_bool(cls: str, name: str, value: object) -> bool:
+    # bool('False') and bool('no') are True: only real bools are accepted
+    if not isinstance(value, bool):
+        raise TypeError(f"tritonprune.{cls}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_refresh(cls: str, refresh_every: object) -> int:
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, numbers.Real):
+        raise TypeError(f"tritonprune.{cls}: refresh_every must be an integer >= 1, got "
+                        f"{type(refresh_every).__name__} {refresh_every!r}")
+    if not (math.isfinite(refresh_every) and int(refresh_every) == refresh_every and refresh_every >= 1):
         raise ValueError(f"tritonprune.{cls}: refresh_every must be an integer >= 1, got {refresh_every!r}")
     return int(refresh_every)
+
+
+def _check_coef_max(cls: str, largest: float, what: str) -> None:
+    if not largest <= COEF_MAX:
+        raise ValueError(
+            f"tritonprune.{cls}: the largest coefficient, {what} = {largest:.3g}, exceeds {COEF_MAX:.3g} and would "
+            "overflow float32 (inf in the gradients); lower reg or alpha"
+        )
 
 
 def _is_bn_weight(slot: Slot) -> bool:
@@ -61,11 +98,13 @@ class GroupNorm(Regularizer):
 
     `n_c` is the L2 norm of channel c over all importance slots of its group and
     `gamma_c = 2 ** (alpha * (n_max - n_c) / (n_max - n_min))`, in [1, 2**alpha]: weak channels are pushed
-    harder. gamma is 1 where a group has one channel or equal norms.
+    harder. gamma is 1 where a group has one channel or equal norms (a spread at most
+    `kernels.FLAT_SPREAD_RTOL` times n_max, so float32 rounding of equal norms counts as equal).
 
     Args:
         reg: strength (>= 0).
-        alpha: exponent range (>= 0); Torch-Pruning's `alpha=4`.
+        alpha: exponent range, in [0, 64]; Torch-Pruning's `alpha=4`. `reg * 2**alpha` (the largest
+            coefficient) must stay below 2**126, finite in float32.
         bias: also count and update biases (of Conv/Linear out-rows and norms).
         decoupled: apply `w -= lr * reg * gamma * w` after the inner optimizer step, with each param
             group's lr, like AdamW's weight decay, instead of adding to the gradient. Use it with adaptive
@@ -79,9 +118,10 @@ class GroupNorm(Regularizer):
     def __init__(self, reg: float = 1e-4, alpha: float = 4, bias: bool = False, decoupled: bool = False,
                  refresh_every: int = 1):
         self.reg = _check_nonneg("GroupNorm", "reg", reg)
-        self.alpha = _check_nonneg("GroupNorm", "alpha", alpha)
-        self.bias = bool(bias)
-        self.decoupled = bool(decoupled)
+        self.alpha = _check_number("GroupNorm", "alpha", alpha, hi=ALPHA_MAX)
+        _check_coef_max("GroupNorm", self.reg * 2.0**self.alpha, "reg * 2**alpha")
+        self.bias = _check_bool("GroupNorm", "bias", bias)
+        self.decoupled = _check_bool("GroupNorm", "decoupled", decoupled)
         self.refresh_every = _check_refresh("GroupNorm", refresh_every)
 
     def select(self, slot: Slot) -> tuple[bool, bool]:
@@ -117,7 +157,7 @@ class BNScale(Regularizer):
 
     def __init__(self, reg: float = 1e-5, decoupled: bool = False):
         self.reg = _check_nonneg("BNScale", "reg", reg)
-        self.decoupled = bool(decoupled)
+        self.decoupled = _check_bool("BNScale", "decoupled", decoupled)
 
     def select(self, slot: Slot) -> tuple[bool, bool]:
         return (False, True) if _is_bn_weight(slot) else (False, False)
@@ -144,7 +184,8 @@ class GroupLasso(Regularizer):
 
     def __init__(self, reg: float = 1e-5, decoupled: bool = False, refresh_every: int = 1):
         self.reg = _check_nonneg("GroupLasso", "reg", reg)
-        self.decoupled = bool(decoupled)
+        _check_coef_max("GroupLasso", self.reg * _LASSO_GAIN, "reg / sqrt(1e-9)")
+        self.decoupled = _check_bool("GroupLasso", "decoupled", decoupled)
         self.refresh_every = _check_refresh("GroupLasso", refresh_every)
 
     def select(self, slot: Slot) -> tuple[bool, bool]:

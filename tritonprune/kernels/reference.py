@@ -10,6 +10,7 @@ import torch
 
 from ..graph.group import Slot
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
+from . import FLAT_SPREAD_RTOL
 
 # views of .grad are taken per call: no pointer table to keep current
 USES_POINTER_TABLE = False
@@ -54,9 +55,11 @@ def group_norm_coef(bufs: GroupBuffers, sums: torch.Tensor, reg: float, alpha: f
         n = sums[start : start + size].double().cpu().sqrt()
         gamma = torch.ones(size, dtype=torch.float64)
         if size > 1:
-            spread = n.max() - n.min()
-            if torch.isfinite(spread) and spread > 0:
-                gamma = 2.0 ** (alpha * (n.max() - n) / spread)
+            n_max = n.max()
+            spread = n_max - n.min()
+            # flat unless the spread is finite and above FLAT_SPREAD_RTOL * n_max (NaN compares False)
+            if bool(spread > FLAT_SPREAD_RTOL * n_max) and torch.isfinite(spread):
+                gamma = 2.0 ** (alpha * (n_max - n) / spread)
         coef[start : start + size] = reg * gamma
         start += size
     return coef.to(torch.float32).to(bufs.device)

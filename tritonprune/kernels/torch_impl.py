@@ -34,7 +34,7 @@ import torch
 
 from ..geometry import physical_order, slot_geometry, slot_view
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
-from . import cpu_native
+from . import FLAT_SPREAD_RTOL, cpu_native
 
 # views of .grad are taken per call: no pointer table to keep current
 USES_POINTER_TABLE = False
@@ -692,7 +692,9 @@ def group_norm_coef(bufs: GroupBuffers, sums: torch.Tensor, reg: float, alpha: f
     nmax = torch.full((ng,), -float("inf"), dtype=_F32, device=n.device).scatter_reduce_(0, cg, n, "amax")
     nmin = torch.full((ng,), float("inf"), dtype=_F32, device=n.device).scatter_reduce_(0, cg, n, "amin")
     d = nmax - nmin
-    ok = (d > 0) & torch.isfinite(d)
+    # flat (gamma 1) unless the spread is finite and above FLAT_SPREAD_RTOL * n_max; one-channel groups
+    # have d = 0; NaN compares False
+    ok = (d > nmax * FLAT_SPREAD_RTOL) & torch.isfinite(d)
     dc, mc = d.index_select(0, cg), nmax.index_select(0, cg)
     gamma = torch.exp2((mc - n) / torch.where(ok.index_select(0, cg), dc, 1.0) * float(alpha))
     return torch.where(ok.index_select(0, cg), gamma, 1.0).mul_(float(reg))
