@@ -14,9 +14,14 @@ import types
 import pytest
 
 
+def install_stub() -> None:
+    """Put the empty `torchvision._meta_registrations` in place (conftest does it for every test)."""
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
+
 def torchvision():
     """The torchvision module, or skip the calling test where it is not installed."""
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    install_stub()
     return pytest.importorskip("torchvision")
 
 
