@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HEAD_COUNT = ("num_attention_heads", "num_heads", "n_head", "n_heads")
-KV_COUNT = ("num_key_value_heads", "num_kv_heads")
+KV_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 INNER = ("all_head_size", "split_size", "inner_dim")
 
@@ -103,6 +103,15 @@ def projections(name: str, m: nn.Module) -> Projections | None:
             if all(f is not None for f in found):
                 return Projections(found[0][0], found[1][0], found[2][0], found[0][1])
     packed = children.get("c_attn") if "q_attn" not in children else None
+    kv = _int_attr(m, ("kv_dim",))
+    if packed is not None and kv is not None:
+        # multi-query (GPT-BigCode): c_attn holds q, then one k and one v of kv_dim rows each
+        found = _linear_rows(_q(name, "c_attn"), packed)
+        if found is not None and found[0].length > 2 * kv:
+            r, hidden = found
+            qn = r.length - 2 * kv
+            return Projections(Rows(r.name, r.dim, 0, qn), Rows(r.name, r.dim, qn, kv),
+                               Rows(r.name, r.dim, qn + kv, kv), hidden)
     packed = packed if packed is not None else children.get("qkv")
     if packed is not None:
         found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)
@@ -320,10 +329,12 @@ def _hf_updates(m: nn.Module, after: Shape) -> list[Update]:
     put(("num_key_value_groups",), after.heads // after.kv_heads)
     put(HEAD_DIM, after.head_dim)
     put(INNER, after.heads * after.head_dim)
+    put(("kv_dim",), after.kv_heads * after.head_dim)
     if _int_attr(m, ("embed_dim",)) is not None:
         # GPT-2 keeps the hidden size in embed_dim (the attention width is split_size); CLIP-style
-        # modules reshape their output with embed_dim, the attention width
-        ups.append((m, "embed_dim", after.hidden if hasattr(m, "split_size") else after.heads * after.head_dim))
+        # modules and GPT-BigCode (which splits c_attn's output by embed_dim) mean the attention width
+        gpt2 = hasattr(m, "split_size") and not hasattr(m, "kv_dim")
+        ups.append((m, "embed_dim", after.hidden if gpt2 else after.heads * after.head_dim))
     return ups
 
 
@@ -426,7 +437,15 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None and s[0] != s[1] and m.intermediate_size == s[0]:
                 ups.append((m, "intermediate_size", s[1]))
-    return ups + _config_updates(model, shapes, mlps)
+    from .graph.experts import intermediate_updates
+
+    new_shapes = {}
+    for (tname, dim), cut in cuts.items():
+        if tname.endswith(".down_proj") and tname in tensors and cut.removed.any():
+            shape = list(tensors[tname].shape)
+            shape[dim] -= int(cut.removed[0].sum())
+            new_shapes[tname] = torch.Size(shape)
+    return ups + intermediate_updates(model, new_shapes) + _config_updates(model, shapes, mlps)
 
 
 def commit(updates: list[Update]) -> None:

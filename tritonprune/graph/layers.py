@@ -257,7 +257,7 @@ def index(w: Walker, node: fx.Node) -> object:
             and len(indices) == 1 and isinstance(indices[0], fx.Node) and not has_ids(w.act(indices[0])):
         out = w.out_shape(node)
         return along(w.pid(table, 1, kind=g.EMBEDDING, role=g.AFFINE), len(out) - 1, len(out))
-    ids = w.act(table)
+    ids = w.act(table) if w.tensor_name(table) is None else None
     if isinstance(ids, torch.Tensor) and not any(
         isinstance(i, fx.Node) and ids.shape[d] > 1 for d, i in enumerate(indices)
     ) and all(not isinstance(i, fx.Node) or not has_ids(w.act(i)) for i in indices):
