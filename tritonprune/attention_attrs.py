@@ -371,7 +371,7 @@ def _uniform(values: list[tuple[int, int]]) -> tuple[int, int] | None:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
-def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps) -> list[Update]:
+def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps, expert_sizes) -> list[Update]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return []
@@ -399,9 +399,17 @@ def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps) -
             ups.append((config, "head_dim", dims[1]))
     inter = _uniform(mlps)
     if inter is not None:
-        for name in ("intermediate_size", "n_inner", "ffn_dim"):
-            if hasattr(config, name):
-                put(name, *inter)  # GPT-2's n_inner=None means 4 * hidden: set it too
+        names = [n for n in ("intermediate_size", "n_inner", "ffn_dim", "shared_expert_intermediate_size")
+                 if hasattr(config, n)]
+        # the field holding this size; GPT-2's n_inner=None means 4 * hidden: set it too
+        match = [n for n in names if getattr(config, n) == inter[0]] or [n for n in names if getattr(config, n) is None]
+        if match:
+            put(match[0], *inter)
+    experts = _uniform(expert_sizes)
+    if experts is not None:
+        for name in ("moe_intermediate_size", "intermediate_size"):
+            if getattr(config, name, None) == experts[0]:
+                put(name, *experts)
                 break
     return ups
 
@@ -437,7 +445,7 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None and s[0] != s[1] and m.intermediate_size == s[0]:
                 ups.append((m, "intermediate_size", s[1]))
-    from .graph.experts import intermediate_updates
+    from .graph.experts import expert_modules, intermediate_updates
 
     new_shapes = {}
     for (tname, dim), cut in cuts.items():
@@ -445,7 +453,10 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             shape = list(tensors[tname].shape)
             shape[dim] -= int(cut.removed[0].sum())
             new_shapes[tname] = torch.Size(shape)
-    return ups + intermediate_updates(model, new_shapes) + _config_updates(model, shapes, mlps)
+    experts = intermediate_updates(model, new_shapes)
+    sizes = [(int(tensors[f"{n}.down_proj"].shape[2]), int(new_shapes.get(f"{n}.down_proj", tensors[f"{n}.down_proj"].shape)[2]))
+             for n in expert_modules(model)]
+    return ups + experts + _config_updates(model, shapes, mlps, sizes)
 
 
 def commit(updates: list[Update]) -> None:

@@ -13,6 +13,8 @@ untouched (the residual stream of these layers goes through the untraceable rout
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -30,7 +32,7 @@ def _experts_layout(m: nn.Module) -> tuple[int, int, int] | None:
     E, I2, H = gu.shape
     if I2 % 2 or tuple(down.shape) != (E, H, I2 // 2) or getattr(m, "num_experts", E) != E:
         return None
-    if getattr(m, "is_transposed", False) or getattr(m, "has_bias", False):
+    if getattr(m, "is_transposed", False) or getattr(m, "has_bias", False) or not getattr(m, "is_concatenated", True):
         return None  # other layouts (gpt-oss style) are not this rule's
     return E, I2 // 2, H
 
@@ -60,9 +62,17 @@ def expert_groups(model: nn.Module, ignored: set[str], taken: set[str]) -> list[
     return out
 
 
-def intermediate_updates(model: nn.Module, new_shapes: dict[str, torch.Size]) -> list[tuple[object, str, int]]:
-    """`intermediate_dim` / `intermediate_size` of experts modules whose down_proj was cut."""
-    ups = []
+def expert_modules(model: nn.Module) -> list[str]:
+    """Names of the fused-experts modules of `model`."""
+    return [n for n, m in model.named_modules() if type(m).__name__.endswith("Experts") and _experts_layout(m)]
+
+
+def intermediate_updates(model: nn.Module, new_shapes: dict[str, torch.Size]) -> list[tuple[object, str, object]]:
+    """`intermediate_dim` / `intermediate_size` of experts modules whose down_proj was cut; and where the new
+    size leaves rows that are not 16-byte aligned, which torch's grouped matmul refuses, the eager experts
+    implementation (same results, slower; keep the size a multiple of 8 to keep the grouped one)."""
+    ups: list[tuple[object, str, object]] = []
+    misaligned = []
     for name, m in model.named_modules():
         shape = new_shapes.get(f"{name}.down_proj")
         if shape is None or _experts_layout(m) is None:
@@ -70,4 +80,15 @@ def intermediate_updates(model: nn.Module, new_shapes: dict[str, torch.Size]) ->
         for attr in ("intermediate_dim", "intermediate_size", "expert_dim"):
             if isinstance(getattr(m, attr, None), int):
                 ups.append((m, attr, int(shape[2])))
+        if (int(shape[2]) * m.down_proj.element_size()) % 16:
+            misaligned.append((name, int(shape[2])))
+    config = getattr(model, "config", None)
+    if misaligned and getattr(config, "_experts_implementation", None) not in (None, "eager"):
+        warnings.warn(
+            f"tritonprune: experts of {misaligned[0][0]} keep {misaligned[0][1]} channels, rows not 16-byte aligned "
+            f"for torch's grouped matmul: the model now uses the eager experts implementation instead of "
+            f"{config._experts_implementation!r} (prune to a multiple of 8 per expert to keep it)",
+            stacklevel=4,
+        )
+        ups.append((config, "_experts_implementation", "eager"))
     return ups
