@@ -212,6 +212,8 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
 
     from .prune import PrunePlan
 
+    if "torch_dtype" in config_overrides:  # the older name HF still accepts
+        dtype = config_overrides.pop("torch_dtype") if dtype is None else dtype
     path = os.fspath(path)
     meta_file = os.path.join(path, FILE)
     if not os.path.exists(meta_file):
