@@ -36,8 +36,10 @@ def sweep(name: str, mode: str) -> dict:
     except Exception as e:
         r["groups"] = "FAIL " + short(e)
         return r
-    heads = [g for g in gs if g.unit > 1 or g.blocks > 1]
-    r["groups"] = f"{len(gs)} ({len(heads)} head, {sum(not g.exact for g in gs)} inexact)"
+    experts = [g for g in gs if g.origin.endswith("experts")]
+    heads = [g for g in gs if g not in experts and (g.unit > 1 or g.blocks > 1 or any(s.repeat > 1 for s in g.slots))]
+    r["groups"] = (f"{len(gs)} ({len(heads)} attention, {len(experts)} experts, "
+                   f"{sum(not g.exact for g in gs)} inexact)")
     ref = copy.deepcopy(m)
     try:
         plan = tpr.prune(m, x, ratio=0.25, groups=gs)

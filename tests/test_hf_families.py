@@ -73,6 +73,36 @@ def test_qk_norm_belongs_to_the_head_dim():
     assert not any(g.blocks > 1 for g in groups_of("qwen3", "dims"))
 
 
+class _QKLayerNormAttention(torch.nn.Module):
+    """timm/Cohere style: nn.LayerNorm(head_dim) on q and k of every head."""
+
+    def __init__(self, C=32, H=4):
+        super().__init__()
+        self.d = C // H
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(C, C) for _ in range(4))
+        self.qn, self.kn = torch.nn.LayerNorm(self.d), torch.nn.LayerNorm(self.d)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, -1, self.d).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(self.qn(q), self.kn(k), v)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_layernorm_over_the_head_dim_keeps_whole_heads_exact():
+    m = torch.nn.Sequential(torch.nn.Linear(8, 32), _QKLayerNormAttention(), torch.nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    gs = tpr.find_groups(m, x)
+    (heads,) = [g for g in gs if g.unit > 1]
+    assert heads.unit == 8 and heads.exact and not slots_named(gs, "qn") and not slots_named(gs, "kn")
+    plan = tpr.prune(copy.deepcopy(m), x, ratio=0.5, groups=[heads], dry_run=True)
+    a, z = copy.deepcopy(m), copy.deepcopy(m)
+    plan.apply(a)
+    plan.zero_(z)
+    assert a[1].q.out_features == 16 and a[1].qn.weight.shape == (8,)
+    assert (a(x) - z(x)).abs().max() < 1e-6
+
+
 def test_multi_query_packed_projection_left_out_and_the_rest_pruned():
     gs = groups_of("gpt_bigcode")
     assert not [s for _, s in slots_named(gs, "attn.c_attn") if s.dim == 0]  # q + one k,v by fixed sizes

@@ -7,7 +7,7 @@ from torch import fx
 
 from . import group as g
 from .channels import NONE, along, channel_vector, expand_dims, has_ids, none_like
-from .walker import Walker, no_identity, overloads, rule, unknown
+from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 aten = torch.ops.aten
 
@@ -237,8 +237,26 @@ def layer_norm(w: Walker, node: fx.Node) -> object:
         return w.act(node.args[0])
     weight = _arg(node, 2, "weight")
     bias = _arg(node, 3, "bias") if node.target.overloadpacket is not aten.rms_norm else None
+    ids = w.act(node.args[0])
+    if isinstance(ids, torch.Tensor) and ids.dim() == nd and ids.shape[-1] > 1 and \
+            any(ids.shape[d] > 1 for d in range(nd - 1)) and _is_param(w, weight, bias):
+        return _norm_over_head_dim(w, node, ids, [weight, bias])
     return _per_channel(w, node, node.args[0], nd - 1, g.LAYERNORM,
                         [(weight, g.AFFINE, False), (bias, g.AFFINE, True)])
+
+
+def _norm_over_head_dim(w: Walker, node: fx.Node, ids: torch.Tensor, params: list[object]) -> object:
+    """A norm over the last dim of a value whose channels also run along other dims: a QK-norm over the
+    head dim, applied to every head. Each head is normalized on its own, so removing whole heads is exact;
+    its weight belongs to the head dim (shared by all heads): never pruned, and the head dim keeps its size."""
+    for p in params:
+        if p is not None:
+            w.space.poisoned.add(w.tensor_name(p)[0])
+    w.space.fix_dim(ids, ids.dim() - 1, where(w, node, "a norm over the head dim (QK-norm) keeps its size"))
+    val = node.meta["val"]
+    if isinstance(val, (list, tuple)):
+        return [ids] + [none_like(v.shape) if isinstance(v, torch.Tensor) else None for v in val[1:]]
+    return ids
 
 
 @rule(*overloads(aten.prelu, aten._prelu_kernel))
