@@ -108,6 +108,7 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     mode = "dims" if "--dims" in sys.argv else "heads"
     warnings.simplefilter("ignore")
+    hf_zoo.T.logging.set_verbosity_error()  # the mismatch tables of refused plain loads
     for n in args or hf_zoo.NAMES:
         try:
             r = sweep(n, mode)
