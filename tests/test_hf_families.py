@@ -157,14 +157,18 @@ def test_experts_grouped_per_expert(name, experts, inter):
     assert (hf_zoo.output(m, x) - hf_zoo.output(ref, x)).abs().max() < 1e-5  # each expert lost its own channels
 
 
-def test_dims_mode_keeps_the_scale_and_plain_load_refuses():
+@quiet
+def test_dims_mode_keeps_the_scale_and_plain_load_refuses(tmp_path):
     """head_pruning="dims": the scale stays 1/sqrt(original head dim); a config saying head_dim=6 would
     give 1/sqrt(6), so config.json stays the original and a plain load raises."""
     m, x, _ = hf_zoo.build("vit")
     tpr.prune(m, x, ratio=0.25, groups=[g for g in groups_of("vit", "dims") if g.blocks > 1])
     attn = m.vit.layers[0].attention
     assert attn.head_dim == 6 and attn.scaling == pytest.approx(8 ** -0.5)
-    assert "scaling" in plain_load_problem(m)
+    assert m.config.to_dict()["num_attention_heads"] == 4 and plain_load_problem(m) is not None
+    m.save_pretrained(tmp_path)  # even HF's own save: the config keeps the original attention fields
+    with pytest.raises(RuntimeError, match="mismatched"):
+        type(m).from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------------- run, train, reload

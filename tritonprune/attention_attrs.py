@@ -19,7 +19,9 @@ embed dim and derives the scale from the head dim.
 
 Config fields (`hidden_size`, `num_attention_heads`, `num_key_value_heads`, `head_dim`,
 `intermediate_size`) are global: they are updated only when every layer agrees on the new value, and
-left as they were otherwise (per-layer values live on the layer modules and in the weights).
+left as they were otherwise (per-layer values live on the layer modules and in the weights). Where head
+dims were pruned (the scale kept), the attention fields stay as they were: no config can describe the
+kept scale, so a rebuild from the config must fail on the shapes rather than compute something else.
 """
 
 from __future__ import annotations
@@ -381,6 +383,12 @@ def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps, e
         if before != after and getattr(config, name, None) in (before, None) and hasattr(config, name):
             ups.append((config, name, after))
 
+    if any(a.head_dim != b.head_dim for b, a in shapes):
+        # head dims pruned, softmax scale kept: a config saying the new head dim (or hidden / heads giving
+        # it) would rebuild the model with another scale, silently, from a plain save_pretrained. Leave the
+        # attention fields as they were, so that rebuilding from this config fails on the shapes instead
+        # (tritonprune.save_pretrained / from_pretrained reload such models exactly).
+        shapes = []
     hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
     if hidden is not None:
         put("hidden_size", *hidden)
