@@ -174,7 +174,7 @@ def test_dims_mode_keeps_the_scale_and_plain_load_refuses(tmp_path):
 # ------------------------------------------------------------------------- run, train, reload
 
 
-UNIFORM = {"qwen3", "mixtral", "qwen2_moe", "gpt2", "llama", "vit", "bert"}
+UNIFORM = {"qwen3", "mixtral", "qwen2_moe", "gpt2", "llama", "vit", "bert", "t5"}
 FAMILIES = ["qwen3", "gpt_bigcode", "t5", "swin", "falcon", "mixtral", "qwen2_moe", "vit", "bert", "gpt2", "llama"]
 
 

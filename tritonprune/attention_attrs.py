@@ -340,7 +340,7 @@ def _hf_updates(m: nn.Module, after: Shape) -> list[Update]:
     return ups
 
 
-_MLP_FIRST = ("up_proj", "fc1", "c_fc", "dense", "w1")
+_MLP_FIRST = ("up_proj", "fc1", "c_fc", "dense", "w1", "wi", "wi_0")
 
 
 def _mlp_size(m: nn.Module, tensors, cuts, prefix: str) -> tuple[int, int] | None:
@@ -361,7 +361,8 @@ def _intermediate_sizes(model: nn.Module, tensors, cuts) -> list[tuple[int, int]
     for name, m in model.named_modules():
         cls = type(m).__name__
         children = dict(m.named_children())
-        if ("gate_proj" in children and "up_proj" in children) or "MLP" in cls or cls.endswith("Intermediate"):
+        if ("gate_proj" in children and "up_proj" in children) or "MLP" in cls or cls.endswith("Intermediate") \
+                or cls.endswith("ActDense"):  # T5's DenseActDense / DenseGatedActDense
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None:
                 out.append(s)
@@ -407,7 +408,7 @@ def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps, e
             ups.append((config, "head_dim", dims[1]))
     inter = _uniform(mlps)
     if inter is not None:
-        names = [n for n in ("intermediate_size", "n_inner", "ffn_dim", "shared_expert_intermediate_size")
+        names = [n for n in ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "shared_expert_intermediate_size")
                  if hasattr(config, n)]
         # the field holding this size; GPT-2's n_inner=None means 4 * hidden: set it too
         match = [n for n in names if getattr(config, n) == inter[0]] or [n for n in names if getattr(config, n) is None]
