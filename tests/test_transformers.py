@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
+import types
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
+# transformers imports torchvision where installed; its fake kernels cannot register on the CPU build
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 transformers = pytest.importorskip("transformers")
 
 import tritonprune as tpr  # noqa: E402

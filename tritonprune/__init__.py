@@ -9,6 +9,7 @@
 
 from . import distributed
 from .graph import Group, Slot, TraceError, find_groups
+from .hf_checkpoint import from_pretrained, save_pretrained  # transformers is imported on use
 from .optim import RegularizedOptimizer
 from .prune import PrunePlan, prune
 from .regularizers import BNScale, GroupLasso, GroupNorm
@@ -27,4 +28,6 @@ __all__ = [
     "prune",
     "PrunePlan",
     "distributed",
+    "save_pretrained",
+    "from_pretrained",
 ]

@@ -19,7 +19,9 @@ embed dim and derives the scale from the head dim.
 
 Config fields (`hidden_size`, `num_attention_heads`, `num_key_value_heads`, `head_dim`,
 `intermediate_size`) are global: they are updated only when every layer agrees on the new value, and
-left as they were otherwise (per-layer values live on the layer modules and in the weights).
+left as they were otherwise (per-layer values live on the layer modules and in the weights). Where head
+dims were pruned (the scale kept), the attention fields stay as they were: no config can describe the
+kept scale, so a rebuild from the config must fail on the shapes rather than compute something else.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HEAD_COUNT = ("num_attention_heads", "num_heads", "n_head", "n_heads")
-KV_COUNT = ("num_key_value_heads", "num_kv_heads")
-HEAD_DIM = ("head_dim", "attention_head_size", "head_size")
+KV_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
+HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 INNER = ("all_head_size", "split_size", "inner_dim")
 
 
@@ -97,12 +99,21 @@ def projections(name: str, m: nn.Module) -> Projections | None:
         rows = [Rows(_q(name, f"{x}_proj_weight"), 0, 0, getattr(m, f"{x}_proj_weight").shape[0]) for x in "qkv"]
         return Projections(*rows, (_q(name, "q_proj_weight"), 1))
     children = dict(m.named_children())
-    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v")):
         if all(n in children for n in names):
             found = [_linear_rows(_q(name, n), children[n]) for n in names]
             if all(f is not None for f in found):
                 return Projections(found[0][0], found[1][0], found[2][0], found[0][1])
     packed = children.get("c_attn") if "q_attn" not in children else None
+    kv = _int_attr(m, ("kv_dim",))
+    if packed is not None and kv is not None:
+        # multi-query (GPT-BigCode): c_attn holds q, then one k and one v of kv_dim rows each
+        found = _linear_rows(_q(name, "c_attn"), packed)
+        if found is not None and found[0].length > 2 * kv:
+            r, hidden = found
+            qn = r.length - 2 * kv
+            return Projections(Rows(r.name, r.dim, 0, qn), Rows(r.name, r.dim, qn, kv),
+                               Rows(r.name, r.dim, qn + kv, kv), hidden)
     packed = packed if packed is not None else children.get("qkv")
     if packed is not None:
         found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)
@@ -320,14 +331,16 @@ def _hf_updates(m: nn.Module, after: Shape) -> list[Update]:
     put(("num_key_value_groups",), after.heads // after.kv_heads)
     put(HEAD_DIM, after.head_dim)
     put(INNER, after.heads * after.head_dim)
+    put(("kv_dim",), after.kv_heads * after.head_dim)
     if _int_attr(m, ("embed_dim",)) is not None:
         # GPT-2 keeps the hidden size in embed_dim (the attention width is split_size); CLIP-style
-        # modules reshape their output with embed_dim, the attention width
-        ups.append((m, "embed_dim", after.hidden if hasattr(m, "split_size") else after.heads * after.head_dim))
+        # modules and GPT-BigCode (which splits c_attn's output by embed_dim) mean the attention width
+        gpt2 = hasattr(m, "split_size") and not hasattr(m, "kv_dim")
+        ups.append((m, "embed_dim", after.hidden if gpt2 else after.heads * after.head_dim))
     return ups
 
 
-_MLP_FIRST = ("up_proj", "fc1", "c_fc", "dense", "w1")
+_MLP_FIRST = ("up_proj", "fc1", "c_fc", "dense", "w1", "wi", "wi_0")
 
 
 def _mlp_size(m: nn.Module, tensors, cuts, prefix: str) -> tuple[int, int] | None:
@@ -348,7 +361,8 @@ def _intermediate_sizes(model: nn.Module, tensors, cuts) -> list[tuple[int, int]
     for name, m in model.named_modules():
         cls = type(m).__name__
         children = dict(m.named_children())
-        if ("gate_proj" in children and "up_proj" in children) or "MLP" in cls or cls.endswith("Intermediate"):
+        if ("gate_proj" in children and "up_proj" in children) or "MLP" in cls or cls.endswith("Intermediate") \
+                or cls.endswith("ActDense"):  # T5's DenseActDense / DenseGatedActDense
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None:
                 out.append(s)
@@ -360,7 +374,7 @@ def _uniform(values: list[tuple[int, int]]) -> tuple[int, int] | None:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
-def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps) -> list[Update]:
+def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps, expert_sizes) -> list[Update]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return []
@@ -370,6 +384,12 @@ def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps) -
         if before != after and getattr(config, name, None) in (before, None) and hasattr(config, name):
             ups.append((config, name, after))
 
+    if any(a.head_dim != b.head_dim for b, a in shapes):
+        # head dims pruned, softmax scale kept: a config saying the new head dim (or hidden / heads giving
+        # it) would rebuild the model with another scale, silently, from a plain save_pretrained. Leave the
+        # attention fields as they were, so that rebuilding from this config fails on the shapes instead
+        # (tritonprune.save_pretrained / from_pretrained reload such models exactly).
+        shapes = []
     hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
     if hidden is not None:
         put("hidden_size", *hidden)
@@ -388,9 +408,17 @@ def _config_updates(model: nn.Module, shapes: list[tuple[Shape, Shape]], mlps) -
             ups.append((config, "head_dim", dims[1]))
     inter = _uniform(mlps)
     if inter is not None:
-        for name in ("intermediate_size", "n_inner", "ffn_dim"):
-            if hasattr(config, name):
-                put(name, *inter)  # GPT-2's n_inner=None means 4 * hidden: set it too
+        names = [n for n in ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "shared_expert_intermediate_size")
+                 if hasattr(config, n)]
+        # the field holding this size; GPT-2's n_inner=None means 4 * hidden: set it too
+        match = [n for n in names if getattr(config, n) == inter[0]] or [n for n in names if getattr(config, n) is None]
+        if match:
+            put(match[0], *inter)
+    experts = _uniform(expert_sizes)
+    if experts is not None:
+        for name in ("moe_intermediate_size", "intermediate_size"):
+            if getattr(config, name, None) == experts[0]:
+                put(name, *experts)
                 break
     return ups
 
@@ -426,7 +454,18 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None and s[0] != s[1] and m.intermediate_size == s[0]:
                 ups.append((m, "intermediate_size", s[1]))
-    return ups + _config_updates(model, shapes, mlps)
+    from .graph.experts import expert_modules, intermediate_updates
+
+    new_shapes = {}
+    for (tname, dim), cut in cuts.items():
+        if tname.endswith(".down_proj") and tname in tensors and cut.removed.any():
+            shape = list(tensors[tname].shape)
+            shape[dim] -= int(cut.removed[0].sum())
+            new_shapes[tname] = torch.Size(shape)
+    experts = intermediate_updates(model, new_shapes)
+    sizes = [(int(tensors[f"{n}.down_proj"].shape[2]), int(new_shapes.get(f"{n}.down_proj", tensors[f"{n}.down_proj"].shape)[2]))
+             for n in expert_modules(model)]
+    return ups + experts + _config_updates(model, shapes, mlps, sizes)
 
 
 def commit(updates: list[Update]) -> None:

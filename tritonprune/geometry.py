@@ -68,8 +68,8 @@ def slot_geometry(tensor: torch.Tensor, slot: Slot) -> SlotGeometry:
     if G > 1:
         if q == 0 or order[0] != 0 or shape[0] % G:
             raise ValueError(f"{slot.name}: cannot split dim 0 of shape {shape} into {G} conv groups")
-        if slot.start or slot.repeat != 1:
-            raise ValueError(f"{slot.name}: blocked slots must start at 0 with repeat 1")
+        if slot.repeat != 1:
+            raise ValueError(f"{slot.name}: blocked slots must have repeat 1")
     C = slot.length // G
     end = slot.start + C * slot.repeat
     if end > shape[d]:

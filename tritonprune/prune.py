@@ -41,6 +41,7 @@ from .graph import find_groups, resolve_ignored
 from .graph.assemble import is_ignored
 from .graph.group import IN, OUT, Group, Slot
 from .graph.trace import unwrap
+from .hf_checkpoint import config_snapshot, record_plan
 from .importance import METHODS, Importance, compute_importance
 from .slicing import Cut, apply_cuts, build_cuts, model_tensors, remap_groups, zero_channels
 from .wrappers import resolve_optimizer
@@ -111,7 +112,9 @@ class PrunePlan:
     def apply(self, model: nn.Module, optimizer: Any = None) -> nn.Module:
         """Physically remove the channels; slice `optimizer`'s state and hand it the new parameters."""
         cuts = self.check(model)
+        before = config_snapshot(unwrap(model))
         apply_cuts(unwrap(model), cuts, resolve_optimizer(optimizer))  # through accelerate/Lightning wrappers
+        record_plan(unwrap(model), self, before)  # for tritonprune.save_pretrained
         return model
 
     def remap(self, groups: Iterable[Group], model: nn.Module | None = None) -> list[Group]:

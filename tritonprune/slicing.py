@@ -465,9 +465,8 @@ def remap_groups(groups: Iterable[Group], cuts: Mapping[tuple[str, int], Cut]) -
             if length == 0:
                 continue
             cut = cuts.get((slot.name, slot.dim))
-            start = slot.start - (
-                cut.removed_before(slot.start) if cut is not None and cut.blocks == 1 else 0
-            )
+            # blocked slots (experts' gate/up halves) lose the same count before their start in every block
+            start = slot.start - (cut.removed_before(slot.start) if cut is not None else 0)
             slots.append(
                 replace(
                     slot, offset=slot.offset - int(removed[: slot.offset].sum()), length=length, start=start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from torch import nn
 
@@ -10,6 +11,7 @@ from . import elementwise as _elementwise  # noqa: F401  (each rules module regi
 from . import layers as _layers  # noqa: F401
 from . import reshape as _reshape  # noqa: F401
 from .assemble import assemble
+from .experts import expert_groups
 from .group import Group, Slot
 from .trace import TraceError, export, unwrap
 from .walker import Walker
@@ -57,4 +59,7 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
     ep = export(model, example_inputs)
     walker = Walker(ep, model, head_pruning)
     walker.run()
-    return assemble(walker.space, ignored)
+    groups = assemble(walker.space, ignored)
+    taken = {s.name for grp in groups for s in grp.slots}
+    extra = expert_groups(model, ignored, taken)  # MoE experts: by module layout, see experts.py
+    return groups + [replace(grp, index=len(groups) + i) for i, grp in enumerate(extra)]

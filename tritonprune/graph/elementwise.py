@@ -48,8 +48,11 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
             w.space.exclude(ids)
             acc_ids = none_like(out)
         elif acc_spread:
+            _shared(w, node, ids, acc_ids)
             acc_ids = ids
-        elif not op_spread:
+        elif op_spread:
+            _shared(w, node, acc_ids, ids)
+        else:
             acc_ids = couple(w, node, acc_ids, acc_shape, ids, shape)
         acc_shape = tuple(max(x, y) for x, y in zip(acc_shape, shape))
     return acc_ids if acc_ids is not None else none_like(out)
@@ -64,6 +67,19 @@ def _meet_without_identity(w: Walker, node: fx.Node, ids: torch.Tensor, other: t
     for d in range(ids.dim()):
         if ids.shape[d] > 1 and other_shape[d] > 1:
             w.space.fix_dim(torch.where(other < 0, ids, NONE), d, where(w, node, "channels meet values without channel identity (a model input, a constant or a table such as rotary cos/sin), whose size stays"))
+
+
+def _shared(w: Walker, node: fx.Node, kept: torch.Tensor, shared: torch.Tensor) -> None:
+    """An operand broadcast along a dim where the other has channels is shared by those channels (a
+    QK-norm weight of size head_dim, applied to every head): its own channels are never
+    pruned, and where it has extent the other's dims keep their size (whole heads only)."""
+    if not bool((shared >= 0).any()):
+        return  # a value without channels (a statistic of the same tensor, a mask): nothing to keep
+    w.space.exclude(shared)
+    for d in range(kept.dim()):
+        if kept.shape[d] > 1 and shared.shape[d] > 1:
+            w.space.fix_dim(kept, d, where(w, node, "channels meet a tensor shared across another channel dim "
+                                              "(a norm weight over the head dim), whose size stays"))
 
 
 ELEMENTWISE = overloads(

@@ -6,8 +6,8 @@ import torch
 from torch import fx
 
 from . import group as g
-from .channels import NONE, along, channel_vector, expand_dims, none_like
-from .walker import Walker, no_identity, overloads, rule, unknown
+from .channels import NONE, along, channel_vector, expand_dims, has_ids, none_like
+from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 aten = torch.ops.aten
 
@@ -153,7 +153,24 @@ def matmul(w: Walker, node: fx.Node) -> object:
     x, weight = node.args[0], node.args[1]
     if w.tensor_name(weight) is not None and len(w.shape(weight)) == 2:
         return _linear(w, node, x, weight, None, 0, 1)
+    param = transposed_weight(w, weight)
+    if param is not None:
+        return _linear(w, node, x, param, None, 1, 0)  # x @ W.T with W [out, in] (Falcon's FalconLinear)
     return unknown(w, node)
+
+
+def transposed_weight(w: Walker, node: object) -> fx.Node | None:
+    """The 2-D parameter `node` transposes (W.T, W.t(), W.transpose(0, 1)), if that is all it does."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    src = node.args[0]
+    if w.tensor_name(src) is None or w.shape(src) is None or len(w.shape(src)) != 2:
+        return None
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet in (aten.t, aten.numpy_T) or (packet in (aten.permute, aten.transpose) and
+                            [a % 2 for a in (node.args[1] if packet is aten.permute else node.args[1:3])] == [1, 0]):
+        return src
+    return None
 
 
 # ---- norms and per-channel parameters -----------------------------------------------------------
@@ -220,8 +237,26 @@ def layer_norm(w: Walker, node: fx.Node) -> object:
         return w.act(node.args[0])
     weight = _arg(node, 2, "weight")
     bias = _arg(node, 3, "bias") if node.target.overloadpacket is not aten.rms_norm else None
+    ids = w.act(node.args[0])
+    if isinstance(ids, torch.Tensor) and ids.dim() == nd and ids.shape[-1] > 1 and \
+            any(ids.shape[d] > 1 for d in range(nd - 1)) and _is_param(w, weight, bias):
+        return _norm_over_head_dim(w, node, ids, [weight, bias])
     return _per_channel(w, node, node.args[0], nd - 1, g.LAYERNORM,
                         [(weight, g.AFFINE, False), (bias, g.AFFINE, True)])
+
+
+def _norm_over_head_dim(w: Walker, node: fx.Node, ids: torch.Tensor, params: list[object]) -> object:
+    """A norm over the last dim of a value whose channels also run along other dims: a QK-norm over the
+    head dim, applied to every head. Each head is normalized on its own, so removing whole heads is exact;
+    its weight belongs to the head dim (shared by all heads): never pruned, and the head dim keeps its size."""
+    for p in params:
+        if p is not None:
+            w.space.poisoned.add(w.tensor_name(p)[0])
+    w.space.fix_dim(ids, ids.dim() - 1, where(w, node, "a norm over the head dim (QK-norm) keeps its size"))
+    val = node.meta["val"]
+    if isinstance(val, (list, tuple)):
+        return [ids] + [none_like(v.shape) if isinstance(v, torch.Tensor) else None for v in val[1:]]
+    return ids
 
 
 @rule(*overloads(aten.prelu, aten._prelu_kernel))
@@ -229,6 +264,26 @@ def prelu(w: Walker, node: fx.Node) -> object:
     x = node.args[0]
     dim = 1 if len(w.shape(x)) > 1 else 0
     return _per_channel(w, node, x, dim, g.PRELU, [(node.args[1], g.AFFINE, False)])
+
+
+@rule(*overloads(aten.index))
+def index(w: Walker, node: fx.Node) -> object:
+    """table[idx] with one index tensor on dim 0 of a 2-D parameter (Swin's relative position bias table
+    gathered by a buffer of positions): each row keeps the table's column channels, as an embedding."""
+    table, indices = node.args[0], node.args[1]
+    if _is_param(w, table) and w.tensor_name(table) is not None and len(w.shape(table)) == 2 \
+            and len(indices) == 1 and isinstance(indices[0], fx.Node) and not has_ids(w.act(indices[0])):
+        out = w.out_shape(node)
+        return along(w.pid(table, 1, kind=g.EMBEDDING, role=g.AFFINE), len(out) - 1, len(out))
+    ids = w.act(table) if w.tensor_name(table) is None else None
+    if isinstance(ids, torch.Tensor) and not any(
+        isinstance(i, fx.Node) and ids.shape[d] > 1 for d, i in enumerate(indices)
+    ) and all(not isinstance(i, fx.Node) or not has_ids(w.act(i)) for i in indices):
+        # gathering along dims without channels (tokens routed to an expert)
+        out = w.out_shape(node)
+        if len(indices) == 1 and ids.shape[0] == 1:
+            return ids.reshape((1,) * (len(out) - ids.dim() + 1) + tuple(ids.shape[1:]))
+    return unknown(w, node)
 
 
 @rule(*overloads(aten.embedding))
@@ -267,6 +322,7 @@ def sdpa(w: Walker, node: fx.Node) -> object:
         w.space.union(a, b)
         w.space.exclude(torch.where(b < 0, a, NONE))
         w.space.exclude(torch.where(a < 0, b, NONE))
+    _attention_bias(w, node, qf, H)
     heads = torch.where(full[1] >= 0, full[1], full[2])[0, :, 0, :]  # [Hk, d] in key/value order
     if w.head_pruning == "dims":
         w.space.require_blocks(heads, Hk)
@@ -276,3 +332,20 @@ def sdpa(w: Walker, node: fx.Node) -> object:
     if w.head_pruning == "dims" and scale is None:
         w.space.mix(heads)  # the default scale 1/sqrt(d) follows the pruned head dim
     return torch.where(qf >= 0, qf, kf)
+
+
+def _attention_bias(w: Walker, node: fx.Node, qf: torch.Tensor, H: int) -> None:
+    """An additive mask with channels along its head dim (T5's relative position bias, Swin's bias table):
+    its entry for head h belongs to head h. Whole heads go with their bias entries (all dims of a head
+    become one channel); with head_pruning="dims" the heads stay, and so does the table."""
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    ids = w.act(mask)
+    shape = w.shape(mask)
+    if not isinstance(ids, torch.Tensor) or shape is None or not bool((ids >= 0).any()):
+        return
+    ids = ids.reshape((1,) * (4 - ids.dim()) + tuple(ids.shape)) if ids.dim() <= 4 else ids
+    per_head = ids.dim() == 4 and ids.shape[0] == ids.shape[2] == ids.shape[3] == 1 and ids.shape[1] == H
+    if w.head_pruning == "dims" or not per_head:
+        w.space.exclude(ids)
+        return
+    w.space.union(qf[:, :, :1, :], ids.view(1, H, 1, 1))

@@ -7,7 +7,10 @@ from torch import fx
 
 from .channels import IdSpace, channel_vector, expand_dims, none_like
 from .elementwise import align, combine_all
+from .layers import transposed_weight
 from .walker import Walker, no_identity, overloads, rule, where
+
+MATMULS = set(overloads(torch.ops.aten.mm, torch.ops.aten.matmul))
 
 aten = torch.ops.aten
 
@@ -111,8 +114,11 @@ def expand(w: Walker, node: fx.Node) -> object:
     return ids
 
 
-@rule(*overloads(aten.permute, aten.transpose, aten.t, aten.swapaxes, aten.movedim))
+@rule(*overloads(aten.permute, aten.transpose, aten.t, aten.swapaxes, aten.movedim, aten.numpy_T))
 def permute(w: Walker, node: fx.Node) -> object:
+    if node.users and all(u.target in MATMULS and u.args[1] is node and u.args[0] is not node for u in node.users) \
+            and transposed_weight(w, node) is not None:
+        return None  # x @ W.T: the matmul rule reads the weight as a Linear's (no ids for W.T itself)
     ids = w.act(node.args[0])
     if not isinstance(ids, torch.Tensor):
         return no_identity(w, node)
@@ -121,6 +127,8 @@ def permute(w: Walker, node: fx.Node) -> object:
         return ids.permute(*[d % nd for d in node.args[1]])
     if node.target.overloadpacket is aten.t:
         return ids.t() if nd == 2 else ids
+    if node.target.overloadpacket is aten.numpy_T:
+        return ids.permute(*reversed(range(nd)))
     if node.target.overloadpacket is aten.movedim:
         return ids.movedim(node.args[1], node.args[2])
     return ids.transpose(node.args[1], node.args[2])
