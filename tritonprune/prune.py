@@ -160,7 +160,7 @@ class PrunePlan:
             return
         _, dropped = find_breaking_groups(model, inputs, list(self.groups), list(self.removed), ref)
         lines = [
-            f"group {d['group']} ({d['origin']!r}) breaks module {d['module']!r}: {d['error']}" for d in dropped
+            f"group {d['group']} ({d['origin']!r}) breaks {_where(model, d['module'])}: {d['error']}" for d in dropped
         ]
         mods = sorted({d["origin"] or d["module"] for d in dropped})
         raise ValueError(
@@ -259,6 +259,10 @@ class PrunePlan:
             except json.JSONDecodeError as e:
                 raise PlanError(f"{path}: not a JSON plan ({e})") from e
         return cls.from_dict(d)
+
+
+def _where(model: nn.Module, module: str) -> str:
+    return f"module {module!r}" if module else f"the forward of {type(model).__name__} itself (the root module)"
 
 
 def _is_int(x: Any) -> bool:
@@ -711,7 +715,7 @@ def prune(
         warnings.warn(
             "tritonprune.prune: left these groups out of the plan, pruning them would break the model:\n  "
             + "\n  ".join(
-                f"group {d['group']} ({d['origin']!r}): module {d['module']!r}: {d['error']}"
+                f"group {d['group']} ({d['origin']!r}) breaks {_where(model, d['module'])}: {d['error']}"
                 for d in excluded.values()
             )
             + "\nthe other groups were pruned",
