@@ -90,6 +90,8 @@ def meta_copy(model: nn.Module) -> nn.Module:
     def value(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             return meta(v)
+        if isinstance(v, nn.Module):  # a module held as a plain attribute: the copy must not reach the real one
+            return visit(v)
         if _is_config(v):
             return config(v)
         if isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v):
@@ -137,17 +139,21 @@ def _devices(model: nn.Module) -> dict[str, torch.device]:
 
 def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> None:
     """Swap the copy's meta tensors for fake tensors on the devices the model's tensors live on."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     default = next(iter(devices.values()), torch.device("cpu"))
     done: dict[int, torch.Tensor] = {}
 
     def fake(t: torch.Tensor, device) -> torch.Tensor:
         if id(t) not in done:
-            with mode:
-                f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            f = FakeTensor(mode, t.detach() if isinstance(t, nn.Parameter) else t, torch.device(device))
             if isinstance(t, nn.Parameter):
                 f = nn.Parameter(f, requires_grad=t.requires_grad)
             done[id(t)] = f
         return done[id(t)]
+
+    def is_meta(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and v.device.type == "meta" and not isinstance(v, FakeTensor)
 
     for mname, m in copy_.named_modules(remove_duplicate=False):
         pre = f"{mname}." if mname else ""
@@ -156,8 +162,10 @@ def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> Non
                 if t is not None:
                     store[n] = fake(t, devices.get(pre + n, default))
         for k, v in list(vars(m).items()):
-            if isinstance(v, torch.Tensor) and v.device.type == "meta":
+            if is_meta(v):
                 m.__dict__[k] = fake(v, default)
+            elif isinstance(v, (list, tuple)) and any(is_meta(x) for x in v):
+                m.__dict__[k] = type(v)(fake(x, default) if is_meta(x) else x for x in v)
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
