@@ -161,16 +161,33 @@ def test_attention_class_and_head_counts_are_restored():
     torch.testing.assert_close(run(model, x), run(copy.deepcopy(model), x))
 
 
-def test_transaction_restores_values_and_references():
+class Config:
+    """Stands for a Hugging Face config: slicing writes head counts and sizes into it."""
+
+    def __init__(self):
+        self.num_attention_heads, self.text_config = 4, None
+
+    def to_dict(self):
+        return dict(vars(self))
+
+
+def test_transaction_restores_values_references_and_configs():
     model, x = make_net()
+    model.config = Config()
+    model.config.text_config = Config()
+    model.fc.config = model.config
     snap = snapshot(model)
     with pytest.raises(RuntimeError), Transaction(model, values=["conv1.weight"]):
         with torch.no_grad():
             model.conv1.weight.zero_()
         model.conv1.weight = nn.Parameter(torch.ones(1))
         model.fc.out_features = 99
+        model.config.num_attention_heads = 2
+        model.config.text_config.num_attention_heads = 1
+        model.head.__class__ = nn.Identity
         raise RuntimeError("boom")
     assert same(model, snap) and model.fc.out_features == 7
+    assert model.config.num_attention_heads == 4 and model.config.text_config.num_attention_heads == 4
 
 
 def test_zero_validates_every_slot_before_zeroing_any():
