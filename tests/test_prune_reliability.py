@@ -480,3 +480,25 @@ def test_no_prunable_groups_warns_and_returns_a_no_op_plan():
     lin = nn.Linear(4, 2)  # every channel reaches the output
     with pytest.warns(UserWarning, match="no prunable channel groups"):
         assert prune(lin, torch.randn(3, 4), ratio=0.5).num_removed == 0
+
+
+def test_torchvision_vit_prunes_into_a_model_that_runs():
+    """Issue 14's largest class: forward reads a stored width (ViT's hidden_dim). Either a rule updates
+    it, or the group is dropped with a warning; never a model that fails at forward."""
+    import tv
+
+    tv.torchvision()
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = prune(model, x, ratio=0.5)
+    dropped = plan.info.get("dropped", [])
+    assert all(plan.removed[d["group"]] == [] for d in dropped)
+    assert bool(dropped) == any("left these groups out" in str(w.message) for w in caught)
+    assert plan.info["params_after"] < plan.info["params_before"]
+    assert run(model, x).shape == (2, 5)
