@@ -502,3 +502,19 @@ def test_torchvision_vit_prunes_into_a_model_that_runs():
     assert bool(dropped) == any("left these groups out" in str(w.message) for w in caught)
     assert plan.info["params_after"] < plan.info["params_before"]
     assert run(model, x).shape == (2, 5)
+
+
+def test_meta_models_refuse_prune_but_take_a_saved_plan(tmp_path):
+    model, x = make_net()
+    plan = prune(copy.deepcopy(model), x, ratio=0.5, groups=net_groups(), dry_run=True)
+    with torch.device("meta"):
+        skeleton, _ = make_net()
+    with pytest.raises(ValueError, match="meta device"):
+        prune(skeleton, x, ratio=0.5, groups=net_groups())
+    plan.save(tmp_path / "p.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked on fake CPU tensors, no "could not check" warning
+        PrunePlan.load(tmp_path / "p.json").apply(skeleton)
+    plan.apply(model)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert skeleton.fc.weight.device.type == "meta"

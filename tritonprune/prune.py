@@ -271,7 +271,7 @@ def _is_int(x: Any) -> bool:
 
 def _device_of(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+    return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -596,6 +596,12 @@ def prune(
     each group, the module that broke and the error (`plan.info["dropped"]`), and the rest is pruned.
     """
     model = unwrap(model)
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"tritonprune.prune: parameter {meta!r} is on the meta device: choosing channels needs real weights. "
+            "Load the weights first, or apply a saved plan with PrunePlan.load(path).apply(model)"
+        )
     ratio = _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, steps, importance)
     target = target_params if target_params is not None else target_macs
     layer_ratios = _check_layer_ratios(model, dict(layer_ratios or {}))

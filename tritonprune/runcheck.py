@@ -132,8 +132,14 @@ def _fake_mode():
 
 
 def _devices(model: nn.Module) -> dict[str, torch.device]:
-    out = {n: p.device for n, p in model.named_parameters(remove_duplicate=False)}
-    out.update({n: b.device for n, b in model.named_buffers(remove_duplicate=False) if b is not None})
+    """Where each tensor's fake stands in; a meta-device model (built to load weights into later) is
+    checked as if on CPU, where the forward's own factory calls put their tensors."""
+
+    def where(t: torch.Tensor) -> torch.device:
+        return torch.device("cpu") if t.device.type == "meta" else t.device
+
+    out = {n: where(p) for n, p in model.named_parameters(remove_duplicate=False)}
+    out.update({n: where(b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None})
     return out
 
 
