@@ -164,6 +164,18 @@ def _count_real(model: nn.Module, example_inputs: Any) -> MacCount:
     return counter.count
 
 
+def mac_counting():
+    """(context, result) for `runcheck.fake_forward(..., context=context)`: count MACs during a fake
+    forward that runs anyway (prune's run check); `result()` is the MacCount afterwards."""
+    counters: list[_MacCounter] = []
+
+    def context(fake_model: nn.Module) -> _MacCounter:
+        counters.append(_MacCounter({id(p): n for n, p in fake_model.named_parameters()}))
+        return counters[-1]
+
+    return context, lambda: counters[-1].count
+
+
 def count_macs(model: nn.Module, example_inputs: Any, *, real_fallback: bool = True) -> MacCount:
     """MACs of one forward pass on `example_inputs` in eval mode.
 
@@ -173,15 +185,10 @@ def count_macs(model: nn.Module, example_inputs: Any, *, real_fallback: bool = T
     training flags and buffers restored afterwards (forward hooks of the model then run)."""
     from .runcheck import RunFailure, fake_forward, prepared_copy
 
-    counters = []
-
-    def counting(fake_model: nn.Module) -> _MacCounter:
-        counters.append(_MacCounter({id(p): n for n, p in fake_model.named_parameters()}))
-        return counters[-1]
-
+    counting, counted = mac_counting()
     got = fake_forward(prepared_copy(model), example_inputs, context=counting)
     if not isinstance(got, RunFailure):
-        return counters[-1].count
+        return counted()
     if not real_fallback:
         raise RuntimeError(f"could not count MACs on fake tensors: {got}")
     return _count_real(model, example_inputs)

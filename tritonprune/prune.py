@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .counting import MacCount, count_macs, count_params, estimate_macs
+from .counting import MacCount, count_params, estimate_macs, mac_counting
 from .graph import find_groups, resolve_ignored
 from .graph.assemble import is_ignored
 from .graph.group import IN, OUT, Group
@@ -626,12 +626,14 @@ def prune(
     tensors = model_tensors(model)
     shapes0 = {n: list(tensors[n].shape) for g in groups for n in {s.name for s in g.slots} if n in tensors}
     params0 = count_params(model)
-    macs0 = None
+    macs0, ref = None, None
     if example_inputs is not None:
+        counting, counted = mac_counting()  # MACs are counted in the run check's reference pass
         try:
-            macs0 = count_macs(model, example_inputs, real_fallback=False)
-        except Exception:  # counting is a report; a model it cannot run through is still prunable
-            macs0 = None
+            ref = reference_output(model, example_inputs, context=counting)
+            macs0 = counted()
+        except RunCheckUnavailable as e:
+            ref = e  # checked by a real forward after slicing instead; MACs unknown
     if target_macs is not None and macs0 is None:
         raise ValueError("target_macs needs example_inputs the model runs on fake tensors with")
     param_names = {s.name for g in groups for s in g.slots if not s.is_buffer}
@@ -645,13 +647,6 @@ def prune(
         ones = [torch.ones(g.size) for g in groups]
         _search(lambda r: select(groups, ones, r, global_pruning, {}, 1.0, round_to), groups, shapes0, metric0,
                 target)
-
-    ref = None
-    if example_inputs is not None and groups:
-        try:
-            ref = reference_output(model, example_inputs)
-        except RunCheckUnavailable as e:
-            ref = e  # checked by a real forward after slicing instead
 
     work = copy.deepcopy(model) if dry_run and steps > 1 else model
     excluded: dict[int, dict[str, Any]] = {}

@@ -291,9 +291,12 @@ class RunCheckUnavailable(RuntimeError):
     """The unpruned model itself does not run on fake tensors (data-dependent code, custom ops)."""
 
 
-def reference_output(model: nn.Module, example_inputs: Any) -> tuple[Any, list[Any]]:
-    """Output structure of the unpruned model on fake tensors; raises RunCheckUnavailable."""
-    got = fake_forward(prepared_copy(model), example_inputs)
+def reference_output(
+    model: nn.Module, example_inputs: Any, *, context: Callable[[nn.Module], Any] | None = None
+) -> tuple[Any, list[Any]]:
+    """Output structure of the unpruned model on fake tensors; raises RunCheckUnavailable.
+    `context` as in `fake_forward` (prune counts MACs in the same pass)."""
+    got = fake_forward(prepared_copy(model), example_inputs, context=context)
     if isinstance(got, RunFailure):
         raise RunCheckUnavailable(f"the unpruned model does not run on fake tensors ({got})")
     return got
