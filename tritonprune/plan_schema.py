@@ -132,7 +132,7 @@ def check_groups(groups: Sequence[Group], removed: Sequence[Sequence[int]], shap
     """Consistency of every group and its removed channels against the plan's tensor shapes."""
     if len(groups) != len(removed):
         raise PlanError(f"plan: {len(groups)} groups but {len(removed)} removed lists")
-    claimed: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+    claimed: dict[tuple[str, int], list[tuple[int, int, str, tuple[int, Slot]]]] = {}
     for gi, (g, rem) in enumerate(zip(groups, removed)):
         where = _where(gi, g.origin)
         for key in ("size", "blocks", "unit"):
@@ -146,22 +146,27 @@ def check_groups(groups: Sequence[Group], removed: Sequence[Sequence[int]], shap
         _check_removed(g, rem, where)
         if not g.slots:
             raise PlanError(f"{where}: a group needs at least one slot")
-        covered = [False] * g.size
+        spans = []
         for si, s in enumerate(g.slots):
             sw = _where(gi, g.origin, si, s.name)
             lo, hi = _check_slot(g, s, shapes, sw)
-            for c in range(s.offset, s.offset + s.length):
-                covered[c] = True
-            for olo, ohi, ow in claimed.get((s.name, s.dim), ()):
-                if lo < ohi and olo < hi:
+            spans.append((s.offset, s.offset + s.length))
+            for olo, ohi, ow, other in claimed.get((s.name, s.dim), ()):
+                if lo < ohi and olo < hi and other != (gi, s):  # the same slot twice in a group is harmless
                     raise PlanError(
                         f"{sw}: indices {lo}..{hi - 1} of dim {s.dim} are also claimed by {ow}; "
                         "two slots cannot own the same indices"
                     )
-            claimed.setdefault((s.name, s.dim), []).append((lo, hi, sw))
-        if not all(covered):
-            c = covered.index(False)
-            raise PlanError(f"{where}: channel {c} of {g.size} is owned by no slot (slot lengths do not add up to size)")
+            claimed.setdefault((s.name, s.dim), []).append((lo, hi, sw, (gi, s)))
+        reach = 0  # channels [0, reach) are owned by some slot
+        for lo, hi in sorted(spans):
+            if lo > reach:
+                break
+            reach = max(reach, hi)
+        if reach < g.size:
+            raise PlanError(
+                f"{where}: channel {reach} of {g.size} is owned by no slot (slot lengths do not add up to size)"
+            )
 
 
 def _check_removed(g: Group, rem: Sequence[int], where: str) -> None:
