@@ -518,3 +518,26 @@ def test_meta_models_refuse_prune_but_take_a_saved_plan(tmp_path):
     plan.apply(model)
     assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert skeleton.fc.weight.device.type == "meta"
+
+
+def test_model_that_fake_tensors_cannot_run_is_checked_by_a_real_forward_after_slicing():
+    from test_slicing import Net
+
+    class DataDependent(Net):
+        def forward(self, x):
+            if float(x.mean()) > 1e9:  # a data-dependent branch: fake tensors cannot decide it
+                x = x * 2
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model, x = DataDependent().eval(), torch.randn(2, 3, 8, 8)
+    plan = prune(copy.deepcopy(model), x, ratio=0.5, groups=net_groups())  # runs: fine
+    assert plan.num_removed > 0
+    groups = net_groups()
+    from dataclasses import replace
+
+    groups[4] = replace(groups[4], slots=groups[4].slots[:-1])
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="no longer runs its example inputs"):
+        prune(model, x, ratio=0.5, groups=groups)
+    assert same(model, snap)
