@@ -541,3 +541,33 @@ def test_model_that_fake_tensors_cannot_run_is_checked_by_a_real_forward_after_s
     with pytest.raises(ValueError, match="no longer runs its example inputs"):
         prune(model, x, ratio=0.5, groups=groups)
     assert same(model, snap)
+
+
+class TrainOnlyBranch(nn.Module):
+    """An auxiliary head that runs only in training (GoogLeNet, Inception-v3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.aux = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        y = self.conv2(h).mean((2, 3))
+        return (y, self.aux(h.mean((2, 3)))) if self.training else y
+
+
+def test_a_model_in_training_mode_is_checked_in_training_mode_too():
+    from test_slicing import group, in_slot, out_slots
+
+    torch.manual_seed(0)
+    model, x = TrainOnlyBranch().train(), torch.randn(2, 3, 8, 8)
+    eval_only = [group(8, out_slots("conv1", 8), in_slot("conv2", 8))]  # misses aux's columns
+    assert run_check(model.eval(), x, [(eval_only[0], [0, 1])]) is None  # eval mode alone cannot see it
+    model.train()
+    with pytest.warns(UserWarning, match=r"breaks module 'aux'.*\(in train mode\)"):
+        plan = prune(model, x, ratio=0.5, groups=eval_only)
+    assert plan.num_removed == 0 and model.training
+    y, aux = model(x)
+    (y.sum() + aux.sum()).backward()

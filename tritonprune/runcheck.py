@@ -36,6 +36,7 @@ __all__ = [
     "prepared_copy",
     "fake_forward",
     "reference_output",
+    "Reference",
     "run_check",
     "input_spec",
     "inputs_from_spec",
@@ -217,16 +218,24 @@ def _spec_of(out: Any) -> tuple[Any, list[Any]]:
 
 
 def fake_forward(
-    model: nn.Module, example_inputs: Any, *, context: Callable[[nn.Module], Any] | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    context: Callable[[nn.Module], Any] | None = None,
+    train: bool = False,
 ) -> tuple[Any, list[Any]] | RunFailure:
-    """Run `model` (from `prepared_copy`, possibly sliced) on fake copies of `example_inputs`, in eval
-    mode, under no_grad. `context(model)`, if given, is a context manager entered around the forward
-    once the copy holds its fake tensors (the MAC counter). Returns the output's (pytree spec,
-    per-leaf (shape, dtype) or type name) or a RunFailure."""
-    mode = _fake_mode()
-    _fakeify(model, _devices_of_copy(model), mode)
+    """Run `model` (from `prepared_copy`, possibly sliced) on fake copies of `example_inputs`, under
+    no_grad, in eval mode (or train mode: branches that only run in training). `context(model)`, if
+    given, is a context manager entered around the forward once the copy holds its fake tensors (the
+    MAC counter). Returns the output's (pytree spec, per-leaf (shape, dtype) or type name) or a
+    RunFailure. A copy can run several times (its fake tensors are made once)."""
+    mode = getattr(model, "_tritonprune_mode", None)
+    if mode is None:
+        mode = _fake_mode()
+        _fakeify(model, _devices_of_copy(model), mode)
+        object.__setattr__(model, "_tritonprune_mode", mode)
     extra = context(model) if context is not None else contextlib.nullcontext()
-    model.eval()
+    model.train(train)
     stack = _Stack(model)
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     was = quiet.disabled
@@ -238,10 +247,20 @@ def fake_forward(
         return _spec_of(out)
     except Exception as e:  # any error of the forward is the answer
         text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        return RunFailure(stack.path[-1] if stack.path else "", text)
+        where = stack.path[-1] if stack.path else ""
+        return RunFailure(where, text + (" (in train mode)" if train else ""))
     finally:
         quiet.disabled = was
         stack.remove()
+
+
+@dataclass
+class Reference:
+    """The unpruned model's output structure on fake tensors: in eval mode, and in train mode when the
+    model is in training mode (None otherwise, or when train mode cannot run on fake tensors)."""
+
+    eval: tuple[Any, list[Any]]
+    train: tuple[Any, list[Any]] | None = None
 
 
 def _devices_of_copy(model: nn.Module) -> dict[str, torch.device]:
@@ -260,12 +279,13 @@ def run_check(
     example_inputs: Any,
     removals: Iterable[tuple[Any, Any]] | None = None,
     *,
-    reference: tuple[Any, list[Any]] | None = None,
+    reference: Reference | None = None,
 ) -> RunFailure | None:
     """None if `model` with `removals` ((group, removed channels) pairs, e.g. `plan._removals()`)
-    sliced off still runs `example_inputs` with the same output structure as the unpruned model;
-    else where and why it does not. `model` is not touched. `reference` (from `reference_output`)
-    saves the unpruned forward when checking many plans of one model.
+    sliced off still runs `example_inputs` with the same output structure as the unpruned model (in
+    eval mode, and in train mode too when the model is training); else where and why it does not.
+    `model` is not touched. `reference` (from `reference_output`) saves the unpruned forwards when
+    checking many plans of one model.
 
     Raises ValueError if the removals do not fit the model (validation, as `apply` does), and
     RunCheckUnavailable if even the unpruned model cannot run on fake tensors (the check cannot
@@ -281,10 +301,16 @@ def run_check(
             apply_cuts(c, cuts)
         except ValueError as e:
             return RunFailure("", f"slicing refused: {e}")
-    got = fake_forward(c, example_inputs)
-    if isinstance(got, RunFailure):
-        return got
-    return _compare(ref, got)
+    for train, expected in ((False, ref.eval), (True, ref.train)):
+        if expected is None:
+            continue
+        got = fake_forward(c, example_inputs, train=train)
+        if isinstance(got, RunFailure):
+            return got
+        diff = _compare(expected, got)
+        if diff is not None:
+            return diff
+    return None
 
 
 class RunCheckUnavailable(RuntimeError):
@@ -293,13 +319,18 @@ class RunCheckUnavailable(RuntimeError):
 
 def reference_output(
     model: nn.Module, example_inputs: Any, *, context: Callable[[nn.Module], Any] | None = None
-) -> tuple[Any, list[Any]]:
-    """Output structure of the unpruned model on fake tensors; raises RunCheckUnavailable.
-    `context` as in `fake_forward` (prune counts MACs in the same pass)."""
-    got = fake_forward(prepared_copy(model), example_inputs, context=context)
+) -> Reference:
+    """Output structure of the unpruned model on fake tensors; raises RunCheckUnavailable if it does
+    not run in eval mode. `context` as in `fake_forward`, for the eval pass (prune counts MACs in it)."""
+    c = prepared_copy(model)
+    got = fake_forward(c, example_inputs, context=context)
     if isinstance(got, RunFailure):
         raise RunCheckUnavailable(f"the unpruned model does not run on fake tensors ({got})")
-    return got
+    train = None
+    if model.training:
+        t = fake_forward(c, example_inputs, train=True)
+        train = None if isinstance(t, RunFailure) else t
+    return Reference(got, train)
 
 
 def _compare(ref: tuple[Any, list[Any]], got: tuple[Any, list[Any]]) -> RunFailure | None:
