@@ -385,6 +385,7 @@ def test_run_check_names_the_module_and_leaves_the_model_alone():
     per = [g.size // g.blocks for g in groups]
     removals = [(g, [(j + 1) * n - 1 for j in range(g.blocks)]) for g, n in zip(groups, per)]  # last of each block
     assert run_check(model, x, removals) is None
+    assert run_check(model, x, prune(model, x, ratio=0.5, groups=net_groups(), dry_run=True)) is None
     from dataclasses import replace
 
     groups[5] = replace(groups[5], slots=groups[5].slots[:-1])

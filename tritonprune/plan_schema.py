@@ -132,7 +132,7 @@ def check_groups(groups: Sequence[Group], removed: Sequence[Sequence[int]], shap
     """Consistency of every group and its removed channels against the plan's tensor shapes."""
     if len(groups) != len(removed):
         raise PlanError(f"plan: {len(groups)} groups but {len(removed)} removed lists")
-    claimed: dict[tuple[str, int], list[tuple[int, int, str, tuple[int, Slot]]]] = {}
+    claimed: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
     for gi, (g, rem) in enumerate(zip(groups, removed)):
         where = _where(gi, g.origin)
         for key in ("size", "blocks", "unit"):
@@ -151,13 +151,13 @@ def check_groups(groups: Sequence[Group], removed: Sequence[Sequence[int]], shap
             sw = _where(gi, g.origin, si, s.name)
             lo, hi = _check_slot(g, s, shapes, sw)
             spans.append((s.offset, s.offset + s.length))
-            for olo, ohi, ow, other in claimed.get((s.name, s.dim), ()):
-                if lo < ohi and olo < hi and other != (gi, s):  # the same slot twice in a group is harmless
+            for olo, ohi, ow in claimed.get((s.name, s.dim), ()):
+                if lo < ohi and olo < hi:
                     raise PlanError(
                         f"{sw}: indices {lo}..{hi - 1} of dim {s.dim} are also claimed by {ow}; "
                         "two slots cannot own the same indices"
                     )
-            claimed.setdefault((s.name, s.dim), []).append((lo, hi, sw, (gi, s)))
+            claimed.setdefault((s.name, s.dim), []).append((lo, hi, sw))
         reach = 0  # channels [0, reach) are owned by some slot
         for lo, hi in sorted(spans):
             if lo > reach:

@@ -624,7 +624,7 @@ def prune(
         )
 
     tensors = model_tensors(model)
-    shapes0 = {n: list(tensors[n].shape) for g in groups for n in {s.name for s in g.slots} if n in tensors}
+    shapes0 = {n: list(tensors[n].shape) for g in groups for n in dict.fromkeys(s.name for s in g.slots) if n in tensors}
     params0 = count_params(model)
     macs0, ref = None, None
     if example_inputs is not None:

@@ -11,7 +11,7 @@ A forward-hook stack on the copy names the innermost module that was running whe
 failed. The output is compared with the unpruned copy's: same pytree structure, and the same shape
 and dtype for every tensor leaf.
 
-    failure = run_check(model, example_inputs, plan)   # None: the pruned model runs
+    failure = run_check(model, example_inputs, plan)   # None: the pruned model runs (plan or (group, removed) pairs)
     failure.module, failure.error                      # where and why it broke
 """
 
@@ -277,11 +277,11 @@ def prepared_copy(model: nn.Module) -> nn.Module:
 def run_check(
     model: nn.Module,
     example_inputs: Any,
-    removals: Iterable[tuple[Any, Any]] | None = None,
+    removals: Iterable[tuple[Any, Any]] | Any = None,
     *,
     reference: Reference | None = None,
 ) -> RunFailure | None:
-    """None if `model` with `removals` ((group, removed channels) pairs, e.g. `plan._removals()`)
+    """None if `model` with `removals` (a PrunePlan, or (group, removed channels) pairs)
     sliced off still runs `example_inputs` with the same output structure as the unpruned model (in
     eval mode, and in train mode too when the model is training); else where and why it does not.
     `model` is not touched. `reference` (from `reference_output`) saves the unpruned forwards when
@@ -294,7 +294,7 @@ def run_check(
 
     ref = reference_output(model, example_inputs) if reference is None else reference
     c = prepared_copy(model)
-    removals = list(removals or ())
+    removals = list(removals._removals() if hasattr(removals, "_removals") else removals or ())
     if removals:
         cuts = build_cuts(removals, model_tensors(c))
         try:
