@@ -1,7 +1,8 @@
 """Parameter and multiply-accumulate (MAC) counts.
 
-MACs are counted for the given example inputs (batch included) by running one forward pass under a
-`TorchFunctionMode` that sees every conv, conv-transpose, linear, matmul-family, einsum and
+MACs are counted for the given example inputs (batch included) by running one forward pass of a
+fake-tensor copy of the model (tritonprune.runcheck: no compute, the model's buffers, hooks and flags
+are never touched) under a `TorchFunctionMode` that sees every conv, conv-transpose, linear, matmul-family, einsum and
 scaled-dot-product-attention call, whether it comes from a module or from functional code. Each
 count made against a weight is also attributed to that weight's parameter name: conv and linear MACs
 scale with the weight's element count (spatial sizes fixed), which lets pruning estimate MACs after a
@@ -151,22 +152,46 @@ def _call(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def count_macs(model: nn.Module, example_inputs: Any) -> MacCount:
-    """MACs of one forward pass on `example_inputs`, run in eval mode under no_grad.
+def _count_real(model: nn.Module, example_inputs: Any) -> MacCount:
+    """The count from a real forward (eval, no_grad); training flags and buffers are restored."""
+    from .graph.trace import preserved
 
-    The model's training flags are restored afterwards, so BatchNorm statistics do not move.
-    """
     names = {id(p): n for n, p in model.named_parameters()}
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     counter = _MacCounter(names)
-    try:
-        with torch.no_grad(), counter:
-            _call(model, example_inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with preserved(model), torch.no_grad(), counter:
+        model.eval()
+        _call(model, example_inputs)
     return counter.count
+
+
+def mac_counting():
+    """(context, result) for `runcheck.fake_forward(..., context=context)`: count MACs during a fake
+    forward that runs anyway (prune's run check); `result()` is the MacCount afterwards."""
+    counters: list[_MacCounter] = []
+
+    def context(fake_model: nn.Module) -> _MacCounter:
+        counters.append(_MacCounter({id(p): n for n, p in fake_model.named_parameters()}))
+        return counters[-1]
+
+    return context, lambda: counters[-1].count
+
+
+def count_macs(model: nn.Module, example_inputs: Any, *, real_fallback: bool = True) -> MacCount:
+    """MACs of one forward pass on `example_inputs` in eval mode.
+
+    The forward runs on a fake-tensor copy of the model: nothing is computed and the model itself
+    (buffers, training flags, hooks) is not touched. Only if the model cannot run on fake tensors
+    (data-dependent control flow) and `real_fallback` is true, a real forward is run under no_grad with
+    training flags and buffers restored afterwards (forward hooks of the model then run)."""
+    from .runcheck import RunFailure, fake_forward, prepared_copy
+
+    counting, counted = mac_counting()
+    got = fake_forward(prepared_copy(model), example_inputs, context=counting)
+    if not isinstance(got, RunFailure):
+        return counted()
+    if not real_fallback:
+        raise RuntimeError(f"could not count MACs on fake tensors: {got}")
+    return _count_real(model, example_inputs)
 
 
 def estimate_macs(count: MacCount, numel_before: Mapping[str, int], numel_after: Mapping[str, int]) -> int:

@@ -51,7 +51,8 @@ def config_snapshot(model: nn.Module) -> dict[str, Any] | None:
 
 def record_plan(model: nn.Module, plan: Any, config_before: dict[str, Any] | None) -> None:
     """Called by PrunePlan.apply: remember the plan (and the config of the unpruned model, once)."""
-    model.__dict__.setdefault(_PLANS, []).append(plan)
+    # a new list, not an append: a Transaction restores the module's attributes by reference
+    model.__dict__[_PLANS] = [*model.__dict__.get(_PLANS, []), plan]
     model.__dict__.setdefault(_CONFIG, config_before)
 
 

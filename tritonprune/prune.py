@@ -28,7 +28,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,14 +38,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .counting import MacCount, count_macs, count_params, estimate_macs
+from .counting import MacCount, count_params, estimate_macs, mac_counting
 from .graph import find_groups, resolve_ignored
 from .graph.assemble import is_ignored
-from .graph.group import IN, OUT, Group, Slot
+from .graph.group import IN, OUT, Group
 from .graph.trace import unwrap
 from .hf_checkpoint import config_snapshot, record_plan
 from .importance import METHODS, Importance, compute_importance
+from .plan_schema import PlanError, check_groups, parse
+from .runcheck import RunCheckUnavailable, input_spec, inputs_from_spec, reference_output, run_check
 from .slicing import Cut, apply_cuts, build_cuts, model_tensors, remap_groups, zero_channels
+from .transaction import Transaction
 from .wrappers import resolve_optimizer
 
 FORMAT = "tritonprune.PrunePlan"
@@ -83,9 +88,22 @@ class PrunePlan:
     def _removals(self):
         return list(zip(self.groups, self.removed))
 
+    def validate(self) -> None:
+        """Raise PlanError (a ValueError) if the plan itself is malformed or inconsistent (no model needed):
+        see tritonprune.plan_schema for what is checked. Errors name the group and the slot."""
+        if not isinstance(self.model_class, str):
+            raise PlanError(f"plan: model_class must be a string, got {self.model_class!r}")
+        if not isinstance(self.shapes, Mapping) or not all(
+            isinstance(n, str) and isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v)
+            for n, v in self.shapes.items()
+        ):
+            raise PlanError("plan: shapes must map tensor names to lists of non-negative ints")
+        check_groups(self.groups, self.removed, self.shapes)
+
     def check(self, model: nn.Module) -> dict[tuple[str, int], Cut]:
         """Raise ValueError (TypeError for a non-module) if the plan does not fit `model`; return its cuts."""
         model = unwrap(model)
+        self.validate()
         name = _class_name(model)
         if name != self.model_class:
             raise ValueError(f"this plan was made for a {self.model_class}, not a {name}")
@@ -104,18 +122,57 @@ class PrunePlan:
 
     # ------------------------------------------------------------------ actions
     def zero_(self, model: nn.Module) -> nn.Module:
-        """Soft pruning: zero the removed channels in place; shapes are unchanged."""
+        """Soft pruning: zero the removed channels in place; shapes are unchanged.
+
+        Every slot is validated before any is zeroed; on any error the touched tensors are restored."""
         self.check(model)
-        zero_channels(unwrap(model), self._removals())
+        touched = [s.name for g, r in self._removals() if r for s in g.slots]
+        with Transaction(unwrap(model), values=touched):
+            zero_channels(unwrap(model), self._removals())
         return model
 
-    def apply(self, model: nn.Module, optimizer: Any = None) -> nn.Module:
-        """Physically remove the channels; slice `optimizer`'s state and hand it the new parameters."""
+    def apply(
+        self, model: nn.Module, optimizer: Any = None, *, example_inputs: Any = None, check_run: bool = True
+    ) -> nn.Module:
+        """Physically remove the channels; slice `optimizer`'s state and hand it the new parameters.
+
+        Everything is validated first. Unless `check_run=False`, the pruned model is first run on fake
+        tensors (no compute) with `example_inputs`, or with the example-input shapes `prune` recorded in
+        the plan; if it would not run, ValueError names the module whose shapes break and the groups to
+        leave out, and nothing is changed. On any error the model and optimizer are left as they were."""
         cuts = self.check(model)
-        before = config_snapshot(unwrap(model))
-        apply_cuts(unwrap(model), cuts, resolve_optimizer(optimizer))  # through accelerate/Lightning wrappers
-        record_plan(unwrap(model), self, before)  # for tritonprune.save_pretrained
+        inner = unwrap(model)
+        optimizer = resolve_optimizer(optimizer)  # through accelerate/Lightning wrappers
+        if check_run:
+            inputs = example_inputs
+            if inputs is None and self.info.get("example_inputs") is not None:
+                inputs = inputs_from_spec(self.info["example_inputs"], _device_of(inner))
+            if inputs is not None:
+                self._refuse_if_broken(inner, inputs)
+        before = config_snapshot(inner)
+        with Transaction(inner, optimizer):
+            apply_cuts(inner, cuts, optimizer)
+            record_plan(inner, self, before)  # for tritonprune.save_pretrained
         return model
+
+    def _refuse_if_broken(self, model: nn.Module, inputs: Any) -> None:
+        try:
+            ref = reference_output(model, inputs)
+        except RunCheckUnavailable as e:
+            warnings.warn(f"tritonprune: the pruned model could not be checked before slicing: {e}", stacklevel=3)
+            return
+        if run_check(model, inputs, self._removals(), reference=ref) is None:
+            return
+        _, dropped = find_breaking_groups(model, inputs, list(self.groups), list(self.removed), ref)
+        lines = [
+            f"group {d['group']} ({d['origin']!r}) breaks {_where(model, d['module'])}: {d['error']}" for d in dropped
+        ]
+        mods = sorted({d["origin"] or d["module"] for d in dropped})
+        raise ValueError(
+            "this plan gives a model that does not run its example inputs; nothing was changed.\n  "
+            + "\n  ".join(lines)
+            + f"\nPrune again with these modules in ignored_layers: {mods}"
+        )
 
     def remap(self, groups: Iterable[Group], model: nn.Module | None = None) -> list[Group]:
         """`groups` (of the unpruned model) as they are after this plan is applied."""
@@ -190,32 +247,10 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrunePlan:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a tritonprune plan (format {d.get('format')!r})")
-        if d.get("version") != VERSION:
-            raise ValueError(f"plan version {d.get('version')} is not supported (expected {VERSION})")
-        groups, removed = [], []
-        for i, g in enumerate(d["groups"]):
-            slots = tuple(Slot(**s) for s in g["slots"])
-            groups.append(
-                Group(
-                    size=g["size"],
-                    slots=slots,
-                    blocks=g.get("blocks", 1),
-                    unit=g.get("unit", 1),
-                    exact=g.get("exact", True),
-                    origin=g.get("origin", ""),
-                    index=i,
-                )
-            )
-            removed.append(sorted(int(x) for x in g["removed"]))
-        return cls(
-            d["model_class"],
-            groups,
-            removed,
-            {n: list(s) for n, s in d["shapes"].items()},
-            dict(d.get("info", {})),
-        )
+        """Build a plan from `to_dict` output; the whole schema and every group are validated
+        (PlanError, a ValueError, naming the group and the slot)."""
+        model_class, groups, removed, shapes, info = parse(d)
+        return cls(model_class, groups, removed, shapes, info)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -224,7 +259,24 @@ class PrunePlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> PrunePlan:
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise PlanError(f"{path}: not a JSON plan ({e})") from e
+        return cls.from_dict(d)
+
+
+def _where(model: nn.Module, module: str) -> str:
+    return f"module {module!r}" if module else f"the forward of {type(model).__name__} itself (the root module)"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -348,8 +400,18 @@ def iterative_ratios(ratio: float, steps: int) -> list[float]:
 # --------------------------------------------------------------------------------------- prune()
 
 
+def _number(x: Any, what: str) -> float:
+    """A real, finite number (not a bool, string or tensor), or ValueError naming the argument."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {x!r} ({type(x).__name__})")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be finite, got {x!r}")
+    return x
+
+
 def _check_ratio(r: Any, what: str) -> float:
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0 <= r < 1) or math.isnan(r):
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0 <= r < 1) or math.isnan(r):
         raise ValueError(f"{what} must be a number in [0, 1), got {r!r}")
     return float(r)
 
@@ -370,6 +432,134 @@ def _macs_after(
     now = {n: math.prod(s) for n, s in shapes.items()}
     now.update(_numel_after(shapes, cuts))
     return estimate_macs(macs0, {n: math.prod(s) for n, s in shapes0.items()}, now)
+
+
+def _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, steps, importance):
+    if target_params is not None and target_macs is not None:
+        raise ValueError("give target_params or target_macs, not both")
+    for what, t in (("target_params", target_params), ("target_macs", target_macs)):
+        if t is not None:
+            if ratio is not None:
+                raise ValueError(f"give a ratio or a target ({what}), not both")
+            if _number(t, what) <= 0:
+                raise ValueError(f"{what} must be a positive number, got {t!r}")
+    ratio = _check_ratio(0.5 if ratio is None else ratio, "ratio")
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real) or not (0 < max_ratio <= 1):
+        raise ValueError(f"max_ratio must be a number in (0, 1], got {max_ratio!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not callable(importance) and importance not in METHODS:
+        raise ValueError(f"importance {importance!r} is not one of {METHODS} or a callable group -> tensor")
+    return ratio
+
+
+def _check_layer_ratios(model: nn.Module, layer_ratios: Mapping[str, Any]) -> dict[str, float]:
+    modules = dict(model.named_modules())
+    out = {}
+    for k, r in layer_ratios.items():
+        if k not in modules:
+            raise ValueError(f"layer_ratios: {k!r} is not a module of the model (see model.named_modules())")
+        out[k] = _check_ratio(r, f"layer_ratios[{k!r}]")
+    return out
+
+
+def _check_layer_ratios_match(groups: Sequence[Group], layer_ratios: Mapping[str, float]) -> None:
+    for k in layer_ratios:
+        if not any(_ratio_of(g, {k: 0.0}) is not None for g in groups):
+            raise ValueError(
+                f"layer_ratios: module {k!r} produces no prunable channels (no group's channels come from it or "
+                "from a module inside it; it may be ignored, reach an output, or hold no weights)"
+            )
+
+
+def find_breaking_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    groups: Sequence[Group],
+    removed: Sequence[Sequence[int]],
+    reference: Any = None,
+) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Drop the groups whose pruning stops `model` from running `example_inputs` (checked on fake
+    tensors, see tritonprune.runcheck): returns the removed lists with those groups emptied, and one
+    record per dropped group ({"group", "origin", "module", "error"}).
+
+    While the planned model fails: every group touching the failing module (or a module inside or
+    around it) is tried alone, and those that fail alone are dropped; if none does (the failure needs
+    several groups together), the shortest failing prefix of the remaining groups is found by bisection
+    and its last group is dropped. Each round drops at least one group, so it ends."""
+    ref = reference_output(model, example_inputs) if reference is None else reference
+    removed = [list(r) for r in removed]
+    active = [i for i, r in enumerate(removed) if r]
+
+    def check(idx: Sequence[int]):
+        return run_check(model, example_inputs, [(groups[i], removed[i]) for i in idx], reference=ref)
+
+    dropped: list[dict[str, Any]] = []
+
+    def drop(i: int, why) -> None:
+        dropped.append({"group": i, "origin": groups[i].origin, "module": why.module, "error": why.error})
+        removed[i] = []
+        active.remove(i)
+
+    failure = check(active)
+    while failure is not None and active:
+        near = [i for i in active if _near(groups[i], failure.module)]
+        found = False
+        for i in near:
+            alone = check([i])
+            if alone is not None:
+                drop(i, alone)
+                found = True
+        if not found:
+            lo, hi = 0, len(active)  # active[:lo] runs, active[:hi] fails
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if check(active[:mid]) is None:
+                    lo = mid
+                else:
+                    hi = mid
+            drop(active[hi - 1], check(active[:hi]) or failure)
+        failure = check(active)
+    return removed, dropped
+
+
+def _near(group: Group, module: str) -> bool:
+    """The group has a tensor in `module`, in a module inside it, or in a module containing it."""
+    if not module:
+        return True
+    for m in group.modules:
+        if m == module or m.startswith(module + ".") or module.startswith(m + ".") or m == "":
+            return True
+    return False
+
+
+def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect):
+    """Select, check on fake tensors, drop the groups that break the model, select again without
+    them; returns the final removed lists. `excluded` collects the dropped groups' records."""
+    while True:
+        _, dropped = find_breaking_groups(work, example_inputs, groups, removed, ref)
+        if not dropped:
+            return removed
+        for d in dropped:
+            excluded[d["group"]] = d
+        removed = reselect()  # each pass excludes at least one more group, so this ends
+
+
+def _real_forward_failure(model: nn.Module, example_inputs: Any) -> str | None:
+    """Last resort where fake tensors cannot run the model: one real forward in eval mode, training
+    flags and buffers restored afterwards. The error text, or None."""
+    from .counting import _call
+    from .graph.trace import preserved
+
+    try:
+        with preserved(model), torch.no_grad():
+            model.eval()
+            _call(model, example_inputs)
+    except Exception as e:  # the answer, not a crash
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def prune(
@@ -400,35 +590,27 @@ def prune(
     without it, the groups of a RegularizedOptimizer passed as `optimizer` are used (unless
     `ignored_layers` is given), else `find_groups(model, example_inputs, ignored_layers)`.
     `optimizer` (any torch optimizer or a RegularizedOptimizer) has its state sliced along, and a
-    RegularizedOptimizer gets the groups of the pruned model. `dry_run=True` only returns the plan.
+    RegularizedOptimizer gets the groups of the pruned model. `dry_run=True` only returns the plan and
+    does not touch the model (MACs are counted on fake tensors).
     importance: "l1" | "l2" | "bn_scale" | "taylor" | "random" | callable(group) -> tensor[group.size];
     normalizer: "mean" | "max" | None (per group, as in Torch-Pruning); seed: for "random".
+
+    All or nothing: arguments and every round's target are validated first, and if a round fails the
+    model and optimizer are restored. With `example_inputs`, each round's plan is first run on fake
+    tensors; groups whose pruning would break the model are left out of the plan with a warning naming
+    each group, the module that broke and the error (`plan.info["dropped"]`), and the rest is pruned.
     """
     model = unwrap(model)
     optimizer = resolve_optimizer(optimizer)  # the RegularizedOptimizer inside accelerate/Lightning wrappers
-    if target_params is not None and target_macs is not None:
-        raise ValueError("give target_params or target_macs, not both")
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"tritonprune.prune: parameter {meta!r} is on the meta device: choosing channels needs real weights. "
+            "Load the weights first, or apply a saved plan with PrunePlan.load(path).apply(model)"
+        )
+    ratio = _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, steps, importance)
     target = target_params if target_params is not None else target_macs
-    if target is not None:
-        if ratio is not None:
-            raise ValueError("give a ratio or a target (target_params / target_macs), not both")
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0:
-            raise ValueError(f"the target must be a positive number, got {target!r}")
-    ratio = _check_ratio(0.5 if ratio is None else ratio, "ratio")
-    layer_ratios = dict(layer_ratios or {})
-    modules = dict(model.named_modules())
-    for k, r in layer_ratios.items():
-        if k not in modules:
-            raise ValueError(f"layer_ratios: {k!r} is not a module of the model (see model.named_modules())")
-        _check_ratio(r, f"layer_ratios[{k!r}]")
-    if not (0 < max_ratio <= 1):
-        raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not callable(importance) and importance not in METHODS:
-        raise ValueError(f"importance {importance!r} is not one of {METHODS} or a callable group -> tensor")
+    layer_ratios = _check_layer_ratios(model, dict(layer_ratios or {}))
     ignored_layers = list(ignored_layers)
     ignored = sorted(resolve_ignored(model, ignored_layers))
 
@@ -439,60 +621,113 @@ def prune(
     else:
         groups = [g for g in groups if not _touches(g, ignored)]
     groups = list(groups)
+    _check_layer_ratios_match(groups, layer_ratios)
+    if not groups:
+        warnings.warn(
+            f"tritonprune.prune: {type(model).__name__} has no prunable channel groups (every channel reaches an "
+            "output, is ignored, or no layer has prunable weights); nothing is pruned",
+            stacklevel=2,
+        )
+
+    tensors = model_tensors(model)
+    shapes0 = {n: list(tensors[n].shape) for g in groups for n in dict.fromkeys(s.name for s in g.slots) if n in tensors}
+    params0 = count_params(model)
+    macs0, ref = None, None
+    if example_inputs is not None:
+        counting, counted = mac_counting()  # MACs are counted in the run check's reference pass
+        try:
+            ref = reference_output(model, example_inputs, context=counting)
+            macs0 = counted()
+        except RunCheckUnavailable as e:
+            ref = e  # checked by a real forward after slicing instead; MACs unknown
+    if target_macs is not None and macs0 is None:
+        raise ValueError("target_macs needs example_inputs the model runs on fake tensors with")
+    param_names = {s.name for g in groups for s in g.slots if not s.is_buffer}
+    if target is not None and steps > 1 and max_ratio == 1 and not layer_ratios and groups:
+        # every round's goal is on the way to the last one: refuse an unreachable target before round 1
+        def metric0(cuts):
+            if target_params is not None:
+                return _params_after(shapes0, params0, cuts, param_names)
+            return _macs_after(shapes0, shapes0, macs0, cuts)
+
+        ones = [torch.ones(g.size) for g in groups]
+        _search(lambda r: select(groups, ones, r, global_pruning, {}, 1.0, round_to), groups, shapes0, metric0,
+                target)
 
     work = copy.deepcopy(model) if dry_run and steps > 1 else model
-    tensors = model_tensors(model)
-    shapes0 = {n: list(tensors[n].shape) for g in groups for n in {s.name for s in g.slots} if n in tensors}
-    params0 = count_params(model)
-    macs0 = None
-    if example_inputs is not None:
-        try:
-            macs0 = count_macs(model, example_inputs)
-        except Exception:  # counting is a report; a model it cannot run through is still prunable
-            macs0 = None
-    if target_macs is not None and macs0 is None:
-        raise ValueError("target_macs needs example_inputs the model runs on")
-    param_names = {s.name for g in groups for s in g.slots if not s.is_buffer}
-
+    excluded: dict[int, dict[str, Any]] = {}
     alive = [list(range(g.size)) for g in groups]  # original channel ids still present, per group
     cur_groups = groups
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    for step in range(1, steps + 1):
-        cur_tensors = model_tensors(work)
-        cur_shapes = {n: list(cur_tensors[n].shape) for n in shapes0}
-        imps = compute_importance(
-            work, cur_groups, importance, normalizer=normalizer, bias=bias, generator=gen
-        )
-        if target is not None:
-            if target_params is not None:
-                base = count_params(work)
-                goal = params0 - (params0 - target) * step / steps
+    txn = Transaction(model, optimizer) if not dry_run else None
+    try:
+        for step in range(1, steps + 1):
+            cur_tensors = model_tensors(work)
+            cur_shapes = {n: list(cur_tensors[n].shape) for n in shapes0}
+            imps = compute_importance(
+                work, cur_groups, importance, normalizer=normalizer, bias=bias, generator=gen
+            )
+            if target is not None:
+                if target_params is not None:
+                    base = count_params(work)
+                    goal = params0 - (params0 - target) * step / steps
 
-                def metric(cuts, shapes=cur_shapes, base=base):
-                    return _params_after(shapes, base, cuts, param_names)
+                    def metric(cuts, shapes=cur_shapes, base=base):
+                        return _params_after(shapes, base, cuts, param_names)
+                else:
+                    goal = macs0.total - (macs0.total - target) * step / steps
+
+                    def metric(cuts, shapes=cur_shapes):
+                        return _macs_after(shapes, shapes0, macs0, cuts)
+
+                def choose(r: float, groups=cur_groups, imps=imps) -> list[list[int]]:
+                    live = [None if i in excluded else x for i, x in enumerate(imps)]
+                    return select(groups, live, r, global_pruning, layer_ratios, max_ratio, round_to)
+
+                def reselect(choose=choose, groups=cur_groups, shapes=cur_shapes, metric=metric, goal=goal):
+                    return _search(choose, groups, shapes, metric, goal)
             else:
-                goal = macs0.total - (macs0.total - target) * step / steps
+                r = iterative_ratios(ratio, steps)[step - 1]
+                lr = {k: iterative_ratios(v, steps)[step - 1] for k, v in layer_ratios.items()}
 
-                def metric(cuts, shapes=cur_shapes):
-                    return _macs_after(shapes, shapes0, macs0, cuts)
+                def reselect(r=r, lr=lr, imps=imps, groups=cur_groups):
+                    live = [None if i in excluded else x for i, x in enumerate(imps)]
+                    return select(groups, live, r, global_pruning, lr, max_ratio, round_to)
 
-            def choose(r: float, groups=cur_groups, imps=imps) -> list[list[int]]:
-                return select(groups, imps, r, global_pruning, layer_ratios, max_ratio, round_to)
+            removed = reselect()
+            if ref is not None and not isinstance(ref, Exception) and any(removed):
+                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect)
+            step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
+            for a, rem in zip(alive, removed):
+                gone = set(rem)
+                a[:] = [c for j, c in enumerate(a) if j not in gone]
+            if steps > 1 or not dry_run:
+                if step < steps:
+                    cur_groups = step_plan.remap(cur_groups, work)
+                step_plan.apply(work, optimizer if work is model else None, check_run=False)
+                if isinstance(ref, Exception) and any(removed):
+                    err = _real_forward_failure(work, example_inputs)
+                    if err is not None:
+                        raise ValueError(
+                            f"tritonprune.prune: the pruned model no longer runs its example inputs ({err}); "
+                            "the model and optimizer were restored. Put the modules named in the error in "
+                            "ignored_layers"
+                        )
+    except BaseException:
+        if txn is not None:
+            txn.restore()
+        raise
 
-            removed = _search(choose, cur_groups, cur_shapes, metric, goal)
-        else:
-            r = iterative_ratios(ratio, steps)[step - 1]
-            lr = {k: iterative_ratios(v, steps)[step - 1] for k, v in layer_ratios.items()}
-            removed = select(cur_groups, imps, r, global_pruning, lr, max_ratio, round_to)
-        step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
-        for a, rem in zip(alive, removed):
-            gone = set(rem)
-            a[:] = [c for j, c in enumerate(a) if j not in gone]
-        if steps > 1 or not dry_run:
-            if step < steps:
-                cur_groups = step_plan.remap(cur_groups, work)
-            step_plan.apply(work, optimizer if work is model else None)
-
+    if excluded:
+        warnings.warn(
+            "tritonprune.prune: left these groups out of the plan, pruning them would break the model:\n  "
+            + "\n  ".join(
+                f"group {d['group']} ({d['origin']!r}) breaks {_where(model, d['module'])}: {d['error']}"
+                for d in excluded.values()
+            )
+            + "\nthe other groups were pruned",
+            stacklevel=2,
+        )
     removed_all = [sorted(set(range(g.size)) - set(a)) for g, a in zip(groups, alive)]
     plan = PrunePlan(_class_name(model), groups, removed_all, shapes0)
     cuts = plan._meta_cuts()
@@ -506,6 +741,11 @@ def prune(
         "params_before": params0,
         "params_after": _params_after(shapes0, params0, cuts, param_names),
     }
+    if excluded:
+        plan.info["dropped"] = list(excluded.values())
+    spec = input_spec(example_inputs) if example_inputs is not None else None
+    if spec is not None:
+        plan.info["example_inputs"] = spec
     if macs0 is not None:
         plan.info["macs_before"] = macs0.total
         plan.info["macs_after"] = _macs_after(shapes0, shapes0, macs0, cuts)
