@@ -247,6 +247,35 @@ def test_half_types_compute_in_float32_and_round_once(dtype, threads, monkeypatc
 
 
 @needs_native
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_conversions_are_exact_on_every_value(dtype):
+    """Every 16-bit pattern: load + store is the identity (NaNs stay NaN), and t + c * w computed in float32
+    rounds to nearest even exactly as torch rounds the same float32 value."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    w = bits.view(dtype).reshape(256, 256).clone()
+    t = torch.zeros_like(w)
+    table = cpu_native.Table(dtype, [(256, 256, 256)])
+    one = torch.ones(256)
+    (m,) = table.mats
+    m.w, m.t, m.rowc = w.data_ptr(), t.data_ptr(), one.data_ptr()
+    table.update()
+    nan = w.isnan()
+    want = (torch.zeros_like(w).float() + w.float()).to(dtype)  # w itself, except +0 for -0 (IEEE 0 + -0)
+    assert torch.equal(t[~nan].view(torch.int16), want[~nan].view(torch.int16)) and t[nan].isnan().all()
+    # rounding: random float32 results of both signs, tiny (subnormal halves) to overflowing
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 256, generator=g) * torch.logspace(-9, 6, 256)[:, None]).to(dtype)
+    t = (torch.randn(256, 256, generator=g) * torch.logspace(-9, 6, 256)[None, :]).to(dtype)
+    c = torch.randn(256, generator=g) * 3
+    want = (t.float() + c[:, None] * w.float()).to(dtype)
+    m.w, m.t, m.rowc = w.data_ptr(), t.data_ptr(), c.data_ptr()
+    table.update()
+    fin = want.isfinite()
+    assert torch.equal(t[fin].view(torch.int16), want[fin].view(torch.int16))
+    assert torch.equal(t[~fin].isinf(), want[~fin].isinf())
+
+
 def test_half_precision_engine_matches_the_reference():
     """The torch backend takes the C loops for bf16/fp16 weights and agrees with the reference."""
     for dtype in (torch.bfloat16, torch.float16):

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .._gc import fewer_collections
 from . import elementwise as _elementwise  # noqa: F401  (each rules module registers its ops)
 from . import layers as _layers  # noqa: F401
 from . import reshape as _reshape  # noqa: F401
@@ -54,7 +55,8 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
         raise ValueError(f"head_pruning must be 'heads' or 'dims', got {head_pruning!r}")
     model = unwrap(model)
     ignored = resolve_ignored(model, ignored_layers)
-    ep = export(model, example_inputs)
-    walker = Walker(ep, model, head_pruning)
-    walker.run()
-    return assemble(walker.space, ignored)
+    with fewer_collections():
+        ep = export(model, example_inputs)
+        walker = Walker(ep, model, head_pruning)
+        walker.run()
+        return assemble(walker.space, ignored)

@@ -3,8 +3,8 @@
 The matrix path's sums of squares and update are bound by memory traffic on a CPU, and torch needs
 several passes for each (square, row sum, column sum; two broadcast multiply-adds). The C loops do each
 in one pass over the weights, on `torch.get_num_threads()` threads. Float32 and float64 weights, and
-bfloat16/float16 ones loaded as float32 and stored rounded (compute in fp32, store in the weight's dtype;
-float16 where the compiler has `_Float16`); everything else (other layouts, sign updates) stays on torch ops.
+bfloat16/float16 ones loaded as float32 and stored rounded to nearest even (compute in fp32, store in the
+weight's dtype); everything else (other layouts, sign updates) stays on torch ops.
 
 Nothing here is required: without a C compiler (or with TRITONPRUNE_NATIVE=0) `library()` is None and
 the torch backend runs on torch ops alone, with the same results; `why_unavailable()` says why.
@@ -47,7 +47,7 @@ FLAGS = ["-std=c11", "-O3", "-fno-math-errno", "-fassociative-math", "-fno-signe
 # compilers (older Apple clang on arm64); the last build is plain C with POSIX threads
 BUILDS = (("-fopenmp", "-march=native"), ("-march=native",), ())
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
-REQUIRED = ("f32", "f64", "bf16")  # f16 needs the compiler's _Float16: optional
+REQUIRED = ("f32", "f64", "bf16", "f16")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # where the library has them
 # the type of the sums and column partials of each weight dtype
 ACC = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,

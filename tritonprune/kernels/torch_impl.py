@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from .._gc import fewer_collections
 from ..geometry import physical_order, slot_geometry, slot_view
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 from . import cpu_native
@@ -669,7 +670,8 @@ class _Plan:
 def _plan(bufs: GroupBuffers) -> _Plan:
     plan = bufs.cache.get("torch")
     if plan is None:
-        plan = bufs.cache["torch"] = _Plan(bufs)
+        with fewer_collections():
+            plan = bufs.cache["torch"] = _Plan(bufs)
     return plan
 
 
