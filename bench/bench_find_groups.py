@@ -6,8 +6,9 @@ ratio measured in the same run, with where our time goes; and the scaling on a d
     python -m pytest bench/bench_find_groups.py --benchmark-only   # the same, under pytest-benchmark
 
 Per model: the median of `rounds` calls of each (after one warm-up call), alternated (ours, theirs,
-ours, ...) so load swings hit both, plus one instrumented call of ours split into its phases
-(`torch.export`, the walk applying the coupling rules, assembly into Groups). The deep narrow MLP
+ours, ...) so load swings hit both, plus one instrumented call of ours split into its phases (CPU time)
+(`torch.export`, the walk applying the coupling rules, assembly into Groups). Wall and CPU (process)
+time are both recorded: on a shared machine CPU time is the steadier of the two. The deep narrow MLP
 (`Linear(8, 8) + ReLU` repeated n times) shows the cost per layer stays flat as n grows. The load
 average is recorded next to the figures: the machine is shared.
 Results: bench/results/cpu_find_groups.json.
@@ -57,15 +58,15 @@ def deep_mlp(n: int) -> nn.Module:
 
 
 def phases(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Seconds of one find_groups split into export / walk / assemble."""
-    t0 = time.perf_counter()
+    """CPU seconds (process time) of one find_groups split into export / walk / assemble."""
+    t0 = time.process_time()
     ep = export(model, x)
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     walker = Walker(ep, model)
     walker.run()
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     groups = assemble(walker.space, resolve_ignored(model, ()))
-    t3 = time.perf_counter()
+    t3 = time.process_time()
     return {"export_s": t1 - t0, "walk_s": t2 - t1, "assemble_s": t3 - t2, "groups": len(groups),
             "nodes": len(ep.graph.nodes)}
 
@@ -80,15 +81,17 @@ def compare(model: nn.Module, x: torch.Tensor, rounds: int) -> dict:
         return list(tp.DependencyGraph().build_dependency(model, example_inputs=x).get_all_groups())
 
     ours(), theirs()  # warm-up: first-call caches of torch.export and of torch.jit
-    a, b = [], []
+    a, b, ca, cb = [], [], [], []
     for _ in range(rounds):
-        for fn, out in ((ours, a), (theirs, b)):
-            t = time.perf_counter()
+        for fn, out, cpu in ((ours, a, ca), (theirs, b, cb)):
+            t, c = time.perf_counter(), time.process_time()
             fn()
             out.append(time.perf_counter() - t)
-    ratios = [x_ / y_ for x_, y_ in zip(a, b)]
+            cpu.append(time.process_time() - c)
     return {"ours_s": statistics.median(a), "ours_iqr_s": iqr(a), "tp_s": statistics.median(b),
-            "tp_iqr_s": iqr(b), "ratio": statistics.median(ratios), "rounds": rounds,
+            "tp_iqr_s": iqr(b), "ratio": statistics.median(x_ / y_ for x_, y_ in zip(a, b)),
+            "ours_cpu_s": statistics.median(ca), "tp_cpu_s": statistics.median(cb),
+            "cpu_ratio": statistics.median(x_ / y_ for x_, y_ in zip(ca, cb)), "rounds": rounds,
             "tp_groups": len(theirs()), **phases(model, x)}
 
 
@@ -103,10 +106,11 @@ def run(models: list[str], scaling: list[int], rounds: int) -> dict:
             model = getattr(tvm, name)().eval()
             out["models"][name] = r = compare(model, torch.randn(1, 3, 224, 224), rounds)
             r["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-            print(f"{name:20s} ours {r['ours_s']:.2f} s  TP {r['tp_s']:.2f} s  ratio {r['ratio']:.2f}  "
+            print(f"{name:20s} ours {r['ours_s']:.2f} s  TP {r['tp_s']:.2f} s  ratio {r['ratio']:.2f} "
+                  f"(CPU time: {r['ours_cpu_s']:.2f} / {r['tp_cpu_s']:.2f} s = {r['cpu_ratio']:.2f})  "
                   f"(export {r['export_s']:.2f} walk {r['walk_s']:.2f} assemble {r['assemble_s']:.2f})", flush=True)
-        ratios = [r["ratio"] for r in out["models"].values()]
-        out["median_ratio"] = statistics.median(ratios)
+        out["median_ratio"] = statistics.median(r["ratio"] for r in out["models"].values())
+        out["median_cpu_ratio"] = statistics.median(r["cpu_ratio"] for r in out["models"].values())
         out["median_ours_s"] = statistics.median(r["ours_s"] for r in out["models"].values())
         out["median_tp_s"] = statistics.median(r["tp_s"] for r in out["models"].values())
     x = torch.randn(2, 8)
@@ -116,7 +120,7 @@ def run(models: list[str], scaling: list[int], rounds: int) -> dict:
         r["total_s"] = r["export_s"] + r["walk_s"] + r["assemble_s"]
         r["ms_per_layer"] = 1e3 * r["total_s"] / n
         out["deep_mlp"][str(n)] = r
-        print(f"deep MLP {n:5d} layers: {r['total_s']:.2f} s ({r['ms_per_layer']:.2f} ms/layer; export "
+        print(f"deep MLP {n:5d} layers: {r['total_s']:.2f} CPU s ({r['ms_per_layer']:.2f} ms/layer; export "
               f"{r['export_s']:.2f} walk {r['walk_s']:.2f} assemble {r['assemble_s']:.2f})", flush=True)
     out["load_after"] = os.getloadavg()
     return out
