@@ -1,39 +1,154 @@
-"""find_groups on a ResNet-50-size model (25.6M params, Hugging Face config, no download).
+"""find_groups against Torch-Pruning's `DependencyGraph().build_dependency` on torchvision models, as a
+ratio measured in the same run, with where our time goes; and the scaling on a deep narrow MLP.
 
-Run: .venv/bin/python -m pytest bench/bench_find_groups.py --benchmark-only
-Target (issue 2): under 3 s per call on the 2-core CPU. Torch-Pruning's DependencyGraph build on the same
-model is measured in the same run as the baseline.
+    python bench/bench_find_groups.py                      # everything, JSON in bench/results/
+    TRITONPRUNE_BENCH_MODELS=resnet18,resnet50 python bench/bench_find_groups.py --no-scaling
+    python -m pytest bench/bench_find_groups.py --benchmark-only   # the same, under pytest-benchmark
+
+Per model: the median of `rounds` calls of each (after one warm-up call), alternated (ours, theirs,
+ours, ...) so load swings hit both, plus one instrumented call of ours split into its phases (CPU time)
+(`torch.export`, the walk applying the coupling rules, assembly into Groups). Wall and CPU (process)
+time are both recorded: on a shared machine CPU time is the steadier of the two. The deep narrow MLP
+(`Linear(8, 8) + ReLU` repeated n times) shows the cost per layer stays flat as n grows. The load
+average is recorded next to the figures: the machine is shared.
+Results: bench/results/cpu_find_groups.json.
 """
 
-import pytest
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
 import torch
+from torch import nn
 
-import tritonprune as tpr
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tritonprune, not an installed one
+from timing import iqr  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+import tritonprune as tpr  # noqa: E402
+from tritonprune.graph import Walker, assemble, export, resolve_ignored  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def resnet50():
-    cfg = transformers.ResNetConfig(num_labels=1000)
-    model = transformers.ResNetForImageClassification(cfg).eval()
-    return model, torch.randn(1, 3, 224, 224)
-
-
-def test_find_groups_resnet50(benchmark, resnet50):
-    model, x = resnet50
-    groups = benchmark.pedantic(tpr.find_groups, args=(model, x), rounds=3, warmup_rounds=1)
-    assert len(groups) > 30
-    benchmark.extra_info["groups"] = len(groups)
-    benchmark.extra_info["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+RESULTS = Path(__file__).parent / "results" / "cpu_find_groups.json"
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+          "regnet_y_400mf", "convnext_tiny", "vit_b_16")
+SCALING = (250, 500, 1000, 2000)
 
 
-def test_torch_pruning_dependency_graph_resnet50(benchmark, resnet50):
-    tp = pytest.importorskip("torch_pruning")
-    model, x = resnet50
+def _torchvision():
+    # the wheel's compiled ops are built for a CUDA torch; classification models do not need them
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torchvision
 
-    def build():
+    return torchvision
+
+
+def deep_mlp(n: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(n):
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(8, 2))
+
+
+def phases(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """CPU seconds (process time) of one find_groups split into export / walk / assemble."""
+    t0 = time.process_time()
+    ep = export(model, x)
+    t1 = time.process_time()
+    walker = Walker(ep, model)
+    walker.run()
+    t2 = time.process_time()
+    groups = assemble(walker.space, resolve_ignored(model, ()))
+    t3 = time.process_time()
+    return {"export_s": t1 - t0, "walk_s": t2 - t1, "assemble_s": t3 - t2, "groups": len(groups),
+            "nodes": len(ep.graph.nodes)}
+
+
+def compare(model: nn.Module, x: torch.Tensor, rounds: int) -> dict:
+    import torch_pruning as tp
+
+    def ours():
+        return tpr.find_groups(model, x)
+
+    def theirs():
         return list(tp.DependencyGraph().build_dependency(model, example_inputs=x).get_all_groups())
 
-    groups = benchmark.pedantic(build, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["groups"] = len(groups)
+    ours(), theirs()  # warm-up: first-call caches of torch.export and of torch.jit
+    a, b, ca, cb = [], [], [], []
+    for _ in range(rounds):
+        for fn, out, cpu in ((ours, a, ca), (theirs, b, cb)):
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            out.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    return {"ours_s": statistics.median(a), "ours_iqr_s": iqr(a), "tp_s": statistics.median(b),
+            "tp_iqr_s": iqr(b), "ratio": statistics.median(x_ / y_ for x_, y_ in zip(a, b)),
+            "ours_cpu_s": statistics.median(ca), "tp_cpu_s": statistics.median(cb),
+            "cpu_ratio": statistics.median(x_ / y_ for x_, y_ in zip(ca, cb)), "rounds": rounds,
+            "tp_groups": len(theirs()), **phases(model, x)}
+
+
+def run(models: list[str], scaling: list[int], rounds: int) -> dict:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out: dict = {"load_before": os.getloadavg(), "torch": torch.__version__, "threads": 1, "models": {},
+                 "deep_mlp": {}}
+    if models:
+        tvm = _torchvision().models
+        for name in models:
+            model = getattr(tvm, name)().eval()
+            out["models"][name] = r = compare(model, torch.randn(1, 3, 224, 224), rounds)
+            r["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+            print(f"{name:20s} ours {r['ours_s']:.2f} s  TP {r['tp_s']:.2f} s  ratio {r['ratio']:.2f} "
+                  f"(CPU time: {r['ours_cpu_s']:.2f} / {r['tp_cpu_s']:.2f} s = {r['cpu_ratio']:.2f})  "
+                  f"(export {r['export_s']:.2f} walk {r['walk_s']:.2f} assemble {r['assemble_s']:.2f})", flush=True)
+        out["median_ratio"] = statistics.median(r["ratio"] for r in out["models"].values())
+        out["median_cpu_ratio"] = statistics.median(r["cpu_ratio"] for r in out["models"].values())
+        out["median_ours_s"] = statistics.median(r["ours_s"] for r in out["models"].values())
+        out["median_tp_s"] = statistics.median(r["tp_s"] for r in out["models"].values())
+    x = torch.randn(2, 8)
+    export(deep_mlp(4), x)  # warm-up
+    for n in scaling:
+        r = phases(deep_mlp(n), x)
+        r["total_s"] = r["export_s"] + r["walk_s"] + r["assemble_s"]
+        r["ms_per_layer"] = 1e3 * r["total_s"] / n
+        out["deep_mlp"][str(n)] = r
+        print(f"deep MLP {n:5d} layers: {r['total_s']:.2f} CPU s ({r['ms_per_layer']:.2f} ms/layer; export "
+              f"{r['export_s']:.2f} walk {r['walk_s']:.2f} assemble {r['assemble_s']:.2f})", flush=True)
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def test_find_groups_vs_torch_pruning(benchmark):
+    """pytest-benchmark entry: the first two models, ratio in extra_info."""
+    import pytest
+
+    pytest.importorskip("torch_pruning")
+    pytest.importorskip("torchvision")
+    res = benchmark.pedantic(run, args=(list(MODELS[:2]), [250], 3), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: v for k, v in res.items() if k != "machine"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("TRITONPRUNE_BENCH_ROUNDS", "3")))
+    ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--json", default=str(RESULTS))
+    args = ap.parse_args()
+    models = [m for m in os.environ.get("TRITONPRUNE_BENCH_MODELS", ",".join(MODELS)).split(",") if m]
+    scaling = [] if args.no_scaling else [int(n) for n in os.environ.get(
+        "TRITONPRUNE_BENCH_LAYERS", ",".join(map(str, SCALING))).split(",") if n]
+    res = run(models, scaling, args.rounds)
+    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"median ratio ours/TP {res.get('median_ratio', float('nan')):.2f}; written {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -155,7 +159,8 @@ def test_cached_build_is_reused(monkeypatch, tmp_path):
     try:
         assert cpu_native.library() is not None
         built = list(tmp_path.glob("cpu_native-*.so"))
-        assert len(built) == 1 and [p.name for p in tmp_path.iterdir()] == [built[0].name]  # no temporaries
+        assert len(built) == 1  # and no temporaries: the object and its size/SHA-256 sidecar only
+        assert sorted(p.name for p in tmp_path.iterdir()) == [built[0].name, built[0].name + ".sha256"]
         stamp = built[0].stat().st_mtime_ns
         cpu_native.reset()
         assert cpu_native.library() is not None
@@ -208,3 +213,192 @@ def test_same_thread_count_gives_bitwise_equal_sums(threads, monkeypatch):
         table.sq_sums()
         outs.append(torch.cat(rows + cols))
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_types_compute_in_float32_and_round_once(dtype, threads, monkeypatch):
+    """bf16/fp16 weights: sums in float32 of the widened values; t = round(t + (rowc + colc) * w) computed
+    in float32, one rounding on store (what the contract asks: compute in fp32, store in the grad's dtype)."""
+    if not cpu_native.supports(dtype):
+        pytest.skip(f"the C compiler here has no {dtype}")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    w, t, rowc, colc = _case(torch.float32, seed=5)
+    w, t = [x.to(dtype) for x in w], [x.to(dtype) for x in t]
+    table = cpu_native.Table(dtype, SHAPES)
+    rows = [torch.empty(R) for R, _, _ in SHAPES]
+    cols = [torch.empty((R // Rg) * J) for R, J, Rg in SHAPES]
+    for i, m in enumerate(table.mats):
+        m.w, m.t, m.rows, m.cols = w[i].data_ptr(), t[i].data_ptr(), rows[i].data_ptr(), cols[i].data_ptr()
+        m.rowc, m.colc = rowc[i].data_ptr(), colc[i].data_ptr()
+    t0 = [x.clone() for x in t]
+    table.sq_sums()
+    table.update()
+    for i, (R, J, Rg) in enumerate(SHAPES):
+        sq = w[i].double() ** 2
+        torch.testing.assert_close(rows[i].double(), sq.sum(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cols[i].double(), _col_view(sq, R, J, Rg).sum(1).reshape(-1), atol=1e-5, rtol=1e-5)
+        col_of_row = colc[i].view(R // Rg, 1, J).expand(-1, Rg, -1).reshape(R, J)
+        want = (t0[i].float() + (rowc[i][:, None] + col_of_row) * w[i].float()).to(dtype)
+        # float32 sums in another order may round to the neighbouring half value; never further
+        assert ((t[i].float() - want.float()).abs() <= (want.float().abs() * 2.0 ** -7 + 1e-6)).all()
+        assert (t[i] == want).float().mean() > 0.99
+
+
+@needs_native
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_conversions_are_exact_on_every_value(dtype):
+    """Every 16-bit pattern: load + store is the identity (NaNs stay NaN), and t + c * w computed in float32
+    rounds to nearest even exactly as torch rounds the same float32 value."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    w = bits.view(dtype).reshape(256, 256).clone()
+    t = torch.zeros_like(w)
+    table = cpu_native.Table(dtype, [(256, 256, 256)])
+    one = torch.ones(256)
+    (m,) = table.mats
+    m.w, m.t, m.rowc = w.data_ptr(), t.data_ptr(), one.data_ptr()
+    table.update()
+    nan = w.isnan()
+    want = (torch.zeros_like(w).float() + w.float()).to(dtype)  # w itself, except +0 for -0 (IEEE 0 + -0)
+    assert torch.equal(t[~nan].view(torch.int16), want[~nan].view(torch.int16)) and t[nan].isnan().all()
+    # rounding: random float32 results of both signs, tiny (subnormal halves) to overflowing
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 256, generator=g) * torch.logspace(-9, 6, 256)[:, None]).to(dtype)
+    t = (torch.randn(256, 256, generator=g) * torch.logspace(-9, 6, 256)[None, :]).to(dtype)
+    c = torch.randn(256, generator=g) * 3
+    want = (t.float() + c[:, None] * w.float()).to(dtype)
+    m.w, m.t, m.rowc = w.data_ptr(), t.data_ptr(), c.data_ptr()
+    table.update()
+    fin = want.isfinite()
+    assert torch.equal(t[fin].view(torch.int16), want[fin].view(torch.int16))
+    assert torch.equal(t[~fin].isinf(), want[~fin].isinf())
+
+
+def test_half_precision_engine_matches_the_reference():
+    """The torch backend takes the C loops for bf16/fp16 weights and agrees with the reference."""
+    for dtype in (torch.bfloat16, torch.float16):
+        if not cpu_native.supports(dtype):
+            continue
+        m = make(dtype)
+        eng = Regularization(native := clone(m), hand_groups(), GroupNorm(0.1), backend="torch")
+        eng.apply_to_grads()
+        assert eng.buffers.cache["torch"].matrix.native and not eng.buffers.cache["torch"].matrix.torch_mats
+        ref = grads(run(m, GroupNorm(0.1), "reference"))
+        for k, v in grads(native).items():
+            torch.testing.assert_close(v.float(), ref[k].float(), atol=1e-2, rtol=1e-2)
+
+
+def _in_subprocess(code: str, cache: os.PathLike, **env: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter: a bad shared object can kill the process that loads it."""
+    full_env = {**os.environ, "TRITONPRUNE_CACHE_DIR": str(cache), **env}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+
+
+_REPORT = """
+    from tritonprune.kernels import cpu_native
+    print("LOADED" if cpu_native.library() is not None else "NONE", cpu_native.why_unavailable())
+"""
+
+
+@needs_native
+def test_truncated_cached_build_is_rebuilt_not_loaded(tmp_path):
+    """A cached object cut short (a full disk, a killed copy) used to SIGBUS every later process in dlopen."""
+    first = _in_subprocess(_REPORT, tmp_path)
+    assert first.returncode == 0 and "LOADED" in first.stdout, first.stderr
+    (so,) = tmp_path.glob("cpu_native-*.so")
+    size = so.stat().st_size
+    with open(so, "r+b") as f:
+        f.truncate(size // 3)
+    again = _in_subprocess(_REPORT, tmp_path)
+    assert again.returncode == 0 and "LOADED" in again.stdout, (again.returncode, again.stderr)
+    assert so.stat().st_size == size  # rebuilt in place
+
+
+@needs_native
+def test_cached_build_without_the_symbols_is_rebuilt(tmp_path):
+    """A library with a matching sidecar but without tp_run_* (another build, a stale file) is rebuilt."""
+    first = _in_subprocess(_REPORT, tmp_path)
+    assert "LOADED" in first.stdout, first.stderr
+    (so,) = tmp_path.glob("cpu_native-*.so")
+    (src := tmp_path / "empty.c").write_text("int tp_something_else(void) { return 1; }\n")
+    subprocess.run([shutil.which("cc") or "gcc", "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
+    size, digest = cpu_native._digest(so)
+    (tmp_path / (so.name + ".sha256")).write_text(f"{size} {digest}\n")
+    again = _in_subprocess(_REPORT, tmp_path)
+    assert again.returncode == 0 and "LOADED" in again.stdout, again.stderr
+    assert cpu_native._verified(so) and so.stat().st_size != size
+
+
+@needs_native
+def test_a_compiler_that_never_gives_the_symbols_falls_back_with_a_warning(monkeypatch, tmp_path):
+    (src := tmp_path / "empty.c").write_text("int tp_something_else(void) { return 1; }\n")
+    monkeypatch.setattr(cpu_native, "SOURCE", src)
+    monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    cpu_native.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="lacks tp_run_f32"):
+            assert cpu_native.library() is None
+    finally:
+        cpu_native.reset()
+
+
+@needs_native
+def test_group_or_world_writable_cache_dir_is_not_used(monkeypatch, tmp_path):
+    """Another user could plant a library there: fall back to this user's private temp dir."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(shared))
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu_native.reset()
+    try:
+        assert cpu_native.library() is not None, cpu_native.why_unavailable()
+        assert not list(shared.iterdir())
+        private = tmp_path / "tmp" / f"tritonprune-{os.getuid()}"
+        assert len(list(private.glob("cpu_native-*.so"))) == 1
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    finally:
+        cpu_native.reset()
+
+
+@needs_native
+def test_foreign_owned_cache_dirs_are_never_loaded_from(monkeypatch, tmp_path):
+    """Directories owned by another uid are refused, even the temp-dir fallback: torch ops, and why."""
+    monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    real = os.getuid()
+    monkeypatch.setattr(cpu_native.os, "getuid", lambda: real + 1)  # as if another user made them
+    cpu_native.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="not by this user"):
+            assert cpu_native.library() is None
+        assert "owned by uid" in cpu_native.why_unavailable()
+    finally:
+        cpu_native.reset()
+
+
+def test_private_dir_is_made_0700(tmp_path):
+    assert cpu_native.private_dir(tmp_path / "a" / "b") is None
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    (f := tmp_path / "file").write_text("")
+    assert cpu_native.private_dir(f) is not None
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    assert "not a directory" in cpu_native.private_dir(tmp_path / "link")
+
+
+@needs_native
+def test_cc_with_arguments(monkeypatch, tmp_path):
+    """CC="ccache gcc" style: a wrapper and its arguments, split as a shell would."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", f"env TRITONPRUNE_TEST=1 {cc}")
+    monkeypatch.setenv("TRITONPRUNE_CACHE_DIR", str(tmp_path))
+    cpu_native.reset()
+    try:
+        assert cpu_native.compiler() == ["env", "TRITONPRUNE_TEST=1", cc]
+        assert cpu_native.library() is not None, cpu_native.why_unavailable()
+    finally:
+        cpu_native.reset()

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from . import group as g
-from .channels import IdSpace, Registered
+from .channels import IdSpace
 
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant, as a signed int64
 MAX_SLOTS_PER_TENSOR = 256  # more pieces than this in one tensor dim: treat as scattered
@@ -65,30 +65,14 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     order = torch.argsort((grp_rows * n_regs + reg_all) * max_pos + pos_all)
     lab_all, reg_all, pos_all, grp_rows = lab_all[order], reg_all[order], pos_all[order], grp_rows[order]
     seg_key, seg_len = torch.unique_consecutive(grp_rows * n_regs + reg_all, return_counts=True)
-    bounds = [0, *torch.cumsum(seg_len, 0).tolist()]
 
-    # channel order of a group: first appearance in its first registered dim
-    index_of = torch.full((space.count,), -1, dtype=torch.long)
-    built: dict[int, dict] = {}
-    failed: dict[int, str] = {}
-    for s, key_s in enumerate(seg_key.tolist()):
-        gi, ri = divmod(key_s, n_regs)
-        if gi in failed:
-            continue
-        labs, pos = lab_all[bounds[s] : bounds[s + 1]], pos_all[bounds[s] : bounds[s + 1]]
-        entry = built.get(gi)
-        if entry is None:
-            order_labs = _first_appearance(labs)
-            index_of[order_labs] = torch.arange(order_labs.numel())
-            entry = built[gi] = {"order": order_labs, "slots": [], "first": ri}
-        slots, why = _slots_for(regs[ri], labs, pos, index_of, entry["order"].numel())
-        if slots is None:
-            failed[gi] = why
-            continue
-        entry["slots"].extend((ri, slot) for slot in slots)
+    seg_grp, seg_reg = seg_key // n_regs, seg_key % n_regs
+    index_of, orders = _channel_order(lab_all, grp_rows, seg_grp, seg_len, space.count)
+    built, failed = _build_slots(regs, lab_all, pos_all, seg_grp, seg_reg, seg_len, index_of, orders)
 
     blocks, units, merges = _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed)
 
+    mixed_group = _any_per_group(mixed, group_of_label, len(orders))
     groups = []
     merged_member = {m for members in merges.values() for m in members[1:]}
     for gi, _ in sorted(built.items(), key=lambda kv: kv[1]["first"]):
@@ -98,7 +82,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         slots, size = [], 0
         for m in members:
             for _, slot in sorted(built[m]["slots"], key=lambda rs: (rs[0], rs[1].offset)):
-                slots.append(replace(slot, offset=slot.offset + size))
+                slots.append(replace(slot, offset=slot.offset + size) if size else slot)
             size += int(built[m]["order"].numel())
         why = next((failed[m] for m in members if m in failed), None)
         if why is not None:
@@ -108,7 +92,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         if all(s.is_buffer for s in slots):
             continue
         origin = next((s.module for s in slots if s.role == g.OUT), slots[0].module or slots[0].name)
-        exact = not any(bool(mixed[built[m]["order"]].any()) for m in members)
+        exact = not any(mixed_group[m] for m in members)
         groups.append(g.Group(size=size, slots=tuple(slots), blocks=blocks.get(gi, 1), origin=origin,
                               unit=units.get(gi, 1), exact=exact, index=len(groups)))
     return groups
@@ -152,37 +136,105 @@ def _check_balanced(space: IdSpace, labels: torch.Tensor, bad: torch.Tensor) -> 
             bad[hit] = True
 
 
-def _slots_for(reg: Registered, labs: torch.Tensor, pos: torch.Tensor, index_of: torch.Tensor, size: int):
-    """Slots covering a group's positions in one registered dim: runs of consecutive group channels at
-    consecutive positions, each channel owning `repeat` consecutive positions."""
-    n_rows = labs.numel()
-    change = torch.ones(n_rows, dtype=torch.bool)
-    change[1:] = (labs[1:] != labs[:-1]) | (pos[1:] != pos[:-1] + 1)
+def _any_per_group(flag: torch.Tensor, group_of_label: torch.Tensor, n_groups: int) -> list[bool]:
+    """For each group, whether `flag` is set on any of its channel labels."""
+    hit = group_of_label[flag & (group_of_label >= 0)]
+    out = torch.zeros(n_groups, dtype=torch.bool)
+    out[hit] = True
+    return out.tolist()
+
+
+def _channel_order(lab, grp, seg_grp, seg_len, count):
+    """Channel order of every group: first appearance in its first registered dim (its first segment).
+
+    Returns `index_of` (label -> index in its group, -1 elsewhere) and the labels of each group in order.
+    Rows are sorted by (group, registered dim, position), so the rows of first segments, in row order,
+    list each group's channels in the order they appear there."""
+    n_groups = int(seg_grp[-1]) + 1 if seg_grp.numel() else 0
+    seg_first = torch.ones(seg_grp.numel(), dtype=torch.bool)
+    seg_first[1:] = seg_grp[1:] != seg_grp[:-1]
+    in_first = torch.repeat_interleave(seg_first, seg_len)
+    rows = torch.nonzero(in_first).flatten()
+    labs = lab[rows]
+    # the first row of each label: a stable sort by label keeps row order within a label
+    ordered, perm = torch.sort(labs, stable=True)
+    first = torch.ones(ordered.numel(), dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    firsts = torch.sort(rows[perm[first]]).values  # rows of first appearances, in row order
+    order_labs = lab[firsts]
+    g = grp[firsts]
+    sizes = torch.bincount(g, minlength=n_groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+    index_of = torch.full((count,), -1, dtype=torch.long)
+    index_of[order_labs] = torch.arange(order_labs.numel()) - starts[g]
+    return index_of, list(torch.split(order_labs, sizes.tolist()))
+
+
+def _build_slots(regs, lab, pos, seg_grp, seg_reg, seg_len, index_of, orders):
+    """Slots of every (group, registered dim) segment, all segments at once: runs of consecutive group
+    channels at consecutive positions, each channel owning `repeat` consecutive positions.
+
+    Returns `built` (group -> its channel order, (registered dim, Slot) pairs and first registered dim)
+    and `failed` (group -> why its channels cannot be pruned: the first failing segment's reason)."""
+    n_rows, n_seg = lab.numel(), seg_grp.numel()
+    seg_start = torch.cumsum(seg_len, 0) - seg_len
+    seg_of_row = torch.repeat_interleave(torch.arange(n_seg), seg_len)
+    new_seg = torch.zeros(n_rows, dtype=torch.bool)
+    new_seg[seg_start] = True
+    # runs: one channel's consecutive positions
+    change = new_seg.clone()
+    change[1:] |= (lab[1:] != lab[:-1]) | (pos[1:] != pos[:-1] + 1)
     starts = torch.nonzero(change).flatten()
-    lengths = torch.diff(torch.cat([starts, torch.tensor([n_rows])]))
-    repeat = int(lengths[0])
-    if not bool((lengths == repeat).all()):
-        return None, f"{reg.name} owns an uneven number of positions per channel"
-    idx = index_of[labs[starts]]
-    if bool((idx < 0).any()):
-        return None, f"{reg.name} holds channels outside the group"
+    run_len = torch.diff(torch.cat([starts, torch.tensor([n_rows])]))
+    run_seg = seg_of_row[starts]
+    run_first = new_seg[starts]
+    repeat = run_len[run_first]  # per segment: the length of its first run
+    uneven = torch.zeros(n_seg, dtype=torch.bool)
+    uneven[run_seg[run_len != repeat[run_seg]]] = True
+    idx = index_of[lab[starts]]
+    outside = torch.zeros(n_seg, dtype=torch.bool)
+    outside[run_seg[idx < 0]] = True
+    # pieces: runs of consecutive group channels at consecutive positions
     first_pos = pos[starts]
-    breaks = torch.ones(idx.numel(), dtype=torch.bool)
-    breaks[1:] = (idx[1:] != idx[:-1] + 1) | (first_pos[1:] != first_pos[:-1] + repeat)
+    breaks = run_first.clone()
+    breaks[1:] |= (idx[1:] != idx[:-1] + 1) | (first_pos[1:] != first_pos[:-1] + repeat[run_seg[1:]])
     piece_starts = torch.nonzero(breaks).flatten()
-    if piece_starts.numel() > MAX_SLOTS_PER_TENSOR:
-        return None, f"channels of {reg.name} are scattered (permuted relative to the group)"
     piece_len = torch.diff(torch.cat([piece_starts, torch.tensor([idx.numel()])]))
-    if reg.blocks > 1 and (piece_starts.numel() != 1 or int(first_pos[0]) != 0 or repeat != 1 or n_rows != reg.size):
-        return None, f"{reg.name} is a grouped conv whose conv groups are only partly in the group"
-    slots = []
-    for ps, pl in zip(piece_starts.tolist(), piece_len.tolist()):
-        slots.append(g.Slot(
+    piece_seg = run_seg[piece_starts]
+    n_pieces = torch.bincount(piece_seg, minlength=n_seg)
+
+    built: dict[int, dict] = {}
+    failed: dict[int, str] = {}
+    seg_first_pos = first_pos[run_first]
+    cols = [seg_grp.tolist(), seg_reg.tolist(), seg_len.tolist(), repeat.tolist(), uneven.tolist(),
+            outside.tolist(), n_pieces.tolist(), seg_first_pos.tolist()]
+    piece_cuts = torch.cumsum(n_pieces, 0).tolist()
+    p_off, p_start, p_len = idx[piece_starts].tolist(), first_pos[piece_starts].tolist(), piece_len.tolist()
+    for s, (gi, ri, n, rep, bad_len, bad_out, np_, fp) in enumerate(zip(*cols)):
+        lo, hi = piece_cuts[s - 1] if s else 0, piece_cuts[s]
+        entry = built.get(gi)
+        if entry is None:
+            entry = built[gi] = {"order": orders[gi], "slots": [], "first": ri}
+        if gi in failed:
+            continue
+        reg = regs[ri]
+        why = None
+        if bad_len:
+            why = f"{reg.name} owns an uneven number of positions per channel"
+        elif bad_out:
+            why = f"{reg.name} holds channels outside the group"
+        elif np_ > MAX_SLOTS_PER_TENSOR:
+            why = f"channels of {reg.name} are scattered (permuted relative to the group)"
+        elif reg.blocks > 1 and (np_ != 1 or fp != 0 or rep != 1 or n != reg.size):
+            why = f"{reg.name} is a grouped conv whose conv groups are only partly in the group"
+        if why is not None:
+            failed[gi] = why
+            continue
+        entry["slots"].extend((ri, g.Slot(
             name=reg.name, module=reg.module, kind=reg.kind, role=reg.role, dim=reg.dim,
-            offset=int(idx[ps]), length=pl, start=int(first_pos[ps]), repeat=repeat, blocks=reg.blocks,
-            is_bias=reg.is_bias, is_buffer=reg.is_buffer,
-        ))
-    return slots, ""
+            offset=p_off[k], length=p_len[k], start=p_start[k], repeat=rep, blocks=reg.blocks,
+            is_bias=reg.is_bias, is_buffer=reg.is_buffer)) for k in range(lo, hi))
+    return built, failed
 
 
 def _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed):

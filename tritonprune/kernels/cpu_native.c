@@ -47,11 +47,50 @@ static void row_span(const tp_job *jb, const tp_mat *m, int64_t base, int64_t *r
     *r1 = lo < hi ? hi / m->J : *r0;
 }
 
-/* One weight dtype's loops, accumulating in that dtype (float32 or float64); coefficients are float32. */
-#define TP_DEFINE(suffix, T)                                                                               \
+/* Half types are loaded as float and stored back rounded to nearest even: compute in float32, store in the
+ * weight's dtype. bfloat16 is the top half of a float32. float16 is converted with integer and float bit
+ * tricks rather than the compiler's _Float16 or F16C's scalar instructions, neither of which gcc 12
+ * vectorises; exact (the tests check all 65536 values and the rounding of random float32 results). */
+typedef union { uint32_t u; float f; } tp_bits;
+
+static inline float tp_bf16_load(uint16_t h) {
+    tp_bits v = {(uint32_t)h << 16};
+    return v.f;
+}
+static inline uint16_t tp_bf16_store(float f) {
+    tp_bits v = {.f = f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* NaN stays quiet NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+static inline float tp_as_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t tp_as_u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+/* every case is computed and one is selected, so the compiler vectorises the loops that use these */
+static inline float tp_f16_load(uint16_t h) {
+    uint32_t o = ((uint32_t)h & 0x7fffu) << 13, exp = o & (0x7c00u << 13);
+    uint32_t normal = o + ((127u - 15u) << 23);
+    uint32_t infnan = normal + ((128u - 16u) << 23);
+    uint32_t sub = tp_as_u(tp_as_f(normal + (1u << 23)) - tp_as_f(113u << 23)); /* renormalised by the FPU */
+    uint32_t r = exp == (0x7c00u << 13) ? infnan : (exp == 0 ? sub : normal);
+    return tp_as_f(r | (((uint32_t)h & 0x8000u) << 16));
+}
+static inline uint16_t tp_f16_store(float f) {
+    uint32_t u = tp_as_u(f), sign = u & 0x80000000u;
+    u ^= sign;
+    uint32_t big = u > (255u << 23) ? 0x7e00u : 0x7c00u; /* NaN -> quiet NaN, overflow -> inf */
+    uint32_t dm = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    uint32_t sub = tp_as_u(tp_as_f(u) + tp_as_f(dm)) - dm; /* subnormal results: the FPU rounds */
+    uint32_t nrm = (u + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+    uint32_t o = u >= ((127u + 16u) << 23) ? big : (u < (113u << 23) ? sub : nrm);
+    return (uint16_t)(o | (sign >> 16));
+}
+#define TP_SAME(x) (x)
+
+/* One weight dtype's loops: T is the storage type, A the accumulation type (the type of rows, cols and
+ * the column partials), LD/ST convert between them; coefficients are float32. */
+#define TP_DEFINE(suffix, T, A, LD, ST)                                                                               \
     static void sums_##suffix(const tp_job *jb) {                                                          \
         int64_t base = 0, cbase = 0;                                                                       \
-        T *cp = (T *)jb->colpart;                                                                          \
+        A *cp = (A *)jb->colpart;                                                                          \
         for (int64_t i = 0; i < jb->n; i++) {                                                              \
             const tp_mat *m = &jb->m[i];                                                                   \
             if (!active(m, 0)) continue;                                                                   \
@@ -61,29 +100,30 @@ static void row_span(const tp_job *jb, const tp_mat *m, int64_t base, int64_t *r
                 for (; r + 4 <= r_end; r += 4) {                                                           \
                     const T *restrict x0 = (const T *)m->w + r * m->J;                                     \
                     const T *restrict x1 = x0 + m->J, *restrict x2 = x1 + m->J, *restrict x3 = x2 + m->J;  \
-                    T *restrict c = cp + cbase + (r / m->Rg) * m->J;                                       \
-                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                      \
+                    A *restrict c = cp + cbase + (r / m->Rg) * m->J;                                       \
+                    A a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                      \
                     for (int64_t j = 0; j < m->J; j++) {                                                   \
-                        T v0 = x0[j] * x0[j], v1 = x1[j] * x1[j], v2 = x2[j] * x2[j], v3 = x3[j] * x3[j];  \
+                        A y0 = LD(x0[j]), y1 = LD(x1[j]), y2 = LD(x2[j]), y3 = LD(x3[j]);                   \
+                        A v0 = y0 * y0, v1 = y1 * y1, v2 = y2 * y2, v3 = y3 * y3;  \
                         a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                            \
                         c[j] += (v0 + v1) + (v2 + v3);                                                     \
                     }                                                                                      \
                     if (m->rows) {                                                                         \
-                        T *rs = (T *)m->rows + r;                                                          \
+                        A *rs = (A *)m->rows + r;                                                          \
                         rs[0] = a0; rs[1] = a1; rs[2] = a2; rs[3] = a3;                                    \
                     }                                                                                      \
                 }                                                                                          \
             }                                                                                              \
             for (; r < r_end; r++) {                                                                       \
                 const T *restrict x = (const T *)m->w + r * m->J;                                          \
-                T *restrict c = cp + cbase + (r / m->Rg) * m->J;                                           \
-                T acc = 0;                                                                                 \
+                A *restrict c = cp + cbase + (r / m->Rg) * m->J;                                           \
+                A acc = 0;                                                                                 \
                 if (m->cols) {                                                                             \
-                    for (int64_t j = 0; j < m->J; j++) { T v = x[j] * x[j]; acc += v; c[j] += v; }         \
+                    for (int64_t j = 0; j < m->J; j++) { A y = LD(x[j]), v = y * y; acc += v; c[j] += v; }         \
                 } else {                                                                                   \
-                    for (int64_t j = 0; j < m->J; j++) acc += x[j] * x[j];                                 \
+                    for (int64_t j = 0; j < m->J; j++) { A y = LD(x[j]); acc += y * y; }                                 \
                 }                                                                                          \
-                if (m->rows) ((T *)m->rows)[r] = acc;                                                      \
+                if (m->rows) ((A *)m->rows)[r] = acc;                                                      \
             }                                                                                              \
             base += m->O * m->J;                                                                           \
             cbase += (m->O / m->Rg) * m->J;                                                                \
@@ -99,12 +139,12 @@ static void row_span(const tp_job *jb, const tp_mat *m, int64_t base, int64_t *r
             for (int64_t r = r0; r < r1; r++) {                                                            \
                 const T *x = (const T *)m->w + r * m->J;                                                   \
                 T *t = (T *)m->t + r * m->J;                                                               \
-                T a = m->rowc ? (T)m->rowc[r] : (T)0;                                                      \
+                A a = m->rowc ? (A)m->rowc[r] : (A)0;                                                      \
                 if (m->colc) {                                                                             \
                     const float *c = m->colc + (r / m->Rg) * m->J;                                         \
-                    for (int64_t j = 0; j < m->J; j++) t[j] += (a + (T)c[j]) * x[j];                       \
+                    for (int64_t j = 0; j < m->J; j++) t[j] = ST(LD(t[j]) + (a + (A)c[j]) * LD(x[j]));                       \
                 } else {                                                                                   \
-                    for (int64_t j = 0; j < m->J; j++) t[j] += a * x[j];                                   \
+                    for (int64_t j = 0; j < m->J; j++) t[j] = ST(LD(t[j]) + a * LD(x[j]));                                   \
                 }                                                                                          \
             }                                                                                              \
             base += m->O * m->J;                                                                           \
@@ -115,15 +155,15 @@ static void row_span(const tp_job *jb, const tp_mat *m, int64_t base, int64_t *r
         if (jb->op == 0) sums_##suffix(jb); else update_##suffix(jb);                                      \
         return NULL;                                                                                       \
     }                                                                                                      \
-    static void reduce_cols_##suffix(const tp_mat *ms, int64_t n, int nt, const T *cp, int64_t tc) {      \
+    static void reduce_cols_##suffix(const tp_mat *ms, int64_t n, int nt, const A *cp, int64_t tc) {      \
         int64_t cbase = 0;                                                                                 \
         for (int64_t i = 0; i < n; i++) {                                                                  \
             if (!active(&ms[i], 0)) continue;                                                              \
             int64_t ncol = (ms[i].O / ms[i].Rg) * ms[i].J;                                                 \
             if (ms[i].cols) {                                                                              \
-                T *out = (T *)ms[i].cols;                                                                  \
+                A *out = (A *)ms[i].cols;                                                                  \
                 for (int64_t k = 0; k < ncol; k++) {                                                       \
-                    T s = 0;                                                                               \
+                    A s = 0;                                                                               \
                     for (int t = 0; t < nt; t++) s += cp[t * tc + cbase + k];                              \
                     out[k] = s;                                                                            \
                 }                                                                                          \
@@ -132,11 +172,11 @@ static void row_span(const tp_job *jb, const tp_mat *m, int64_t base, int64_t *r
         }                                                                                                  \
     }                                                                                                      \
     /* op 0: sums (colpart: nthreads * total_cols scratch), op 1: update */                             \
-    int tp_run_##suffix(int op, const tp_mat *ms, int64_t n, int nthreads, T *colpart) {                   \
+    int tp_run_##suffix(int op, const tp_mat *ms, int64_t n, int nthreads, A *colpart) {                   \
         if (nthreads < 1) nthreads = 1;                                                                    \
         if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;                                                \
         int64_t tc = total_cols(ms, n);                                                                    \
-        tp_dispatch(op, ms, n, nthreads, colpart, tc, sizeof(T), run_##suffix);                            \
+        tp_dispatch(op, ms, n, nthreads, colpart, tc, sizeof(A), run_##suffix);                            \
         if (op == 0) reduce_cols_##suffix(ms, n, nthreads, colpart, tc);                                   \
         return 0;                                                                                          \
     }
@@ -198,5 +238,7 @@ static void tp_dispatch(int op, const tp_mat *ms, int64_t n, int nthreads, void 
     run_parts(jobs, nthreads, fn);
 }
 
-TP_DEFINE(f32, float)
-TP_DEFINE(f64, double)
+TP_DEFINE(f32, float, float, TP_SAME, TP_SAME)
+TP_DEFINE(f64, double, double, TP_SAME, TP_SAME)
+TP_DEFINE(bf16, uint16_t, float, tp_bf16_load, tp_bf16_store)
+TP_DEFINE(f16, uint16_t, float, tp_f16_load, tp_f16_store)

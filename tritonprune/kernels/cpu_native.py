@@ -2,13 +2,23 @@
 
 The matrix path's sums of squares and update are bound by memory traffic on a CPU, and torch needs
 several passes for each (square, row sum, column sum; two broadcast multiply-adds). The C loops do each
-in one pass over the weights, on `torch.get_num_threads()` POSIX threads. Float32 and float64 weights
-only; everything else (half types, other layouts, sign updates) stays on torch ops.
+in one pass over the weights, on `torch.get_num_threads()` threads. Float32 and float64 weights, and
+bfloat16/float16 ones loaded as float32 and stored rounded to nearest even (compute in fp32, store in the
+weight's dtype); everything else (other layouts, sign updates) stays on torch ops.
 
 Nothing here is required: without a C compiler (or with TRITONPRUNE_NATIVE=0) `library()` is None and
-the torch backend runs on torch ops alone, with the same results; `why_unavailable()` says why. The
-shared object is cached under $TRITONPRUNE_CACHE_DIR (default ~/.cache/tritonprune), keyed by the
-source, the flags, the compiler and the CPU, and written atomically so parallel processes can share it.
+the torch backend runs on torch ops alone, with the same results; `why_unavailable()` says why.
+
+What gets loaded is checked, because a shared object runs with the user's rights and a broken one kills
+the process (SIGBUS inside dlopen on a truncated file):
+- the cache directory ($TRITONPRUNE_CACHE_DIR, else ~/.cache/tritonprune, else a per-user directory under
+  the temp dir) is used only if it is a directory owned by this user that nobody else can write; made
+  with mode 0700 when missing;
+- every build is compiled to a temporary name, then its size and SHA-256 go to a sidecar file (written
+  atomically), then both are renamed into place; a cached object is loaded only if it matches its sidecar,
+  else it is rebuilt;
+- a loaded object without the expected symbols is rebuilt once; if that fails too, torch ops with a warning.
+`CC` may hold arguments (`CC="ccache gcc"`).
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -34,8 +46,12 @@ FLAGS = ["-std=c11", "-O3", "-fno-math-errno", "-fassociative-math", "-fno-signe
 # tried in turn: OpenMP shares torch's threads (see the C file); -march=native is refused by some
 # compilers (older Apple clang on arm64); the last build is plain C with POSIX threads
 BUILDS = (("-fopenmp", "-march=native"), ("-march=native",), ())
-DTYPES = (torch.float32, torch.float64)
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+REQUIRED = ("f32", "f64", "bf16", "f16")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # where the library has them
+# the type of the sums and column partials of each weight dtype
+ACC = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
+       torch.float16: torch.float32}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -50,11 +66,31 @@ class Mat(ctypes.Structure):
         (name, ctypes.c_int64) for name in ("O", "J", "Rg")]
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where a build may live, in order of preference."""
     if os.environ.get("TRITONPRUNE_CACHE_DIR"):
-        return Path(os.environ["TRITONPRUNE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tritonprune"
+        first = Path(os.environ["TRITONPRUNE_CACHE_DIR"])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        first = Path(base) / "tritonprune"
+    return [first, Path(tempfile.gettempdir()) / f"tritonprune-{os.getuid()}"]
+
+
+def private_dir(path: Path) -> str | None:
+    """Make `path` (mode 0700) if missing; None if it is fit to hold code we run, else why not: it must be a
+    directory (not a link) owned by this user, writable by nobody else."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        return f"cannot create {path}: {e.strerror or e}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); make it 0700"
+    return None
 
 
 def _cpu_key() -> str:
@@ -69,25 +105,75 @@ def _cpu_key() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(cc: str, out: Path) -> str | None:
-    """Build the shared object at `out`; returns None, or the compiler's complaint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+def _digest(path: str | Path) -> tuple[int, str]:
+    data = Path(path).read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _sidecar(so: Path) -> Path:
+    return so.with_name(so.name + ".sha256")
+
+
+def _verified(so: Path) -> bool:
+    """`so` exists and has the size and SHA-256 its sidecar recorded at build time."""
+    try:
+        size_s, digest = _sidecar(so).read_text().split()
+        if os.stat(so).st_size != int(size_s):  # cheap first: a truncated file never reaches dlopen
+            return False
+        return _digest(so) == (int(size_s), digest)
+    except (OSError, ValueError):
+        return False
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".sha256")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _compile(cc: list[str], out: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """Build the shared object and load it; returns (library, None) or (None, the compiler's complaint).
+
+    It is loaded from its temporary name before being renamed to `out`: dlopen returns the handle it
+    already has for a path it has seen, so reloading `out` after replacing a bad build would give the bad
+    one back."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".tmp-", dir=out.parent)
     os.close(fd)
     err = "no build was tried"
     try:
         for extra in BUILDS:
-            r = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+            r = subprocess.run([*cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                timeout=300)
             if r.returncode == 0:
-                os.replace(tmp, out)
-                return None
+                size, digest = _digest(tmp)
+                lib = ctypes.CDLL(tmp)
+                _atomic_write(_sidecar(out), f"{size} {digest}\n")
+                os.replace(tmp, out)  # the mapping stays valid under the new name
+                return lib, None
             lines = (r.stderr or r.stdout).strip().splitlines()
             err = lines[-1] if lines else f"exit code {r.returncode}, no output"
-        return err
+        return None, err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _missing(lib: ctypes.CDLL) -> list[str]:
+    return [f"tp_run_{s}" for s in REQUIRED if not hasattr(lib, f"tp_run_{s}")]
+
+
+def compiler() -> list[str] | None:
+    """The compiler command: $CC split as a shell would (`ccache gcc`), else cc, gcc or clang."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"]) or None
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [cc] if cc else None
 
 
 def _load() -> None:
@@ -98,34 +184,62 @@ def _load() -> None:
     if sys.platform == "win32":
         _why = "not built on Windows"
         return
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = compiler()
     if not cc:
         _why = "no C compiler found (set CC or install gcc/clang)"
         return
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), repr((FLAGS, BUILDS)).encode(), cc.encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), repr((FLAGS, BUILDS)).encode(), shlex.join(cc).encode(),
                                      _cpu_key().encode()])).hexdigest()[:16]
     name = f"cpu_native-{key}.so"
-    # an unwritable cache dir (read-only home) still gets the accelerator: the second place is this user's
-    for where in (_cache_dir(), Path(tempfile.gettempdir()) / f"tritonprune-{os.getuid()}"):
-        path = where / name
-        try:
-            if not path.exists():
-                err = _compile(cc, path)
-                if err is not None:
-                    _why = f"{cc} failed to compile {SOURCE.name}: {err}"
-                    return
-            lib = ctypes.CDLL(str(path))
-            break
-        except (OSError, subprocess.SubprocessError) as e:
-            _why = f"could not build or load {path}: {e}"
-    else:
-        return
-    _why = None
+    # an unusable cache dir (read-only home, wrong owner) still gets the accelerator: the second place is
+    # this user's own directory under the temp dir, held to the same checks
+    reasons = []
+    for where in _cache_dirs():
+        bad = private_dir(where)
+        if bad is not None:
+            reasons.append(bad)
+            continue
+        lib, _why = _open(cc, where / name)
+        if lib is not None:
+            _bind(lib)
+            return
+        if not _why.startswith("could not"):
+            return  # the compiler failed: another directory will not help
+        reasons.append(_why)
+    _why = "no usable cache directory: " + "; ".join(reasons)
+
+
+def _open(cc: list[str], path: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """A verified cached build at `path`, else a fresh one; a build without the symbols is rebuilt once."""
+    try:
+        lib = ctypes.CDLL(str(path)) if _verified(path) else None
+        if lib is not None and not _missing(lib):
+            return lib, None
+        lib, err = _compile(cc, path)
+        if err is not None:
+            return None, f"{shlex.join(cc)} failed to compile {SOURCE.name}: {err}"
+        missing = _missing(lib)
+        if missing:
+            return None, f"the library built at {path} lacks {', '.join(missing)}"
+        return lib, None
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"could not build or load {path}: {e}"
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    global _lib
     for sfx in _SUFFIX.values():
-        fn = getattr(lib, f"tp_run_{sfx}")
-        fn.argtypes = [ctypes.c_int, ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
+        fn = getattr(lib, f"tp_run_{sfx}", None)
+        if fn is not None:
+            fn.argtypes = [ctypes.c_int, ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
     _lib = lib
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """The loaded library has loops for weights of `dtype`."""
+    lib = library()
+    return lib is not None and dtype in _SUFFIX and hasattr(lib, f"tp_run_{_SUFFIX[dtype]}")
 
 
 def library() -> ctypes.CDLL | None:
@@ -166,13 +280,14 @@ class Table:
         for m, (rows, cols, rows_per_group) in zip(self.mats, shapes):
             m.O, m.J, m.Rg = rows, cols, rows_per_group
         self.total_cols = sum((rows // g) * cols for rows, cols, g in shapes)
-        self.scratch = torch.empty(0, dtype=dtype)
+        self.acc = ACC[dtype]
+        self.scratch = torch.empty(0, dtype=self.acc)
 
     def sq_sums(self) -> None:
         """rows / cols of every entry with either pointer set get the sums of squares of w."""
         nt = torch.get_num_threads()
         if self.scratch.numel() < nt * self.total_cols:
-            self.scratch = torch.empty(nt * self.total_cols, dtype=self.dtype)
+            self.scratch = torch.empty(nt * self.total_cols, dtype=self.acc)
         self.fn(0, self.mats, self.n, nt, self.scratch.data_ptr())
 
     def update(self) -> None:

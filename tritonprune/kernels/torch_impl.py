@@ -14,9 +14,10 @@ slot of it becomes a map from rows or from columns to flat channels, and
   block `coef_rows + coef_cols` built per row chunk in the same scratch).
 
 That is 4-5 ops per weight (square, two sums; two broadcast addcmul_) where the per-slot form needed
-about 7 and read the weight 4 times. On the CPU, float32/float64 weights go instead through the C loops of
-`cpu_native` (one read of w for both sums, one pass for the update) where they build; these torch ops
-are the fallback and the path for other devices and dtypes.
+about 7 and read the weight 4 times. On the CPU, float32/float64/bfloat16/float16 weights go instead through the C
+loops of `cpu_native` (one read of w for both sums, one pass for the update; half types computed in
+float32 and rounded once on store) where they build; these torch ops are the fallback and the path for
+other devices and dtypes.
 
 1-D parameters (norm weights, biases) are batched with `torch._foreach_*` ops. Parameters whose slots fit
 no such form (slots on two non-leading dims, overlapping slots, no dense layout) take the per-slot path
@@ -32,6 +33,7 @@ import math
 
 import torch
 
+from .._gc import fewer_collections
 from ..geometry import physical_order, slot_geometry, slot_view
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 from . import FLAT_SPREAD_RTOL, cpu_native
@@ -407,7 +409,7 @@ class _MatrixPath:
             return []
         by_dtype: dict[torch.dtype, list[_Matrix]] = {}
         for u in self.mats:
-            if u.dtype in cpu_native.DTYPES and u.wm.is_contiguous():
+            if cpu_native.supports(u.dtype) and u.wm.is_contiguous():
                 by_dtype.setdefault(u.dtype, []).append(u)
         tables = []
         for dtype, us in by_dtype.items():
@@ -467,7 +469,7 @@ class _MatrixPath:
                     if target == "param":
                         t = u.p.data_ptr()
                         written.append(u.p)
-                    elif g.layout == torch.strided and g.stride() == u.p.stride():
+                    elif g.layout == torch.strided and g.stride() == u.p.stride() and g.dtype == u.p.dtype:
                         t = g.data_ptr()
                         written.append(g)
                     else:
@@ -668,7 +670,8 @@ class _Plan:
 def _plan(bufs: GroupBuffers) -> _Plan:
     plan = bufs.cache.get("torch")
     if plan is None:
-        plan = bufs.cache["torch"] = _Plan(bufs)
+        with fewer_collections():
+            plan = bufs.cache["torch"] = _Plan(bufs)
     return plan
 
 
