@@ -33,10 +33,9 @@ plan = tpr.prune(model, x, ratio=0.5, optimizer=opt)
 assert model[0].out_channels == 4 and plan.num_removed == 6
 model(x).sum().backward()
 opt.step()
-opt = tpr.RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, x,
-                               regularizer=tpr.GroupNorm(reg=1e-3), backend="triton")
-try:
-    opt.step()
+try:  # refused at construction, before anything could step
+    tpr.RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, x,
+                             regularizer=tpr.GroupNorm(reg=1e-3), backend="triton")
 except ValueError as e:
     assert "pip install 'tritonprune[gpu]'" in str(e), e
 else:
