@@ -6,12 +6,14 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..module_attrs import remember_inputs
 from . import elementwise as _elementwise  # noqa: F401  (each rules module registers its ops)
 from . import layers as _layers  # noqa: F401
 from . import reshape as _reshape  # noqa: F401
 from .assemble import assemble
 from .group import Group, Slot
-from .trace import TraceError, export, unwrap
+from .modes import export_all_modes
+from .trace import TraceError, unwrap
 from .walker import Walker
 
 __all__ = ["find_groups", "Group", "Slot", "TraceError", "resolve_ignored"]
@@ -54,7 +56,10 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
         raise ValueError(f"head_pruning must be 'heads' or 'dims', got {head_pruning!r}")
     model = unwrap(model)
     ignored = resolve_ignored(model, ignored_layers)
-    ep = export(model, example_inputs)
-    walker = Walker(ep, model, head_pruning)
-    walker.run()
-    return assemble(walker.space, ignored)
+    # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
+    walkers = [Walker(ep, model, head_pruning) for ep in export_all_modes(model, example_inputs)]
+    for walker in walkers:
+        walker.space = walkers[0].space
+        walker.run()
+    remember_inputs(model, example_inputs)  # to verify ambiguous attribute updates after slicing
+    return assemble(walkers[0].space, ignored)
