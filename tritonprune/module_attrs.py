@@ -10,18 +10,19 @@ such attributes per class does not scale; this module finds them from evidence i
   owning the tensor and by that module's parent (ViT's `hidden_dim` lives on the model, the patch
   embedding conv is its child);
 - an integer attribute of a module (or an int inside a tuple/list attribute) whose value equals the
-  old size of a resized dim the module sees is updated to the new size, when every resized dim of
-  that old size agrees on the new one;
+  old size of a resized dim the module sees is updated to the new size, when every dim of that old
+  size the module sees agrees on the new one (a dim of that size left whole counts as a vote for the
+  old value: a GPT-2 `Conv1D` with nx == nf, one of them cut);
 - only attributes that the module's own class code reads (`.name` in the source of its classes) are
   touched, so that incidental integers (a stored image size, a seed) are left alone; where the source
   cannot be read the attribute is taken as read;
 - attributes of torch's own modules are left to slicing and attention_attrs, and an attribute those
   already set is never set twice;
-- where the evidence is ambiguous (resized dims of the same old size going to different new sizes:
-  timm's `attn_dim` equals the residual width in a ViT, and both are pruned) the candidates are
+- where the evidence is ambiguous (dims of the same old size going to different new sizes: timm's
+  `attn_dim` equals the residual width of a ViT, and heads and residual are pruned apart) the candidates are
   verified, not guessed: with the example inputs of the last `find_groups` on a model of this class,
   each choice (one per attribute and class, e.g. every block's `attn_dim` together) is tried by a
-  forward on fake tensors (no compute), and the first that runs is kept. Without inputs, or where
+  forward on fake tensors (no compute), the old value first, and the first that runs is kept. Without inputs, or where
   none runs, the attribute is left unchanged and named in a warning.
 """
 
@@ -82,23 +83,34 @@ def reads(m: nn.Module, attr: str) -> bool:
     return re.search(rf"\.{re.escape(attr)}\b|['\"]{re.escape(attr)}['\"]", src) is not None
 
 
+def _scopes(name: str) -> list[str]:
+    owner = name.rpartition(".")[0]
+    return [owner, owner.rpartition(".")[0]] if owner else [owner]
+
+
 def _resized(tensors: Mapping[str, torch.Tensor], cuts: Mapping[tuple[str, int], Any]) -> dict[str, dict[int, set[int]]]:
-    """Per module name: {old size: {new sizes}} of the tensor dims the cuts shrink, seen by that module
-    (the tensor's owner) and by its parent."""
+    """Per module name: {old size: {sizes after the cuts}} of the tensor dims that module sees (its own
+    tensors and its children's), for the old sizes some cut shrinks. A dim of that size that no cut
+    touches adds the old size itself: the evidence is then ambiguous (an attribute equal to it may be
+    that dim)."""
     seen: dict[str, dict[int, set[int]]] = {}
     for (name, dim), cut in cuts.items():
         if name != cut.name or not cut.removed.any() or name not in tensors:
             continue  # aliases of tied tensors carry the same cut
-        old = tensors[name].shape[dim]
-        new = cut.keep().shape[1]
-        if new == old:
-            continue
-        owner = name.rpartition(".")[0]
-        scopes = [owner]
-        if owner:
-            scopes.append(owner.rpartition(".")[0])
-        for s in scopes:
-            seen.setdefault(s, {}).setdefault(old, set()).add(new)
+        old, new = tensors[name].shape[dim], cut.keep().shape[1]
+        if new != old:
+            for s in _scopes(name):
+                seen.setdefault(s, {}).setdefault(old, set()).add(new)
+    if seen:
+        for name, t in tensors.items():
+            for s in _scopes(name):
+                sizes = seen.get(s)
+                if sizes is None:
+                    continue
+                for dim, n in enumerate(t.shape):
+                    cut = cuts.get((name, dim))
+                    if n in sizes and (cut is None or not cut.removed.any()):
+                        sizes[n].add(n)
     return seen
 
 
@@ -146,7 +158,8 @@ class ModuleAttrs:
 def _options(value: Any, sizes: Mapping[int, set[int]]) -> list[Any] | None:
     """New values `value` may take after the cuts ([] if unchanged; several if ambiguous)."""
     values = list(value) if isinstance(value, (tuple, list)) else [value]
-    per = [sorted(sizes[v]) if _int(v) and v in sizes else [v] for v in values]
+    # the old value first: where several choices run, the attribute does not shape this forward
+    per = [sorted(sizes[v], key=lambda n, v=v: (n != v, n)) if _int(v) and v in sizes else [v] for v in values]
     if all(len(p) == 1 and p[0] == v for p, v in zip(per, values)):
         return []
     combos = list(itertools.product(*per))[:16]
@@ -255,5 +268,5 @@ def resolve(model: nn.Module, unclear: list[Unclear]) -> None:
         warnings.warn(
             f"tritonprune: attributes left unchanged after pruning, ambiguous ({why}): {shown}{more}. "
             "If the pruned model fails to run, add those modules to ignored_layers",
-            stacklevel=4,
+            stacklevel=5,
         )

@@ -339,7 +339,8 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
     }
     # head counts, head dims, hidden sizes and config fields of attention layers (raises if a cut splits a head)
     attention = attention_updates(model, tensors, cuts)
-    others = module_updates(model, tensors, cuts, attention)  # model-code integers (ViT's hidden_dim)
+    set_here = [(model.get_submodule(m), k, v) for m, a in attrs.items() for k, v in a.items()]
+    others = module_updates(model, tensors, cuts, attention + set_here)  # model-code integers (ViT's hidden_dim)
     params = dict(model.named_parameters())
     old_to_new: dict[int, nn.Parameter] = {}
     grads: dict[int, torch.Tensor | None] = {}

@@ -50,9 +50,8 @@ def export_all_modes(model: nn.Module, example_inputs: object) -> list[torch.exp
             raise TraceError(
                 f"{type(model).__name__}: {len(missing)} parameters ({shown}) are not used in "
                 f"{'train' if other == 'eval' else 'eval'} mode, and tracing in {other} mode to find their "
-                f"channels failed: {e}\nGroups from one mode could break the model in the other; give "
-                f"example_inputs that run in {other} mode (e.g. a batch of 2 or more for BatchNorm), or "
-                "list those layers in ignored_layers and call find_groups with the model in the mode you train in."
+                f"channels failed: {e}\nGroups found in one mode only could break the model in the other; "
+                f"give example_inputs that also run in {other} mode (e.g. a batch of 2 or more for BatchNorm)."
             ) from e
     finally:
         for m, flag in flags:
