@@ -18,8 +18,8 @@ such attributes per class does not scale; this module finds them from evidence i
   cannot be read the attribute is taken as read;
 - attributes of torch's own modules are left to slicing and attention_attrs, and an attribute those
   already set is never set twice;
-- tuples (MetaFormer's `shape`) are always verified: their small ints (timm Swin's `window_size`
-  (2, 2) at a small input) match cut dims by coincidence;
+- tuples (MetaFormer's `shape`) and scalars under 8 are always verified: small ints (timm Swin's
+  `window_size` (2, 2) at a small input, a layer index) match cut dims by coincidence;
 - where the evidence is ambiguous (dims of the same old size going to different new sizes: timm's
   `attn_dim` equals the residual width of a ViT, and heads and residual are pruned apart) the candidates are
   verified, not guessed: with the example inputs of the last `find_groups` on a model of this class,
@@ -47,6 +47,7 @@ from torch.utils import _pytree as pytree
 from .graph.trace import preserved, split_inputs
 
 Update = tuple[Any, str, Any]  # (object, attribute, new value)
+SMALL = 8  # scalars below this are verified like ambiguous ones
 
 
 def _is_torch_module(m: nn.Module) -> bool:
@@ -187,9 +188,9 @@ def module_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cuts: 
             if (id(m), attr) in done or not reads(m, attr):
                 continue
             options = _options(value, sizes)
-            if len(options) == 1 and isinstance(value, (tuple, list)):
-                # a tuple's small ints (a window of (2, 2), a kernel size) match cut dims by chance more
-                # often than a scalar width: verify it, the old value first
+            if len(options) == 1 and (isinstance(value, (tuple, list)) or value < SMALL):
+                # a tuple's small ints (a window of (2, 2), a kernel size) and small scalars (a layer
+                # index) match cut dims by chance more often than a width: verify, the old value first
                 options = [value, *options]
             if len(options) == 1:
                 out.updates.append((m, attr, options[0]))
