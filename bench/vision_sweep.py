@@ -1,6 +1,9 @@
-"""Prune every torchvision classifier and a spread of timm families; write bench/results/vision_sweep.json.
+"""Prune every torchvision classifier and a spread of timm families; write bench/results/vision_sweep_*.json.
 
-    OMP_NUM_THREADS=1 python bench/vision_sweep.py [names...]
+    OMP_NUM_THREADS=1 python bench/vision_sweep.py torchvision|timm [names...]
+
+One file per source (bench/results/vision_sweep_torchvision.json, ..._timm.json), rewritten after every
+model so that an interrupted run keeps what it measured (a run over some names only prints).
 
 Per model (tests/vision_sweep.py): groups found, prunes at ratio 0.5, runs after pruning (eval forward),
 trains (one SGD step in train mode), parameter ratio, apply vs zero_ where groups are exact, CPU seconds
@@ -60,31 +63,32 @@ def _one(source: str, name: str, build) -> dict:
     return d
 
 
-def main(names: list[str]) -> None:
+def main(source: str, names: list[str]) -> None:
     torch.set_num_threads(1)
-    models = tv.torchvision().models
-    timm = tv.timm()
-    out_path = ROOT / "bench" / "results" / "vision_sweep.json"
-    results = []
-    for name, (size, kwargs) in {**DEFAULT, **OTHERS}.items():
-        if names and name not in names:
-            continue
-        results.append(_one("torchvision", name, lambda n=name, s=size, k=kwargs: (
-            models.get_model(n, weights=None, num_classes=10, **k), s)))
-        print(json.dumps({k: results[-1].get(k) for k in ("model", "runs", "trains", "param_ratio", "seconds", "error")}), flush=True)
-    for name, (size, img) in TIMM.items():
-        if names and name not in names:
-            continue
-        results.append(_one("timm", name, lambda n=name, s=size, i=img: (
-            timm.create_model(n, pretrained=False, num_classes=10, **({"img_size": s} if i else {})), s)))
-        print(json.dumps({k: results[-1].get(k) for k in ("model", "runs", "trains", "param_ratio", "seconds", "error")}), flush=True)
+    if source == "torchvision":
+        models = tv.torchvision().models
+        todo = {n: (lambda n=n, s=s, k=k: (models.get_model(n, weights=None, num_classes=10, **k), s))
+                for n, (s, k) in {**DEFAULT, **OTHERS}.items()}
+    elif source == "timm":
+        timm = tv.timm()
+        todo = {n: (lambda n=n, s=s, i=i: (
+            timm.create_model(n, pretrained=False, num_classes=10, **({"img_size": s} if i else {})), s))
+            for n, (s, i) in TIMM.items()}
+    else:
+        raise SystemExit("usage: vision_sweep.py torchvision|timm [names...]")
+    out_path = ROOT / "bench" / "results" / f"vision_sweep_{source}.json"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {"commit": commit, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "threads": 1, "ratio": 0.5, "seconds": "CPU seconds of this process per model (build, find_groups, prune, checks)"}
-    if not names:
-        out_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-        print(f"wrote {out_path}")
+    results = []
+    for name, build in todo.items():
+        if names and name not in names:
+            continue
+        results.append(_one(source, name, build))
+        print(json.dumps({k: results[-1].get(k) for k in ("model", "runs", "trains", "param_ratio", "seconds", "error")}), flush=True)
+        if not names:
+            out_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1], sys.argv[2:])

@@ -3,7 +3,7 @@ library must handle. ViT/DeiT attention (`self.num_heads`, `self.head_dim`, `sel
 last equal to the residual width, resolved by a fake-tensor forward), MetaFormer / PoolFormer
 (`self.shape` of the layer scale), ConvNeXt (LayerNorm over channels-last, layer scale), EfficientNet
 (depthwise convs, squeeze-excite) and Swin (window attention). The wider measured list is in
-bench/vision_sweep.py and bench/results/vision_sweep.json.
+bench/vision_sweep.py and bench/results/vision_sweep_timm.json.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ SGD step after pruning, fewer parameters, and apply == zero_ where every group i
 Budget: the default set is one or two models per family at small inputs (about one minute of CPU on
 one thread, measured with bench/vision_sweep.py). The other variants of each family (deeper / wider copies of the same blocks, and the
 100M+ parameter models whose weight init alone takes seconds) carry the `vision_full` marker and
-run only with TRITONPRUNE_VISION_FULL=1; `bench/vision_sweep.py` runs all of them and writes
-bench/results/vision_sweep.json. `test_the_sweep_lists_every_model` keeps the table complete.
+run only with TRITONPRUNE_VISION_FULL=1; `bench/vision_sweep.py torchvision` runs all of them and
+writes bench/results/vision_sweep_torchvision.json. `test_the_sweep_lists_every_model` keeps the table complete.
 """
 
 from __future__ import annotations

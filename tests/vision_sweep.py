@@ -1,7 +1,7 @@
 """The vision sweep: prune a torchvision / timm classifier and check that the pruned model runs.
 
 Shared by tests/test_torchvision_sweep.py, tests/test_timm_families.py and bench/vision_sweep.py (which
-writes bench/results/vision_sweep.json). One call per model: find_groups on the model in eval mode,
+writes bench/results/vision_sweep_*.json). One call per model: find_groups on the model in eval mode,
 a plan at ratio 0.5, zero_ then apply on the same model (so no copy is made: on exact groups the
 applied model must give the zeroed model's output), then an eval forward and one SGD step in train
 mode on the pruned model.
