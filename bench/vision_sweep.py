@@ -58,6 +58,7 @@ def _one(source: str, name: str, build) -> dict:
     except Exception as e:  # the pruned model broke: record why
         d = Result(name, size).to_dict()
         d["error"] = f"{type(e).__name__}: {e}"[:300]
+        d["param_ratio"] = None  # not measured: the pruned model did not run
     d["seconds"] = round(time.process_time() - t0, 2)
     d["source"] = source
     return d
