@@ -141,7 +141,7 @@ class Unclear:
 
     def key(self) -> tuple:
         # the same attribute of the same class with the same choices is decided once (every ViT block)
-        return (type(self.module), self.attr, self.old, tuple(map(repr, self.options)))
+        return (type(self.module), self.attr, repr(self.old), tuple(map(repr, self.options)))
 
 
 @dataclass
@@ -150,12 +150,23 @@ class ModuleAttrs:
 
     updates: list[Update] = field(default_factory=list)
     unclear: list[Unclear] = field(default_factory=list)
+    sure: list[Unclear] = field(default_factory=list)  # the updates as choices (new value first)
 
     def commit(self, model: nn.Module) -> None:
         for obj, attr, value in self.updates:
             setattr(obj, attr, value)
+        specs = _INPUTS.get(type(model))
+        if self.unclear and resolve(model, self.unclear, specs):
+            return
+        if specs is not None and self.sure and not runs(model, specs):
+            # a width matched by coincidence (timm BoT's dim_out_qk equal to the block width): the sure
+            # updates become choices too (new value first), the unclear ones keep old-first
+            if resolve(model, self.sure + self.unclear, specs):
+                return
+            for u in self.sure:
+                setattr(u.module, u.attr, u.options[0])
         if self.unclear:
-            resolve(model, self.unclear)
+            _warn_unclear(self.unclear, specs)
 
 
 def _options(value: Any, sizes: Mapping[int, set[int]]) -> list[Any] | None:
@@ -194,6 +205,7 @@ def module_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cuts: 
                 options = [value, *options]
             if len(options) == 1:
                 out.updates.append((m, attr, options[0]))
+                out.sure.append(Unclear(m, mname or "<root>", attr, value, [options[0], value]))
             elif options:
                 out.unclear.append(Unclear(m, mname or "<root>", attr, value, options))
             done.add((id(m), attr))
@@ -249,14 +261,13 @@ def runs(model: nn.Module, specs: tuple) -> bool:
         log.setLevel(level)
 
 
-def resolve(model: nn.Module, unclear: list[Unclear]) -> None:
-    """Set each unclear attribute to the choice under which the model runs; warn where none is found."""
+def resolve(model: nn.Module, unclear: list[Unclear], specs: tuple | None) -> bool:
+    """Set the attributes to the first choice (in option order) under which the model runs; False, with
+    every attribute back at its old value, where none is found or there are no inputs to run."""
     classes: dict[tuple, list[Unclear]] = {}
     for u in unclear:
         classes.setdefault(u.key(), []).append(u)
     keys = list(classes)
-    specs = _INPUTS.get(type(model))
-    chosen = None
     if specs is not None:
         choices = itertools.islice(itertools.product(*[range(len(classes[k][0].options)) for k in keys]), 64)
         for pick in choices:
@@ -264,16 +275,18 @@ def resolve(model: nn.Module, unclear: list[Unclear]) -> None:
                 for u in classes[k]:
                     setattr(u.module, u.attr, u.options[i])
             if runs(model, specs):
-                chosen = pick
-                break
-    if chosen is None:
-        for u in unclear:
-            setattr(u.module, u.attr, u.old)
-        shown = "; ".join(f"{u.name}.{u.attr}={u.old!r} (could become {u.options})" for u in unclear[:6])
-        more = f" and {len(unclear) - 6} more" if len(unclear) > 6 else ""
-        why = "no choice runs the model" if specs is not None else "no example inputs to verify a choice with"
-        warnings.warn(
-            f"tritonprune: attributes left unchanged after pruning, ambiguous ({why}): {shown}{more}. "
-            "If the pruned model fails to run, add those modules to ignored_layers",
-            stacklevel=5,
-        )
+                return True
+    for u in unclear:
+        setattr(u.module, u.attr, u.old)
+    return False
+
+
+def _warn_unclear(unclear: list[Unclear], specs: tuple | None) -> None:
+    shown = "; ".join(f"{u.name}.{u.attr}={u.old!r} (could become {u.options})" for u in unclear[:6])
+    more = f" and {len(unclear) - 6} more" if len(unclear) > 6 else ""
+    why = "no choice runs the model" if specs is not None else "no example inputs to verify a choice with"
+    warnings.warn(
+        f"tritonprune: attributes left unchanged after pruning, ambiguous ({why}): {shown}{more}. "
+        "If the pruned model fails to run, add those modules to ignored_layers",
+        stacklevel=5,
+    )
