@@ -3,7 +3,7 @@
 Per model (tests/vision_sweep.py): find_groups, prune at ratio 0.5, an eval forward and a train-mode
 SGD step after pruning, fewer parameters, and apply == zero_ where every group is exact.
 
-Budget: the default set is one or two models per family at small inputs (about one minute of CPU on
+Budget: the default set is one or two models per family at small inputs (about 80 CPU-seconds on
 one thread, measured with bench/vision_sweep.py). The other variants of each family (deeper / wider copies of the same blocks, and the
 100M+ parameter models whose weight init alone takes seconds) carry the `vision_full` marker and
 run only with TRITONPRUNE_VISION_FULL=1; `bench/vision_sweep.py torchvision` runs all of them and
