@@ -140,8 +140,9 @@ class Unclear:
     options: list[Any]
 
     def key(self) -> tuple:
-        # the same attribute of the same class with the same choices is decided once (every ViT block)
-        return (type(self.module), self.attr, repr(self.old), tuple(map(repr, self.options)))
+        # one decision per attribute of a class (every ViT block's attn_dim, every stage's dim_out_qk):
+        # option i of each, the options being of one kind (as many, the old value first or not)
+        return (type(self.module), self.attr, len(self.options), repr(self.options[0]) == repr(self.old))
 
 
 @dataclass
