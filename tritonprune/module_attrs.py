@@ -270,7 +270,7 @@ def resolve(model: nn.Module, unclear: list[Unclear], specs: tuple | None) -> bo
         classes.setdefault(u.key(), []).append(u)
     keys = list(classes)
     if specs is not None:
-        choices = itertools.islice(itertools.product(*[range(len(classes[k][0].options)) for k in keys]), 64)
+        choices = itertools.islice(itertools.product(*[range(len(classes[k][0].options)) for k in keys]), 16)
         for pick in choices:
             for k, i in zip(keys, pick):
                 for u in classes[k]:
