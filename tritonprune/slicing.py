@@ -11,7 +11,8 @@ group, with equal counts, and is done with a gather; plain cuts are an index_sel
 
 A tensor shared by several modules (tied embeddings) is cut once, under its canonical name, and every
 module holding it gets the new parameter and attributes. Attention layers also get their head counts,
-head dims and config fields updated (see attention_attrs).
+head dims and config fields updated (see attention_attrs), and other modules the integer attributes
+their forward reads (see module_attrs).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn as nn
 from .attention_attrs import attention_updates, commit, conv1d_attributes
 from .geometry import slot_geometry, slot_view
 from .graph.group import Group, Slot
+from .module_attrs import module_updates
 
 
 @dataclass
@@ -337,6 +339,8 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
     }
     # head counts, head dims, hidden sizes and config fields of attention layers (raises if a cut splits a head)
     attention = attention_updates(model, tensors, cuts)
+    set_here = [(model.get_submodule(m), k, v) for m, a in attrs.items() for k, v in a.items()]
+    others = module_updates(model, tensors, cuts, attention + set_here)  # model-code integers (ViT's hidden_dim)
     params = dict(model.named_parameters())
     old_to_new: dict[int, nn.Parameter] = {}
     grads: dict[int, torch.Tensor | None] = {}
@@ -375,6 +379,7 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
         for k, v in a.items():
             setattr(mod, k, v)
     commit(attention)
+    others.commit(model)
     if optimizer is not None:
         state = optimizer.state
         for group in optimizer.param_groups:

@@ -9,13 +9,15 @@ from dataclasses import replace
 from torch import nn
 
 from .._gc import fewer_collections
+from ..module_attrs import remember_inputs
 from . import elementwise as _elementwise  # noqa: F401  (each rules module registers its ops)
 from . import layers as _layers  # noqa: F401
 from . import reshape as _reshape  # noqa: F401
 from .assemble import assemble
 from .experts import expert_groups
 from .group import Group, Slot
-from .trace import TraceError, export, unwrap
+from .modes import export_all_modes
+from .trace import TraceError, unwrap
 from .walker import Walker
 
 __all__ = ["find_groups", "Group", "Slot", "TraceError", "resolve_ignored"]
@@ -70,10 +72,13 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
     model = unwrap(model)
     ignored = resolve_ignored(model, ignored_layers)
     with fewer_collections(), _lazy_graph_modules():
-        ep = export(model, example_inputs)
-        walker = Walker(ep, model, head_pruning)
-        walker.run()
-        groups = assemble(walker.space, ignored)
+        # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
+        walkers = [Walker(ep, model, head_pruning) for ep in export_all_modes(model, example_inputs)]
+        for walker in walkers:
+            walker.space = walkers[0].space
+            walker.run()
+        groups = assemble(walkers[0].space, ignored)
+    remember_inputs(model, example_inputs)  # to verify ambiguous attribute updates after slicing
     taken = {s.name for grp in groups for s in grp.slots}
     extra = expert_groups(model, ignored, taken)  # MoE experts: by module layout, see experts.py
     return groups + [replace(grp, index=len(groups) + i) for i, grp in enumerate(extra)]
