@@ -138,8 +138,23 @@ def test_ambiguous_without_inputs_warns_and_leaves_the_attribute(monkeypatch):
     monkeypatch.setattr(module_attrs, "_INPUTS", {})
     fresh = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"no example inputs.*attn\.attn_dim=16 "):
+        plan.apply(fresh, check_run=False)  # the run check would refuse this plan (next test)
+    assert fresh.attn.attn_dim == 16
+
+
+def test_unresolved_attribute_makes_apply_refuse_with_nothing_changed(monkeypatch):
+    from tritonprune import module_attrs
+
+    torch.manual_seed(0)
+    model, x = TinyViT().eval(), torch.randn(2, 5, 6)
+    plan = tpr.prune(copy.deepcopy(model), x, ratio=0.5, layer_ratios={"attn.qkv": 0.5, "embed": 0.25}, dry_run=True)
+    monkeypatch.setattr(module_attrs, "_INPUTS", {})
+    fresh = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"(?s)does not run its example inputs.*attn"):
         plan.apply(fresh)
     assert fresh.attn.attn_dim == 16
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 
 def test_shape_tuple_of_a_layer_scale_follows_the_cut():

@@ -243,7 +243,21 @@ def _materialize(spec: Any) -> Any:
 
 
 def runs(model: nn.Module, specs: tuple) -> bool:
-    """Whether `model` runs on inputs of these shapes: a forward on fake tensors, model state restored."""
+    """Whether `model` runs on inputs of these shapes: a forward of a meta copy on fake tensors (the
+    run check's own, so a model whose parameters are already on meta, as in that check, works too)."""
+    from .runcheck import RunFailure, fake_forward, prepared_copy
+
+    args, kwargs = pytree.tree_map(
+        _materialize, specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 4 and x[:1] == ("tensor",)
+    )
+    inputs = kwargs if not args else (args if not kwargs else None)
+    if inputs is None:  # positional and keyword inputs together: fall back to a plain call signature
+        return _runs_mixed(model, args, kwargs)
+    copy = prepared_copy(model)
+    return not isinstance(fake_forward(copy, inputs, train=False), RunFailure)
+
+
+def _runs_mixed(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -251,9 +265,6 @@ def runs(model: nn.Module, specs: tuple) -> bool:
     log.setLevel(logging.CRITICAL)  # a failing candidate is expected, not worth a logged traceback
     try:
         with preserved(model), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            args, kwargs = pytree.tree_map(
-                _materialize, specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 4 and x[:1] == ("tensor",)
-            )
             model(*args, **kwargs)
         return True
     except Exception:  # any failure means: not this choice

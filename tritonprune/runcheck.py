@@ -270,7 +270,9 @@ def _devices_of_copy(model: nn.Module) -> dict[str, torch.device]:
 def prepared_copy(model: nn.Module) -> nn.Module:
     """`meta_copy(model)` that remembers the devices of the model's tensors, for `fake_forward`."""
     c = meta_copy(model)
-    object.__setattr__(c, "_tritonprune_devices", _devices(model))
+    # a copy of a copy (the attribute check inside run_check) keeps the devices of the real model
+    object.__setattr__(c, "_tritonprune_devices", _devices_of_copy(model) or _devices(model))
+    c.__dict__.pop("_tritonprune_mode", None)
     return c
 
 
