@@ -10,7 +10,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from tritonprune.engine import Regularization
-from tritonprune.graph import Walker, assemble, export
+from tritonprune.graph import Walker, assemble
+from tritonprune.graph.trace import export
 from tritonprune.regularizers import GroupNorm
 
 

@@ -322,19 +322,20 @@ def test_plan_errors_name_group_and_slot(tmp_path):
 
 
 class StoredWidth(nn.Module):
-    """forward reshapes with a stored integer, as ViT/timm attention blocks do with num_heads."""
+    """forward reshapes with a width kept where no attribute rule looks (a dict), as some model code
+    keeps its config: module_attrs cannot update it, so only the run check can keep the model running."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 6, 1)
-        self.width = 6
+        self.sizes = {"width": 6}
         self.head = nn.Linear(6 * 4, 3)
 
     def forward(self, x):
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
         h = F.adaptive_avg_pool2d(h, 2)
-        return self.head(h.reshape(h.shape[0], self.width * 4))
+        return self.head(h.reshape(h.shape[0], self.sizes["width"] * 4))
 
 
 def test_prune_drops_the_groups_that_break_the_model_and_prunes_the_rest():
