@@ -71,3 +71,17 @@ def test_retrace_after_prune_equals_remap(name):
             with torch.no_grad():
                 logits = model(**x).logits
             assert logits.shape[:2] == x["input_ids"].shape and torch.isfinite(logits).all()
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a QK-norm weight on a layer left with one KV head is "
+                   "coupled to that head (nothing broadcasts over heads); one whole unit, so never pruned")
+def test_qk_norm_with_one_kv_head_stays_out_of_the_group():
+    torch.manual_seed(0)
+    model, x, _ = hf_zoo.build("qwen3")  # 4 / 2 heads -> 2 / 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = tpr.find_groups(model, x)
+        plan = tpr.prune(model, x, ratio=0.5, groups=groups)
+        fresh = tpr.find_groups(model, x)
+    assert not any("k_norm" in s.name for g in fresh for s in g.slots)
+    assert same_groups(fresh, plan.remap(groups))
