@@ -7,7 +7,7 @@ import operator
 import torch
 from torch import fx
 
-from .channels import NONE, none_like
+from .channels import NONE, has_ids, none_like
 from .walker import Rule, Walker, no_identity, overloads, rule, where
 
 aten = torch.ops.aten
@@ -27,6 +27,7 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
         return None
     nd = len(out)
     acc_ids, acc_shape = None, None
+    tables = []
     for op in operands:
         ids = w.act(op)
         shape = w.shape(op)
@@ -34,6 +35,9 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
             continue
         ids = align(ids, nd)
         shape = (1,) * (nd - len(shape)) + shape
+        if w.is_table(ids):
+            tables.append(ids)
+            continue
         if acc_ids is None:
             acc_ids, acc_shape = ids, shape
             continue
@@ -48,14 +52,39 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
             w.space.exclude(ids)
             acc_ids = none_like(out)
         elif acc_spread:
+            _note_table(w, ids, shape, acc_ids, acc_shape)
             _shared(w, node, ids, acc_ids)
             acc_ids = ids
         elif op_spread:
+            _note_table(w, acc_ids, acc_shape, ids, shape)
             _shared(w, node, acc_ids, ids)
         else:
             acc_ids = couple(w, node, acc_ids, acc_shape, ids, shape)
         acc_shape = tuple(max(x, y) for x, y in zip(acc_shape, shape))
-    return acc_ids if acc_ids is not None else none_like(out)
+    return _read_tables(w, node, acc_ids, tables, out)
+
+
+def _note_table(w: Walker, ids: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor,
+                other_shape: tuple[int, ...]) -> None:
+    """A parameter or buffer used as a value, spread by a value without identity along a dim it does not
+    have: an outer product with positions (rotary inv_freq x position ids, before cos/sin). The result is
+    a table that every head of every layer reads at the same positions; see `_read_tables`."""
+    if not has_ids(other) and w.is_param_value(ids) and any(s == 1 and o > 1 for s, o in zip(shape, other_shape)):
+        w.mark_table(ids)
+        w.space.exclude(ids)  # never pruned: its columns are read by every head, whole heads go without it
+
+
+def _read_tables(w: Walker, node: fx.Node, acc: torch.Tensor | None, tables: list[torch.Tensor],
+                 out: tuple[int, ...]) -> torch.Tensor:
+    """Channels reading a table (see `_note_table`) are never coupled to it, even where they broadcast
+    over nothing (a layer left with one key/value head): it is shared by all its readers as a QK-norm
+    weight is by the heads, so the readers' dims along its columns keep their size (whole heads only).
+    Coupling only single-head readers would tie their channels to every other reader's, in every layer."""
+    if acc is None or not has_ids(acc):
+        return tables[0] if tables else acc if acc is not None else none_like(out)
+    for t in tables:
+        _shared(w, node, acc, t)
+    return acc
 
 
 def _meet_without_identity(w: Walker, node: fx.Node, ids: torch.Tensor, other: torch.Tensor,

@@ -63,6 +63,8 @@ class Walker:
                     name = spec.target
                 self.tensor_names[spec.arg.name] = (name, kind == "BUFFER")
         self.modules = dict(model.named_modules())
+        self.value_ranges: list[tuple[int, int]] = []  # ids of parameters/buffers used as values
+        self.table_ranges: list[tuple[int, int]] = []  # ids of those spread over positions (rotary)
         self.warned: set[tuple[str, str]] = set()
         self.warnings: list[str] = []
 
@@ -152,7 +154,21 @@ class Walker:
         name, is_buffer = self.tensor_name(node)
         kind = g.PARAM
         role = g.STAT if is_buffer else g.AFFINE
-        return along(self.pid(node, d, kind=kind, role=role), d, len(shape))
+        ids = self.pid(node, d, kind=kind, role=role)
+        self.value_ranges.append((int(ids[0]), int(ids[-1]) + 1))
+        return along(ids, d, len(shape))
+
+    def is_param_value(self, ids: torch.Tensor) -> bool:
+        """All channel ids of `ids` come from one parameter or buffer used as a value."""
+        return _within(ids, self.value_ranges)
+
+    def mark_table(self, ids: torch.Tensor) -> None:
+        known = ids[ids >= 0]
+        self.table_ranges.append((int(known.min()), int(known.max()) + 1))
+
+    def is_table(self, ids: torch.Tensor) -> bool:
+        """`ids` are those of a table of positions built from a parameter (see elementwise._note_table)."""
+        return _within(ids, self.table_ranges)
 
     def module_of(self, node: fx.Node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
@@ -183,6 +199,17 @@ class Walker:
                 for (n, _), reg in self.space.registered.items():
                     if n == name[0]:
                         self.space.exclude(reg.ids)
+
+
+def _within(ids: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """`ids` hold channel ids, all inside one of the id ranges."""
+    if not ranges:
+        return False
+    known = ids[ids >= 0]
+    if not known.numel():
+        return False
+    lo, hi = int(known.min()), int(known.max())
+    return any(a <= lo and hi < b for a, b in ranges)
 
 
 def owner(name: str) -> str:
