@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .graph.trace import call_with
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements, shared parameters counted once."""
@@ -144,14 +146,6 @@ class _MacCounter(TorchFunctionMode):
         self._add(2 * batch * L * S * E)
 
 
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
 def _count_real(model: nn.Module, example_inputs: Any) -> MacCount:
     """The count from a real forward (eval, no_grad); training flags and buffers are restored."""
     from .graph.trace import preserved
@@ -160,7 +154,7 @@ def _count_real(model: nn.Module, example_inputs: Any) -> MacCount:
     counter = _MacCounter(names)
     with preserved(model), torch.no_grad(), counter:
         model.eval()
-        _call(model, example_inputs)
+        call_with(model, example_inputs)
     return counter.count
 
 

@@ -42,7 +42,7 @@ from .counting import MacCount, count_params, estimate_macs, mac_counting
 from .graph import find_groups, resolve_ignored
 from .graph.assemble import is_ignored
 from .graph.group import IN, OUT, Group
-from .graph.trace import unwrap
+from .graph.trace import call_with, unwrap
 from .hf_checkpoint import config_snapshot, record_plan
 from .importance import METHODS, Importance, compute_importance
 from .plan_schema import PlanError, check_groups, parse
@@ -550,13 +550,12 @@ def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect)
 def _real_forward_failure(model: nn.Module, example_inputs: Any) -> str | None:
     """Last resort where fake tensors cannot run the model: one real forward in eval mode, training
     flags and buffers restored afterwards. The error text, or None."""
-    from .counting import _call
     from .graph.trace import preserved
 
     try:
         with preserved(model), torch.no_grad():
             model.eval()
-            _call(model, example_inputs)
+            call_with(model, example_inputs)
     except Exception as e:  # the answer, not a crash
         return f"{type(e).__name__}: {e}"
     return None

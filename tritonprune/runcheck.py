@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .graph.trace import call_with
+
 __all__ = [
     "RunFailure",
     "RunCheckUnavailable",
@@ -175,14 +177,6 @@ def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> Non
                 m.__dict__[k] = type(v)(fake(x, default) if is_meta(x) else x for x in v)
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 class _Stack:
     """Forward hooks on every module of the copy: the path of modules running right now. A failing
     forward never reaches the post-hooks, so the path then ends at the innermost failing module."""
@@ -243,7 +237,7 @@ def fake_forward(
     try:
         with mode, torch.no_grad(), extra:
             inputs = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, example_inputs)
-            out = _call(model, inputs)
+            out = call_with(model, inputs)
         return _spec_of(out)
     except Exception as e:  # any error of the forward is the answer
         text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

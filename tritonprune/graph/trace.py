@@ -30,6 +30,12 @@ def split_inputs(example_inputs: object) -> tuple[tuple, dict]:
     )
 
 
+def call_with(model: nn.Module, example_inputs: object) -> object:
+    """`model` called on `example_inputs` the way torch.export reads them."""
+    args, kwargs = split_inputs(example_inputs)
+    return model(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
     """Restore training flags and buffers (BatchNorm running statistics) after tracing."""
