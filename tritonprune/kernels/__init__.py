@@ -3,8 +3,9 @@
 The three backends share the per-parameter matrix form: a parameter is seen as `[G, R, J]` in its
 physical layout (out-rows outermost, `G` > 1 for grouped-conv in-columns), each of its slots a map from
 rows or from columns to flat channels, so one read of w gives both its row and column sums of squares
-and one pass updates it with `t += (c_row[r] + c_col[g, j]) * f(w)`. `reference` states the mathematics
-slot by slot as the oracle; `torch` runs the matrix form with torch ops (and C loops on the CPU);
+and one pass updates it with `t += (c_row[r] + c_col[g, j]) * f(w)`; `matrix_form.py` derives that
+form once for both and describes it. `reference` states the mathematics slot by slot as the oracle;
+`torch` runs the matrix form with torch ops (and C loops on the CPU);
 `triton` runs it as GPU kernels (`triton_impl.py`, planned in `triton_plan.py`), which are compiled for
 sm_80/sm_90 and costed without a GPU by `static_report.py`.
 

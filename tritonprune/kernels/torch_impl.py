@@ -2,9 +2,8 @@
 
 A conv/linear weight usually sits in two slots (its out-rows in one group, its in-columns in another),
 so working per slot reads it twice for the sums of squares and updates it twice. This backend works per
-PARAMETER instead (the "matrix" path): the weight is seen as `M = [G, R, J]` in its physical layout
-(out-rows `G*R` outermost, `J` the rest in memory order, `G` > 1 for grouped-conv in-columns), every
-slot of it becomes a map from rows or from columns to flat channels, and
+PARAMETER instead (the "matrix" path): the weight is seen in its matrix form `M = [G, R, J]` with a
+row and a column map to flat channels (`kernels/matrix_form.py`, shared with the Triton backend), and
 
 - one read of w gives both row and column sums of squares (the squared temporary is a scratch block,
   row chunks of at most CHUNK_ELEMS elements so it stays in cache), scattered into the flat channel
@@ -19,9 +18,10 @@ loops of `cpu_native` (one read of w for both sums, one pass for the update; hal
 float32 and rounded once on store) where they build; these torch ops are the fallback and the path for
 other devices and dtypes.
 
-1-D parameters (norm weights, biases) are batched with `torch._foreach_*` ops. Parameters whose slots fit
-no such form (slots on two non-leading dims, overlapping slots, no dense layout) take the per-slot path
-(`_SlotPath`): strided views of each slot, as the reference computes them.
+1-D parameters (norm weights, biases; O rows of one column) are batched with `torch._foreach_*` ops.
+Parameters with no matrix form (`Unsupported`: slots on two non-leading dims, overlapping slots, no dense
+layout, ...) take the per-slot path (`_SlotPath`): strided views of each slot, as the reference computes
+them.
 
 Everything indexable (maps, views, chunk lists, scratch) is built once per structure and cached in
 `bufs.cache["torch"]`; a step has no Python loop over channels and no host sync.
@@ -34,9 +34,10 @@ import math
 import torch
 
 from .._gc import fewer_collections
-from ..geometry import physical_order, slot_geometry, slot_view
+from ..geometry import slot_geometry, slot_view
 from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 from . import FLAT_SPREAD_RTOL, cpu_native
+from .matrix_form import Unsupported, matrix_form
 
 # views of .grad are taken per call: no pointer table to keep current
 USES_POINTER_TABLE = False
@@ -67,100 +68,33 @@ def _target(p: torch.Tensor, target: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- matrix path plan
 
 
-class _Unsupported(Exception):
-    """This parameter's slots fit no per-parameter form: it takes the per-slot path."""
-
-
-def _index_map(size: int, slots, geo_of, lead: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Channel maps of one dim of a parameter: `[lead, size]` tensors of (importance channel, update
-    channel, slot id, covered), sentinel -1 where no slot of that kind covers an index."""
-    imp = torch.full((lead, size), -1, dtype=torch.int64)
-    upd = torch.full((lead, size), -1, dtype=torch.int64)
-    sid = torch.full((lead, size), -1, dtype=torch.int64)
-    cover = torch.zeros((lead, size), dtype=torch.bool)
-    for k, slot, chan, flags in slots:
-        per = geo_of(k).C  # channels per block (== slot.length when not blocked)
-        pos = slot.start + torch.arange(per * slot.repeat)
-        ch = chan + torch.arange(per).repeat_interleave(slot.repeat)
-        if slot.blocks > 1:  # block g of the rows owns channels chan + g*per + p
-            ch = ch + per * torch.arange(lead)[:, None]
-        if cover[:, pos].any():
-            raise _Unsupported  # two slots of one dim share an index
-        cover[:, pos] = True
-        if flags & FLAG_IMPORTANCE:
-            imp[:, pos] = ch
-        if flags & FLAG_UPDATE:
-            upd[:, pos] = ch
-        sid[:, pos] = k
-    return imp, upd, sid, cover
-
-
 class _Matrix:
-    """One parameter of dim >= 1 on the matrix path: `M = [G, R, J]`, row and column maps, chunk plans."""
+    """One parameter of dim >= 1 on the matrix path: its matrix form (`matrix_form.py`), chunk plans."""
 
     def __init__(self, p: torch.nn.Parameter, slots: list, bufs: GroupBuffers):
-        shape, nd = tuple(p.shape), p.dim()
-        if nd == 0 or p.numel() == 0:
-            raise _Unsupported
-        dims = {s.dim for _, s, _, _ in slots}
-        col_dims = dims - {0}
-        if len(col_dims) > 1:
-            raise _Unsupported
-        blocks = {s.blocks for _, s, _, _ in slots if s.blocks > 1}
-        G = 1
-        if blocks:
-            # one conv-group count, blocked slots on the column dim only, and all column slots blocked
-            if len(blocks) > 1 or any((s.blocks > 1) != (s.dim != 0) for _, s, _, _ in slots):
-                raise _Unsupported
-            G = blocks.pop()
-        if shape[0] % G:
-            raise _Unsupported
-        order = physical_order(shape, tuple(p.stride()))
-        if order is None:
-            raise _Unsupported
-        if shape[0] == 1:  # a size-1 dim sorts anywhere; the rows go first
-            order = [0] + [d for d in order if d != 0]
-        if order[0] != 0:
-            raise _Unsupported
-        self.p, self.order, self.G = p, order, G
-        self.O, self.R = shape[0], shape[0] // G
-        self.J = p.numel() // shape[0]
+        form = matrix_form(p, slots, bufs)
+        self.p, self.order, self.G = p, form.order, form.G
+        self.O, self.R, self.J = form.n_rows, form.R, form.J
         self.dtype, self.acc = p.dtype, _acc_dtype(p.dtype)
-
-        geo_of = lambda k: bufs.geometries[k]  # noqa: E731
-        rows = [s for s in slots if s[1].dim == 0]
-        cols = [s for s in slots if s[1].dim != 0]
-        self.has_rows, self.has_cols = bool(rows), bool(cols)
-        maps_imp, maps_upd, maps_sid = [], [], []
-        if rows:
-            imp, upd, sid, _ = _index_map(self.O, rows, geo_of, 1)
-            maps_imp.append(imp.reshape(-1))
-            maps_upd.append(upd.reshape(-1))
-            maps_sid.append(sid.reshape(-1))
-        if cols:
-            d = col_dims.pop()
-            imp, upd, sid, _ = _index_map(shape[d], cols, geo_of, G)
-            # spread the [G, size_d] map over the columns of M: dims 1.. in physical order
-            view = [G] + [shape[i] if i == d else 1 for i in range(1, nd)]
-            perm = [0] + list(order[1:])
-            for m, out in ((imp, maps_imp), (upd, maps_upd), (sid, maps_sid)):
-                full = m.view(view).expand([G, *shape[1:]]).permute(perm)
-                out.append(full.reshape(G * self.J))
-        self.map_imp = torch.cat(maps_imp)
-        self.map_upd = torch.cat(maps_upd)
-        self.map_sid = torch.cat(maps_sid)
-        self.need_rows = bool(rows) and bool((self.map_imp[: self.O] >= 0).any())
-        self.need_cols = bool(cols) and bool((self.map_imp[self.O if rows else 0 :] >= 0).any())
-        self.upd_rows = bool(rows) and bool((self.map_upd[: self.O] >= 0).any())
-        self.upd_cols = bool(cols) and bool((self.map_upd[self.O if rows else 0 :] >= 0).any())
+        # rows then columns, each present only where the parameter has slots on that side
+        maps = [m for m in (form.rows, form.cols) if m is not None]
+        self.has_rows, self.has_cols = form.rows is not None, form.cols is not None
+        self.map_imp = torch.cat([m.imp for m in maps])
+        self.map_upd = torch.cat([m.upd for m in maps])
+        self.map_sid = torch.cat([m.sid for m in maps])
+        self.need_rows = self.has_rows and bool((form.rows.imp >= 0).any())
+        self.need_cols = self.has_cols and bool((form.cols.imp >= 0).any())
+        self.upd_rows = self.has_rows and bool((form.rows.upd >= 0).any())
+        self.upd_cols = self.has_cols and bool((form.cols.upd >= 0).any())
         self.updates = self.upd_rows or self.upd_cols
         self.length = len(self.map_imp)
+        G = self.G
         # chunk plan (G == 1 only: grouped convs are small, they are done in one block)
         self.rpc = self.R if G > 1 else max(1, min(self.R, CHUNK_ELEMS // max(self.J, 1)))
         self.n_chunks = math.ceil(self.R / self.rpc)
         self.scratch_elems = self.G * self.rpc * self.J
         self.w_ptr = -1
-        self.identity = list(order) == list(range(nd))
+        self.identity = form.identity
         self.mshape = (self.R, self.J) if G == 1 else (G, self.R, self.J)
 
     def bind(self, offset: int, parts: torch.Tensor, gathered: torch.Tensor, scratch: dict,
@@ -357,7 +291,7 @@ class _MatrixPath:
         for p in params:
             try:
                 u = _Matrix(p, slots_of[id(p)], bufs)
-            except _Unsupported:
+            except Unsupported:
                 self.rejected.append(p)
                 continue
             if p.dim() == 1:

@@ -1,17 +1,16 @@
 """Host-side launch plan of the Triton backend: per-parameter matrices, their work tables, and the list of
 kernel specializations a plan launches.
 
-The design is the torch backend's matrix path (`kernels/torch_impl.py`, `_Matrix`) and the C loops of
-`kernels/cpu_native.c`: a parameter is seen as a dense matrix `M = [G*R, J]` in its physical layout
-(out-rows outermost, `J` the rest in memory order, `G` > 1 for grouped-conv in-columns), each of its
-slots is a map from rows or from columns to flat channels, so
+Every parameter that has one is run in its matrix form `M = [G, R, J]` (`kernels/matrix_form.py`, the
+form the torch backend and its C loops run too), with both row and column maps always present (-1 where
+a side has no slot), so
 
 - the sums kernel reads every element once and produces row sums and column sums of squares;
 - the update kernel writes `t += (c_row[r] + c_col[g*J + j]) * f(w)` once per element.
 
-A 1-D parameter (norm weight, bias) is one row: `O = 1`, `J = N`, its channel map is the column map.
-Parameters whose slots fit no such form (two non-leading slot dims, overlapping slots, no dense layout)
-take the generic per-slot kernels ("other" in the specialization list).
+A 1-D parameter (norm weight, bias) is laid on its side here: one row (`O = 1`, `J = N`), its channel
+map the column map, so its N elements are spread across the vector lanes. Parameters with no matrix
+form (`Unsupported`) take the generic per-slot kernels ("other" in the specialization list).
 
 Everything here is built once per structure from `entries`/`geometries`/`flags` and the parameters'
 shapes and strides: no device read, no addresses (the kernels read those from `bufs.table`).
@@ -24,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..geometry import physical_order
-from ..layout import DTYPE_CODES, FLAG_IMPORTANCE, FLAG_UPDATE
+from ..layout import DTYPE_CODES
+from .matrix_form import Unsupported, matrix_form
 
 # element size per dtype code and elements per 16-byte vector
 ELEM_SIZE = {0: 4, 1: 2, 2: 2, 3: 8}
@@ -65,33 +64,6 @@ UPD_COLS = 10  # slot, delta, J, r0, nrows, q0, q1, rowc, colc, vec_ok
 COLSUM_COLS = 5  # first partial, row blocks, stride, columns, first output (all but columns: multiples of 16)
 
 
-class Unsupported(Exception):
-    """This parameter's slots fit no matrix form: it takes the generic kernels."""
-
-
-def _index_map(size: int, slots, bufs, lead: int):
-    """[lead, size] maps (importance channel, update channel, slot id); -1 where no slot covers."""
-    imp = torch.full((lead, size), -1, dtype=torch.int64)
-    upd = torch.full((lead, size), -1, dtype=torch.int64)
-    sid = torch.full((lead, size), -1, dtype=torch.int64)
-    cover = torch.zeros((lead, size), dtype=torch.bool)
-    for k, slot, chan, flags in slots:
-        per = bufs.geometries[k].C
-        pos = slot.start + torch.arange(per * slot.repeat)
-        ch = chan + torch.arange(per).repeat_interleave(slot.repeat)
-        if slot.blocks > 1:
-            ch = ch + per * torch.arange(lead)[:, None]
-        if cover[:, pos].any():
-            raise Unsupported  # two slots of one dim share an index
-        cover[:, pos] = True
-        if flags & FLAG_IMPORTANCE:
-            imp[:, pos] = ch
-        if flags & FLAG_UPDATE:
-            upd[:, pos] = ch
-        sid[:, pos] = k
-    return imp, upd, sid
-
-
 @dataclass
 class Unit:
     """One parameter on the matrix path."""
@@ -121,54 +93,23 @@ class Unit:
         return bool((self.rows[1] >= 0).any() or (self.cols[1] >= 0).any())
 
 
+def _uncovered(n: int) -> tuple:
+    """Maps of a side without slots: the kernels read every side, -1 everywhere."""
+    return tuple(torch.full((n,), -1, dtype=torch.int64) for _ in range(3))
+
+
 def make_unit(p, slots, bufs) -> Unit:
-    """The matrix form of parameter `p` with slots `slots` [(k, slot, chan, flags)], or Unsupported."""
-    shape, nd = tuple(p.shape), p.dim()
-    if nd == 0 or p.numel() == 0:
-        raise Unsupported
-    dims = {s.dim for _, s, _, _ in slots}
-    col_dims = dims - {0}
-    if len(col_dims) > 1:
-        raise Unsupported
-    blocks = {s.blocks for _, s, _, _ in slots if s.blocks > 1}
-    G = 1
-    if blocks:
-        if len(blocks) > 1 or any((s.blocks > 1) != (s.dim != 0) for _, s, _, _ in slots):
-            raise Unsupported
-        G = blocks.pop()
-    if shape[0] % G:
-        raise Unsupported
-    order = physical_order(shape, tuple(p.stride()))
-    if order is None:
-        raise Unsupported
-    if shape[0] == 1:
-        order = [0] + [d for d in order if d != 0]
-    if order[0] != 0:
-        raise Unsupported
+    """The Triton unit of parameter `p` with slots `slots` [(k, slot, chan, flags)], or Unsupported."""
+    form = matrix_form(p, slots, bufs)
     k0 = slots[0][0]
     code = DTYPE_CODES[p.dtype]
     delta = -bufs.geometries[k0].offset
-    none = torch.full((1,), -1, dtype=torch.int64)
-    if nd == 1:  # one row of N columns
-        imp, upd, sid = _index_map(shape[0], slots, bufs, 1)
-        return Unit(p, code, k0, delta, 1, shape[0], 1, 1, (none, none, none),
-                    (imp.reshape(-1), upd.reshape(-1), sid.reshape(-1)))
-    n_out, J = shape[0], p.numel() // shape[0]
-    rows_s = [s for s in slots if s[1].dim == 0]
-    cols_s = [s for s in slots if s[1].dim != 0]
-    if rows_s:
-        rows = tuple(m.reshape(-1) for m in _index_map(n_out, rows_s, bufs, 1))
-    else:
-        rows = tuple(torch.full((n_out,), -1, dtype=torch.int64) for _ in range(3))
-    if cols_s:
-        d = col_dims.pop()
-        maps = _index_map(shape[d], cols_s, bufs, G)
-        view = [G] + [shape[i] if i == d else 1 for i in range(1, nd)]
-        perm = [0] + list(order[1:])
-        cols = tuple(m.view(view).expand([G, *shape[1:]]).permute(perm).reshape(G * J) for m in maps)
-    else:
-        cols = tuple(torch.full((G * J,), -1, dtype=torch.int64) for _ in range(3))
-    return Unit(p, code, k0, delta, n_out, J, n_out // G, G, rows, cols)
+    if p.dim() == 1:  # on its side: one row of N columns, the row map is the column map
+        none = torch.full((1,), -1, dtype=torch.int64)
+        return Unit(p, code, k0, delta, 1, form.n_rows, 1, 1, (none, none, none), tuple(form.rows))
+    rows = tuple(form.rows) if form.rows is not None else _uncovered(form.n_rows)
+    cols = tuple(form.cols) if form.cols is not None else _uncovered(form.G * form.J)
+    return Unit(p, code, k0, delta, form.n_rows, form.J, form.R, form.G, rows, cols)
 
 
 @dataclass
