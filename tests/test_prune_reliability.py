@@ -573,3 +573,32 @@ def test_a_model_in_training_mode_is_checked_in_training_mode_too():
     assert plan.num_removed == 0 and model.training
     y, aux = model(x)
     (y.sum() + aux.sum()).backward()
+
+
+class CachesInForward(nn.Module):
+    """Caches a derived tensor in a dict attribute during eval forward (timm's LeViT attention biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.cache = {}
+
+    def forward(self, x):
+        if not self.training:
+            if "s" not in self.cache:
+                self.cache["s"] = self.scale * 2
+            s = self.cache["s"]
+        else:
+            s = self.scale * 2
+        return (self.conv2(F.relu(self.conv1(x))) * s[:, None, None]).mean((2, 3))
+
+
+def test_fake_forwards_never_write_into_the_real_model():
+    torch.manual_seed(0)
+    model, x = CachesInForward().eval(), torch.randn(2, 3, 6, 6)
+    prune(model, x, ratio=0.5)
+    assert model.cache == {}  # the checks ran on copies with copies of the dict
+    out = model(x)
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()

@@ -97,8 +97,14 @@ def meta_copy(model: nn.Module) -> nn.Module:
             return visit(v)
         if _is_config(v):
             return config(v)
-        if isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v):
-            return type(v)(meta(x) if isinstance(x, torch.Tensor) else x for x in v)
+        # containers are copied (a forward that caches into a dict, as timm's LeViT does with its
+        # attention biases, must write into the copy's, not leave fake tensors in the real model's)
+        if isinstance(v, dict) and type(v) in (dict, OrderedDict):
+            return type(v)((k, value(x)) for k, x in v.items())
+        if isinstance(v, (list, set)) and type(v) in (list, set):
+            return type(v)(value(x) for x in v)
+        if type(v) is tuple:
+            return tuple(value(x) for x in v)
         return v
 
     def visit(m: nn.Module) -> nn.Module:
