@@ -129,7 +129,7 @@ def check_available(device: torch.device | str) -> None:
 # ------------------------------------------------------------------------------------------ kernels
 #
 # Plain functions, decorated on first use (`_kernels`), so importing this module costs no Triton work.
-# The two tile helpers are called by their kernels by name: `_kernels` binds the decorated helpers in
+# The helpers are called by their kernels by name: `_kernels` binds the decorated helpers in
 # the kernels' globals.
 
 
@@ -144,6 +144,20 @@ def _elem_ptr(addr, DTYPE: tl.constexpr):
         return addr.to(tl.pointer_type(tl.float64))
 
 
+def _tile_item(work_ptr):
+    # this program's tile of a matrix-path launch: the 10 int64 fields of its work item (triton_plan)
+    item = work_ptr + tl.program_id(0).to(tl.int64) * 10
+    return (tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3), tl.load(item + 4),
+            tl.load(item + 5), tl.load(item + 6), tl.load(item + 7), tl.load(item + 8), tl.load(item + 9))
+
+
+def _vec_bounds(J, q0, q1, c0, VEC: tl.constexpr):
+    # the caller checked these are multiples of VEC (and the address of 16): rounding them makes new
+    # values the compiler can prove aligned (a hint on the loaded value would also bind the caller's
+    # scalar branch)
+    return J // VEC * VEC, q0 // VEC * VEC, q1 // VEC * VEC, c0 // VEC * VEC
+
+
 def _sums_tile(addr, part_ptr, J, r0, nrows, q0, q1, rp, cp, DTYPE: tl.constexpr, BR: tl.constexpr,
                BJ: tl.constexpr, VEC: tl.constexpr):
     # rows r0..r0+nrows, columns q0..q1 of a [*, J] matrix: row sums -> part[rp + i], column sums ->
@@ -151,13 +165,7 @@ def _sums_tile(addr, part_ptr, J, r0, nrows, q0, q1, rp, cp, DTYPE: tl.constexpr
     # a sum in registers, the row sums accumulate elementwise and are reduced once at the end.
     ACC: tl.constexpr = tl.float64 if DTYPE == 3 else tl.float32
     if VEC > 1:
-        # the caller checked these are multiples of VEC (and the address of 16): rounding them makes
-        # new values the compiler can prove aligned (a hint on the loaded value would also bind the
-        # caller's scalar branch)
-        J = J // VEC * VEC
-        q0 = q0 // VEC * VEC
-        q1 = q1 // VEC * VEC
-        cp = cp // VEC * VEC
+        J, q0, q1, cp = _vec_bounds(J, q0, q1, cp, VEC)
         w_ptr = tl.multiple_of(_elem_ptr(addr // 16 * 16, DTYPE), 16)
     else:
         w_ptr = _elem_ptr(addr, DTYPE)
@@ -179,18 +187,7 @@ def _sums_tile(addr, part_ptr, J, r0, nrows, q0, q1, rp, cp, DTYPE: tl.constexpr
 
 def _mat_sums_kernel(table_ptr, work_ptr, part_ptr, DTYPE: tl.constexpr, BR: tl.constexpr,
                      BJ: tl.constexpr, VEC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    item = work_ptr + pid * 10
-    k = tl.load(item)
-    delta = tl.load(item + 1)
-    J = tl.load(item + 2)
-    r0 = tl.load(item + 3)
-    nrows = tl.load(item + 4)
-    q0 = tl.load(item + 5)
-    q1 = tl.load(item + 6)
-    rp = tl.load(item + 7)
-    cp = tl.load(item + 8)
-    vec_ok = tl.load(item + 9)
+    k, delta, J, r0, nrows, q0, q1, rp, cp, vec_ok = _tile_item(work_ptr)
     ES: tl.constexpr = 8 if DTYPE == 3 else (4 if DTYPE == 0 else 2)
     addr = tl.load(table_ptr + k * 16) + delta * ES  # the parameter's first element
     if (vec_ok != 0) & (addr % 16 == 0):
@@ -203,11 +200,8 @@ def _update_tile(wa, ta, coef_ptr, J, r0, nrows, q0, q1, rc, cc, DTYPE: tl.const
                  SIGN: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr, VEC: tl.constexpr):
     # t[r, j] += (coef[rc + r - r0] + coef[cc + j - q0]) * f(w[r, j]) over the tile
     ACC: tl.constexpr = tl.float64 if DTYPE == 3 else tl.float32
-    if VEC > 1:  # see _sums_tile
-        J = J // VEC * VEC
-        q0 = q0 // VEC * VEC
-        q1 = q1 // VEC * VEC
-        cc = cc // VEC * VEC
+    if VEC > 1:
+        J, q0, q1, cc = _vec_bounds(J, q0, q1, cc, VEC)
         w_ptr = tl.multiple_of(_elem_ptr(wa // 16 * 16, DTYPE), 16)
         t_ptr = tl.multiple_of(_elem_ptr(ta // 16 * 16, DTYPE), 16)
     else:
@@ -236,18 +230,7 @@ def _update_tile(wa, ta, coef_ptr, J, r0, nrows, q0, q1, rc, cc, DTYPE: tl.const
 
 def _mat_update_kernel(table_ptr, work_ptr, coef_ptr, DTYPE: tl.constexpr, SIGN: tl.constexpr,
                        TO_PARAM: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr, VEC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    item = work_ptr + pid * 10
-    k = tl.load(item)
-    delta = tl.load(item + 1)
-    J = tl.load(item + 2)
-    r0 = tl.load(item + 3)
-    nrows = tl.load(item + 4)
-    q0 = tl.load(item + 5)
-    q1 = tl.load(item + 6)
-    rc = tl.load(item + 7)
-    cc = tl.load(item + 8)
-    vec_ok = tl.load(item + 9)
+    k, delta, J, r0, nrows, q0, q1, rc, cc, vec_ok = _tile_item(work_ptr)
     ES: tl.constexpr = 8 if DTYPE == 3 else (4 if DTYPE == 0 else 2)
     row = table_ptr + k * 16
     wa = tl.load(row)
@@ -501,7 +484,8 @@ _RAW = {
     "slot_sums": _slot_sums_kernel,
     "slot_update": _slot_update_kernel,
 }
-_HELPERS = {"_elem_ptr": _elem_ptr, "_sums_tile": _sums_tile, "_update_tile": _update_tile}
+_HELPERS = {"_elem_ptr": _elem_ptr, "_tile_item": _tile_item, "_vec_bounds": _vec_bounds,
+            "_sums_tile": _sums_tile, "_update_tile": _update_tile}
 _JITTED: dict = {}
 
 # argument types of each kernel (constexprs excepted), for ahead-of-time compilation (static_report)
