@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch import nn
 
 from .graph.group import BATCHNORM, Group, Slot
 from .layout import GroupBuffers
+from .module_copy import copy_tree
 
 __all__ = [
     "ShardedLayout",
@@ -67,55 +67,11 @@ def is_sharded(model: nn.Module) -> bool:
 # ------------------------------------------------------------------------------ unsharded copies
 
 
-def _plain_class(m: nn.Module) -> type:
-    """The user's class of a module that fully_shard re-classed (FSDP<Cls> derives from FSDPModule, Cls)."""
-    cls = type(m)
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return cls
-    if not issubclass(cls, FSDPModule):
-        return cls
-    return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
-
-
-def _copy_structure(model: nn.Module, tensor_of: Callable[[str, torch.Tensor], torch.Tensor]) -> nn.Module:
-    """A plain copy of the module tree: original classes, no hooks, `tensor_of(name, t)` for every
-    parameter and buffer; other attributes are shallow copies (shared with `model`)."""
-    memo: dict[int, nn.Module] = {}
-
-    def visit(m: nn.Module, prefix: str) -> nn.Module:
-        if id(m) in memo:  # a module used twice stays one module
-            return memo[id(m)]
-        c = object.__new__(_plain_class(m))
-        # composable-API state (fully_shard's registry) stays behind, so the copy can be sharded again
-        d = {k: v for k, v in m.__dict__.items() if not k.startswith("__composable_api")}
-        for k, v in d.items():
-            if "hook" in k and isinstance(v, dict):  # FSDP's all-gather hooks, and any other hooks
-                d[k] = OrderedDict()
-        d["_parameters"] = {
-            n: None if p is None else nn.Parameter(tensor_of(prefix + n, p), requires_grad=p.requires_grad)
-            for n, p in m._parameters.items()
-        }
-        d["_buffers"] = {n: None if b is None else tensor_of(prefix + n, b) for n, b in m._buffers.items()}
-        d["_modules"] = {n: None if s is None else visit(s, f"{prefix}{n}.") for n, s in m._modules.items()}
-        c.__dict__.update(d)
-        memo[id(m)] = c
-        return c
-
-    from .graph.trace import unwrap
-
-    return visit(unwrap(model), "")
-
-
 def unsharded_skeleton(model: nn.Module) -> nn.Module:
     """A meta-device copy of `model` with full (unsharded) shapes and no FSDP hooks; for tracing only.
 
     No memory and no collective: shapes come from the DTensor metadata."""
-    def meta(_name: str, t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-    return _copy_structure(model, meta)
+    return copy_tree(model, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
 def unsharded_copy(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
@@ -126,12 +82,12 @@ def unsharded_copy(model: nn.Module, device: torch.device | str | None = None) -
     and re-shard (see `prune_distributed`)."""
     DTensor = _dtensor_cls() if dist.is_available() else ()
 
-    def full(_name: str, t: torch.Tensor) -> torch.Tensor:
+    def full(t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
         return x.to(device) if device is not None else x
 
-    return _copy_structure(model, full)
+    return copy_tree(model, full)
 
 
 def _to_meta(x: Any) -> Any:

@@ -18,9 +18,7 @@ and dtype for every tensor leaf.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +28,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .graph.trace import call_with
+from .module_copy import copy_tree
 
 __all__ = [
     "RunFailure",
@@ -58,80 +57,10 @@ class RunFailure:
         return f"{where}: {self.error}"
 
 
-def _plain_class(m: nn.Module) -> type:
-    from .distributed import _plain_class as plain  # FSDP2 re-classes modules; trace the user's class
-
-    return plain(m)
-
-
-def _is_config(v: Any) -> bool:
-    # Hugging Face configs (and look-alikes) are written by slicing (head counts, hidden sizes)
-    return hasattr(v, "to_dict") and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type))
-
-
 def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree on the meta device: same classes and attributes, no hooks, every
-    parameter / buffer / tensor attribute a meta tensor of the same shape, dtype and requires_grad
-    (tied tensors stay tied), config objects copied. Nothing of `model` is modified or shared mutably."""
-    modules: dict[int, nn.Module] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    configs: dict[int, Any] = {}
-
-    def meta(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in tensors:
-            m = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-            if isinstance(t, nn.Parameter):
-                m = nn.Parameter(m, requires_grad=t.requires_grad)
-            tensors[id(t)] = m
-        return tensors[id(t)]
-
-    def config(v: Any) -> Any:
-        if id(v) not in configs:
-            configs[id(v)] = copy.deepcopy(v)
-        return configs[id(v)]
-
-    def value(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return meta(v)
-        if isinstance(v, nn.Module):  # a module held as a plain attribute: the copy must not reach the real one
-            return visit(v)
-        if _is_config(v):
-            return config(v)
-        # containers are copied (a forward that caches into a dict, as timm's LeViT does with its
-        # attention biases, must write into the copy's, not leave fake tensors in the real model's)
-        if isinstance(v, dict) and type(v) in (dict, OrderedDict):
-            return type(v)((k, value(x)) for k, x in v.items())
-        if isinstance(v, (list, set)) and type(v) in (list, set):
-            return type(v)(value(x) for x in v)
-        if type(v) is tuple:
-            return tuple(value(x) for x in v)
-        return v
-
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) in modules:  # a module used twice stays one module
-            return modules[id(m)]
-        c = object.__new__(_plain_class(m))
-        modules[id(m)] = c
-        d = {}
-        for k, v in m.__dict__.items():
-            if k.startswith("__composable_api"):
-                continue
-            if "hook" in k and isinstance(v, dict):
-                d[k] = OrderedDict()
-            elif k in ("_parameters", "_buffers"):
-                d[k] = {n: None if t is None else meta(t) for n, t in v.items()}
-            elif k == "_modules":
-                d[k] = {n: None if s is None else visit(s) for n, s in v.items()}
-            elif k == "_non_persistent_buffers_set":
-                d[k] = set(v)
-            else:
-                d[k] = value(v)
-        c.__dict__.update(d)
-        return c
-
-    from .graph.trace import unwrap
-
-    return visit(unwrap(model))
+    """A copy of the module tree on the meta device (`module_copy.copy_tree`): same classes and
+    attributes, no hooks, every tensor a meta tensor of the same shape, strides, dtype and requires_grad."""
+    return copy_tree(model, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"))
 
 
 def _fake_mode():

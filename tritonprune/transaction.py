@@ -24,11 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .module_copy import is_config
+
 _NESTED = ("_parameters", "_buffers", "_modules")
-
-
-def _is_config(v: Any) -> bool:
-    return hasattr(v, "to_dict") and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type))
 
 
 def _configs(obj: Any, seen: dict[int, Any]) -> None:
@@ -37,7 +35,7 @@ def _configs(obj: Any, seen: dict[int, Any]) -> None:
         return
     seen[id(obj)] = obj
     for v in vars(obj).values():
-        if _is_config(v):
+        if is_config(v):
             _configs(v, seen)
 
 
@@ -58,7 +56,7 @@ class Transaction:
                     d[k] = d[k].copy()
             self.modules.append((m, type(m), d))
             for v in m.__dict__.values():
-                if _is_config(v):
+                if is_config(v):
                     _configs(v, configs)
         self.configs = [(c, dict(vars(c))) for c in configs.values()]
         tensors = dict(model.named_parameters(remove_duplicate=False))
