@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import logging
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -44,7 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .graph.trace import preserved, split_inputs
+from .graph.trace import split_inputs
 
 Update = tuple[Any, str, Any]  # (object, attribute, new value)
 SMALL = 8  # scalars below this are verified like ambiguous ones
@@ -215,7 +214,7 @@ def module_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cuts: 
 
 # ------------------------------------------------------------------------------------ verification
 
-_INPUTS: dict[type, tuple] = {}  # model class -> (args, kwargs) specs of the last find_groups
+_INPUTS: dict[type, Any] = {}  # model class -> spec of the example inputs of the last find_groups
 
 
 def _spec(x: Any) -> Any:
@@ -227,10 +226,10 @@ def _spec(x: Any) -> Any:
 def remember_inputs(model: nn.Module, example_inputs: Any) -> None:
     """Keep the shapes (not the data) of the example inputs of `find_groups`, to verify attribute choices."""
     try:
-        args, kwargs = split_inputs(example_inputs)
+        split_inputs(example_inputs)  # a form the model can be called with (graph.trace.call_with)
     except TypeError:
         return
-    _INPUTS[type(model)] = pytree.tree_map(_spec, (args, kwargs))
+    _INPUTS[type(model)] = pytree.tree_map(_spec, example_inputs)
 
 
 def _materialize(spec: Any) -> Any:
@@ -242,38 +241,18 @@ def _materialize(spec: Any) -> Any:
     return spec
 
 
-def runs(model: nn.Module, specs: tuple) -> bool:
+def runs(model: nn.Module, specs: Any) -> bool:
     """Whether `model` runs on inputs of these shapes: a forward of a meta copy on fake tensors (the
     run check's own, so a model whose parameters are already on meta, as in that check, works too)."""
     from .runcheck import RunFailure, fake_forward, prepared_copy
 
-    args, kwargs = pytree.tree_map(
+    inputs = pytree.tree_map(
         _materialize, specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 4 and x[:1] == ("tensor",)
     )
-    inputs = kwargs if not args else (args if not kwargs else None)
-    if inputs is None:  # positional and keyword inputs together: fall back to a plain call signature
-        return _runs_mixed(model, args, kwargs)
-    copy = prepared_copy(model)
-    return not isinstance(fake_forward(copy, inputs, train=False), RunFailure)
+    return not isinstance(fake_forward(prepared_copy(model), inputs, train=False), RunFailure)
 
 
-def _runs_mixed(model: nn.Module, args: tuple, kwargs: dict) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = log.level
-    log.setLevel(logging.CRITICAL)  # a failing candidate is expected, not worth a logged traceback
-    try:
-        with preserved(model), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            model(*args, **kwargs)
-        return True
-    except Exception:  # any failure means: not this choice
-        return False
-    finally:
-        log.setLevel(level)
-
-
-def resolve(model: nn.Module, unclear: list[Unclear], specs: tuple | None) -> bool:
+def resolve(model: nn.Module, unclear: list[Unclear], specs: Any | None) -> bool:
     """Set the attributes to the first choice (in option order) under which the model runs; False, with
     every attribute back at its old value, where none is found or there are no inputs to run."""
     classes: dict[tuple, list[Unclear]] = {}
@@ -293,7 +272,7 @@ def resolve(model: nn.Module, unclear: list[Unclear], specs: tuple | None) -> bo
     return False
 
 
-def _warn_unclear(unclear: list[Unclear], specs: tuple | None) -> None:
+def _warn_unclear(unclear: list[Unclear], specs: Any | None) -> None:
     shown = "; ".join(f"{u.name}.{u.attr}={u.old!r} (could become {u.options})" for u in unclear[:6])
     more = f" and {len(unclear) - 6} more" if len(unclear) > 6 else ""
     why = "no choice runs the model" if specs is not None else "no example inputs to verify a choice with"
