@@ -3,19 +3,33 @@
 `build(name)` returns (model in eval mode, example inputs as a dict, kind); kind is "causal",
 "seq2seq", "cls" (sequence/image classification with integer labels) or "base" (no head, no loss).
 The same weights on every call. transformers imports torchvision when present: on the CPU torch build
-that import fails unless its fake-kernel module is stubbed (see tests/tv.py), so it is stubbed here.
+that import fails unless its fake-kernel module is stubbed (tests/tv.py), so it is stubbed here too, for
+the sweep script run outside pytest.
 """
 
 from __future__ import annotations
 
-import sys
-import types
+import functools
 import warnings
 
 import torch
+import tv  # noqa: E402
 
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+tv.install_stub()
 import transformers as T  # noqa: E402
+
+
+def quiet(fn):
+    """`fn` with its warnings silenced (tracing and pruning these models warns about the ops left out)."""
+
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*a, **k)
+
+    return wrapped
+
 
 V = 100
 TEXT = dict(vocab_size=V, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)

@@ -17,27 +17,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 import hf_zoo  # noqa: E402
+from hf_zoo import quiet  # noqa: E402
 
 import tritonprune as tpr  # noqa: E402
 from tritonprune.hf_checkpoint import FILE, plain_load_problem  # noqa: E402
 from tritonprune.prune import PrunePlan  # noqa: E402
-
-
-def quiet(fn):
-    @functools.wraps(fn)
-    def wrapped(*a, **k):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn(*a, **k)
-
-    return wrapped
 
 
 @functools.cache

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
-import types
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
-# transformers imports torchvision where installed; its fake kernels cannot register on the CPU build
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")  # (conftest stubs what it imports of torchvision)
+
+from hf_zoo import quiet  # noqa: E402
 
 import tritonprune as tpr  # noqa: E402
 from tritonprune.attention_attrs import PrunedMultiheadAttention  # noqa: E402
@@ -37,17 +34,7 @@ T = transformers
 H, D, HIDDEN, INTER = 4, 12, 48, 96
 
 
-def _quiet(fn):
-    @functools.wraps(fn)
-    def wrapped(*a, **k):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn(*a, **k)
-
-    return wrapped
-
-
-@_quiet
+@quiet
 def build(name: str):
     """(model in eval mode, example inputs); the same weights on every call."""
     torch.manual_seed(0)
@@ -77,7 +64,7 @@ MODELS = ["vit", "bert", "gpt2", "llama", "enc"]
 
 
 @functools.cache
-@_quiet
+@quiet
 def groups_of(name: str, mode: str = "heads"):
     m, x = build(name)
     return tuple(tpr.find_groups(m, x, head_pruning=mode))
@@ -239,7 +226,7 @@ def test_mha_unbatched_masks_and_weights():
 
 
 @pytest.mark.parametrize("name", MODELS)
-@_quiet
+@quiet
 def test_prune_all_then_train(name):
     m, x = build(name)
     m.train()
@@ -277,7 +264,7 @@ def test_prune_all_then_train(name):
 
 
 @pytest.mark.parametrize("name,mode", [("gpt2", "dims"), ("enc", "heads")])
-@_quiet
+@quiet
 def test_iterative_steps(name, mode):
     """Two rounds: the second reads the attributes the first one set (head dim, heads, attention width)."""
     m, x = build(name)
@@ -360,7 +347,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("name", ["vit", "bert"])
-@_quiet
+@quiet
 def test_group_norm_agrees_with_torch_pruning(name):
     tp = pytest.importorskip("torch_pruning")
     import tp_oracle
@@ -406,7 +393,7 @@ def test_group_norm_agrees_with_torch_pruning(name):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "enc"])
-@_quiet
+@quiet
 def test_group_norm_covers_attention_and_mlp(name):
     """Torch-Pruning's groups differ here (GPT-2's Conv1D is no root layer for TP; GQA, packed MHA): the
     torch backend is held to the reference backend, and every head and MLP group is regularized."""
