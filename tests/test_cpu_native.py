@@ -57,6 +57,19 @@ def build(request, monkeypatch, tmp_path_factory):
     cpu_native.reset()
 
 
+def _bind_and_run(table, w, t, rows, cols, rowc, colc, skip=None) -> list[torch.Tensor]:
+    """Point the table's entries at these tensors (entry `skip` with no target and no sums), run both
+    loops, and return the targets as they were before the update."""
+    for i, m in enumerate(table.mats):
+        m.w, m.t = w[i].data_ptr(), (None if i == skip else t[i].data_ptr())
+        m.rows, m.cols = (None, None) if i == skip else (rows[i].data_ptr(), cols[i].data_ptr())
+        m.rowc, m.colc = rowc[i].data_ptr(), colc[i].data_ptr()
+    t0 = [x.clone() for x in t]
+    table.sq_sums()
+    table.update()
+    return t0
+
+
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -67,13 +80,7 @@ def test_sums_and_update_match_torch(dtype, threads, build, monkeypatch):
     rows = [torch.full((R,), -1.0, dtype=dtype) for R, _, _ in SHAPES]
     cols = [torch.full(((R // Rg) * J,), -1.0, dtype=dtype) for R, J, Rg in SHAPES]
     skip = 2  # one entry neither summed nor updated: its outputs stay as they were
-    for i, m in enumerate(table.mats):
-        m.w, m.t = w[i].data_ptr(), (None if i == skip else t[i].data_ptr())
-        m.rows, m.cols = (None, None) if i == skip else (rows[i].data_ptr(), cols[i].data_ptr())
-        m.rowc, m.colc = rowc[i].data_ptr(), colc[i].data_ptr()
-    t0 = [x.clone() for x in t]
-    table.sq_sums()
-    table.update()
+    t0 = _bind_and_run(table, w, t, rows, cols, rowc, colc, skip=skip)
     for i, (R, J, Rg) in enumerate(SHAPES):
         sq = w[i].double() ** 2
         if i == skip:
@@ -229,12 +236,7 @@ def test_half_types_compute_in_float32_and_round_once(dtype, threads, monkeypatc
     table = cpu_native.Table(dtype, SHAPES)
     rows = [torch.empty(R) for R, _, _ in SHAPES]
     cols = [torch.empty((R // Rg) * J) for R, J, Rg in SHAPES]
-    for i, m in enumerate(table.mats):
-        m.w, m.t, m.rows, m.cols = w[i].data_ptr(), t[i].data_ptr(), rows[i].data_ptr(), cols[i].data_ptr()
-        m.rowc, m.colc = rowc[i].data_ptr(), colc[i].data_ptr()
-    t0 = [x.clone() for x in t]
-    table.sq_sums()
-    table.update()
+    t0 = _bind_and_run(table, w, t, rows, cols, rowc, colc)
     for i, (R, J, Rg) in enumerate(SHAPES):
         sq = w[i].double() ** 2
         torch.testing.assert_close(rows[i].double(), sq.sum(1), atol=1e-5, rtol=1e-5)
