@@ -28,9 +28,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tritonprune, not an installed one
 import tritonprune as tpr  # noqa: E402
-from tritonprune.engine import Regularization  # noqa: E402
 from tritonprune.kernels import torch_impl  # noqa: E402
-from tritonprune.regularizers import GroupNorm  # noqa: E402
+from tritonprune.regularizing.engine import Regularization  # noqa: E402
+from tritonprune.regularizing.regularizers import GroupNorm  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu_half.json"
 ROUNDS = int(os.environ.get("TRITONPRUNE_BENCH_ROUNDS", "11"))

@@ -31,9 +31,9 @@ import torch.nn as nn
 from timing import iqr, times
 
 import tritonprune as tpr
-from tritonprune.engine import Regularization
 from tritonprune.kernels import torch_impl
-from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
+from tritonprune.regularizing.engine import Regularization
+from tritonprune.regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
 tp = pytest.importorskip("torch_pruning")
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tritonprune as tpr
-from tritonprune import benchmark as tb
+from tritonprune.app import benchmark as tb
 
 WIDTHS = [int(w) for w in os.environ.get("TRITONPRUNE_BENCH_WIDTHS", "16,64,128").split(",") if w.strip()]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,7 +25,7 @@ import torch
 from timing import iqr, times
 
 import tritonprune as tpr
-from tritonprune.engine import Regularization
+from tritonprune.regularizing.engine import Regularization
 
 transformers = pytest.importorskip("transformers")
 tp = pytest.importorskip("torch_pruning")

@@ -174,7 +174,7 @@ def groups_of(name: str, model: nn.Module, x) -> list:
 
 
 def regularizer(kind: str, decoupled: bool = False):
-    from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
+    from tritonprune.regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
     return {"group_norm": GroupNorm(1e-4, decoupled=decoupled), "bn_scale": BNScale(1e-5, decoupled=decoupled),
             "group_lasso": GroupLasso(1e-5, decoupled=decoupled)}[kind]
@@ -183,7 +183,7 @@ def regularizer(kind: str, decoupled: bool = False):
 def moved_bytes(bufs) -> int:
     """The least a step must move: every weight element it reads, once (importance or update); for every
     updated element, its grad read and written once. A weight in two slots counts once."""
-    from tritonprune.layout import FLAG_IMPORTANCE, FLAG_UPDATE
+    from tritonprune.kernels.layout import FLAG_IMPORTANCE, FLAG_UPDATE
 
     read: dict[int, torch.Tensor] = {}
     upd: dict[int, torch.Tensor] = {}
@@ -264,7 +264,7 @@ def check_correctness(models: dict, log) -> list[dict]:
     """triton vs torch backend on CUDA, every model x dtype x regularizer x (coupled, decoupled)."""
     from zoo import ZOO
 
-    from tritonprune.engine import Regularization
+    from tritonprune.regularizing.engine import Regularization
 
     rows = []
     cases = [(f"zoo:{n}", *ZOO[n](), None) for n in sorted(ZOO)] + [(n, m, x, h) for n, (m, x, h) in models.items()]
@@ -312,7 +312,7 @@ def _tp_pruner(model, x, head, kind):
 
 
 def time_models(models: dict, copy_gbs: float, log) -> list[dict]:
-    from tritonprune.engine import Regularization
+    from tritonprune.regularizing.engine import Regularization
 
     rows = []
     for name, (model, x, head) in models.items():
@@ -447,7 +447,7 @@ def check_compiled_step(model: nn.Module, x, groups) -> dict:
 def dry_run(models: dict, log) -> list[dict]:
     """What runs without a GPU: groups, buffers, launch plans (host-side), bytes per step."""
     from tritonprune.kernels import triton_impl as ti
-    from tritonprune.layout import GroupBuffers
+    from tritonprune.kernels.layout import GroupBuffers
 
     rows = []
     for name, (model, x, _) in models.items():

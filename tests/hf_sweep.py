@@ -21,7 +21,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 import hf_zoo  # noqa: E402
 
 import tritonprune as tpr  # noqa: E402
-from tritonprune.prune import PrunePlan  # noqa: E402
+from tritonprune.pruning.plan import PrunePlan  # noqa: E402
 
 
 def short(e: BaseException) -> str:

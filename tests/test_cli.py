@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tritonprune.cli import main
+from tritonprune.app.cli import main
 
 
 def run(capsys, *argv):
@@ -15,7 +15,7 @@ def run(capsys, *argv):
 
 
 def test_inspect_module_factory(capsys):
-    code, out = run(capsys, "inspect", "tritonprune.examples:small_resnet", "--input-shape", "1,1,8,8")
+    code, out = run(capsys, "inspect", "tritonprune.app.examples:small_resnet", "--input-shape", "1,1,8,8")
     assert code == 0
     assert "9 groups, 672 prunable channels" in out  # stem + 2 per stage x 3 stages + shortcuts merged
     assert "layer3.0.conv2" in out
@@ -23,7 +23,7 @@ def test_inspect_module_factory(capsys):
 
 
 def test_inspect_ignore_and_no_plan(capsys):
-    code, out = run(capsys, "inspect", "tritonprune.examples:small_resnet", "--input-shape", "1x1x8x8",
+    code, out = run(capsys, "inspect", "tritonprune.app.examples:small_resnet", "--input-shape", "1x1x8x8",
                     "--ignore", "layer1.0.conv1", "--ratio", "0")
     assert code == 0
     assert "8 groups" in out and "layer1.0.conv1 " not in out
@@ -43,10 +43,10 @@ def test_inspect_file_factory(capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["inspect", "tritonprune.examples", "--input-shape", "1,1,8,8"], "expected MODULE:FACTORY"),
+        (["inspect", "tritonprune.app.examples", "--input-shape", "1,1,8,8"], "expected MODULE:FACTORY"),
         (["inspect", "no_such_module_xyz:f", "--input-shape", "1"], "cannot import 'no_such_module_xyz'"),
-        (["inspect", "tritonprune.examples:nope", "--input-shape", "1"], "has no attribute 'nope'"),
-        (["inspect", "tritonprune.examples:small_resnet"], "give --input-shape"),
+        (["inspect", "tritonprune.app.examples:nope", "--input-shape", "1"], "has no attribute 'nope'"),
+        (["inspect", "tritonprune.app.examples:small_resnet"], "give --input-shape"),
         (["inspect", "math:pi", "--input-shape", "1"], "neither an nn.Module nor callable"),
         (["inspect", "builtins:dict", "--input-shape", "1"], "returned a dict, not an nn.Module"),
         (["inspect", "/no/such/file.py:f", "--input-shape", "1"], "no such file"),

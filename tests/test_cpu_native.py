@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_engine_numerics import clone, grads, hand_groups, make, run
 
-from tritonprune.engine import Regularization
 from tritonprune.kernels import cpu_native
-from tritonprune.regularizers import GroupNorm
+from tritonprune.regularizing.engine import Regularization
+from tritonprune.regularizing.regularizers import GroupNorm
 
 needs_native = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                   reason="no C compiler on this machine")

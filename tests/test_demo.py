@@ -11,14 +11,14 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from tritonprune import demo  # noqa: E402
+from tritonprune.app import demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(
-        [sys.executable, "-m", "tritonprune.cli", "demo", "--quick", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "tritonprune.app.cli", "demo", "--quick", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

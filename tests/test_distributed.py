@@ -25,6 +25,7 @@ import torch.nn as nn
 import tritonprune as tpr
 from tritonprune import distributed as tpd
 from tritonprune.graph.group import CONV, OUT, Slot
+from tritonprune.regularizing.sharded import _rows_slots
 
 WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -285,13 +286,13 @@ def test_row_split_covers_every_row_once():
     for cuts in ([0, 13], [0, 5, 13], [0, 2, 3, 7, 11, 13], [0, 1, 4, 13]):
         got = []
         for lo, hi in zip(cuts, cuts[1:]):
-            for s in tpd._rows_slots(slot, "w", lo, hi):
+            for s in _rows_slots(slot, "w", lo, hi):
                 got += [(s.offset + i, lo + s.start + i * s.repeat + r) for i in range(s.length) for r in range(s.repeat)]
         assert sorted(got) == sorted(want), cuts
 
 
 def test_plain_and_ddp_models_take_the_local_path():
-    from tritonprune.engine import Regularization
+    from tritonprune.regularizing.engine import Regularization
 
     m = DDPNet()
     groups = tpr.find_groups(m, torch.randn(2, 3, 4, 4))
@@ -301,7 +302,7 @@ def test_plain_and_ddp_models_take_the_local_path():
 
 def test_params_filter_restricts_the_update_not_the_importance():
     """Regularization(params=...) updates only those parameters; gamma still counts every slot."""
-    from tritonprune.engine import Regularization
+    from tritonprune.regularizing.engine import Regularization
 
     torch.manual_seed(0)
     m = DDPNet()

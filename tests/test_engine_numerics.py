@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tritonprune import geometry
-from tritonprune.engine import Regularization
+from tritonprune.graph import geometry
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LAYERNORM, LINEAR, OUT, STAT, Group, Slot
 from tritonprune.kernels import cpu_native, get_backend, torch_impl
-from tritonprune.layout import (
+from tritonprune.kernels.layout import (
     CHAN,
     DTYPE,
     FLAGS,
@@ -27,7 +26,8 @@ from tritonprune.layout import (
     W_PTR,
     GroupBuffers,
 )
-from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
+from tritonprune.regularizing.engine import Regularization
+from tritonprune.regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
 HW = 4
 

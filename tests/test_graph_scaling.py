@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tritonprune.engine import Regularization
 from tritonprune.graph import Walker, assemble
 from tritonprune.graph.trace import export
-from tritonprune.regularizers import GroupNorm
+from tritonprune.regularizing.engine import Regularization
+from tritonprune.regularizing.regularizers import GroupNorm
 
 
 class _Count(TorchFunctionMode):

@@ -26,8 +26,8 @@ import hf_zoo  # noqa: E402
 from hf_zoo import quiet  # noqa: E402
 
 import tritonprune as tpr  # noqa: E402
-from tritonprune.hf_checkpoint import FILE, plain_load_problem  # noqa: E402
-from tritonprune.prune import PrunePlan  # noqa: E402
+from tritonprune.integrations.hf_checkpoint import FILE, plain_load_problem  # noqa: E402
+from tritonprune.pruning.plan import PrunePlan  # noqa: E402
 
 
 @functools.cache

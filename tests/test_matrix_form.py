@@ -9,8 +9,8 @@ from torch import nn
 
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LINEAR, OUT, Group, Slot
 from tritonprune.kernels import torch_impl, triton_plan
+from tritonprune.kernels.layout import GroupBuffers
 from tritonprune.kernels.matrix_form import Unsupported, matrix_form
-from tritonprune.layout import GroupBuffers
 
 
 def S(name, kind, role, dim, offset, length, **kw):

@@ -130,12 +130,12 @@ def test_ambiguous_attention_width_is_verified_by_a_fake_forward():
 
 
 def test_ambiguous_without_inputs_warns_and_leaves_the_attribute(monkeypatch):
-    from tritonprune import module_attrs
+    from tritonprune.graph import remembered
 
     torch.manual_seed(0)
     model, x = TinyViT().eval(), torch.randn(2, 5, 6)
     plan = tpr.prune(copy.deepcopy(model), x, ratio=0.5, layer_ratios={"attn.qkv": 0.5, "embed": 0.25}, dry_run=True)
-    monkeypatch.setattr(module_attrs, "_INPUTS", {})
+    monkeypatch.setattr(remembered, "_INPUTS", {})
     fresh = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"no example inputs.*attn\.attn_dim=16 "):
         plan.apply(fresh, check_run=False)  # the run check would refuse this plan (next test)
@@ -143,12 +143,12 @@ def test_ambiguous_without_inputs_warns_and_leaves_the_attribute(monkeypatch):
 
 
 def test_unresolved_attribute_makes_apply_refuse_with_nothing_changed(monkeypatch):
-    from tritonprune import module_attrs
+    from tritonprune.graph import remembered
 
     torch.manual_seed(0)
     model, x = TinyViT().eval(), torch.randn(2, 5, 6)
     plan = tpr.prune(copy.deepcopy(model), x, ratio=0.5, layer_ratios={"attn.qkv": 0.5, "embed": 0.25}, dry_run=True)
-    monkeypatch.setattr(module_attrs, "_INPUTS", {})
+    monkeypatch.setattr(remembered, "_INPUTS", {})
     fresh = copy.deepcopy(model)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ValueError, match=r"(?s)does not run its example inputs.*attn"):

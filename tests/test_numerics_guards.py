@@ -16,11 +16,11 @@ import torch.nn as nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tritonprune.engine import Regularization
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LINEAR, OUT, Group, Slot
 from tritonprune.kernels import FLAT_SPREAD_RTOL, get_backend, torch_impl
-from tritonprune.layout import GroupBuffers
-from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
+from tritonprune.kernels.layout import GroupBuffers
+from tritonprune.regularizing.engine import Regularization
+from tritonprune.regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
 
 def _triton_follows_the_rule() -> bool:

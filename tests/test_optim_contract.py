@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import tritonprune as tpr
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LINEAR, OUT, STAT, Group, Slot
-from tritonprune.optim import RegularizedOptimizer
-from tritonprune.regularizers import GroupNorm
+from tritonprune.regularizing.optimizer import RegularizedOptimizer
+from tritonprune.regularizing.regularizers import GroupNorm
 
 REG = 0.05  # large enough that the term visibly changes the trajectory of every optimizer
 ALPHA = 4.0

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tritonprune as tpr
-from tritonprune.bounds import TermBounds
-from tritonprune.optim import RegularizedOptimizer
+from tritonprune.regularizing.bounds import TermBounds
+from tritonprune.regularizing.optimizer import RegularizedOptimizer
 
 
 class MLP(nn.Module):

@@ -22,9 +22,9 @@ tp = pytest.importorskip("torch_pruning")
 import tp_oracle  # noqa: E402
 import zoo  # noqa: E402
 
-from tritonprune.engine import Regularization  # noqa: E402
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LINEAR, OUT, Group, Slot  # noqa: E402
-from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm  # noqa: E402
+from tritonprune.regularizing.engine import Regularization  # noqa: E402
+from tritonprune.regularizing.regularizers import BNScale, GroupLasso, GroupNorm  # noqa: E402
 
 REG = 1e-2
 RTOL = {torch.float64: 1e-5, torch.float32: 1e-4}

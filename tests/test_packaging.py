@@ -66,7 +66,7 @@ def test_triton_is_an_extra():
 def test_bench_says_threads_and_what_is_missing(capsys, monkeypatch):
     import importlib.util
 
-    from tritonprune.cli import main
+    from tritonprune.app.cli import main
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_pruning" else find_spec(name, *a))

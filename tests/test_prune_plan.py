@@ -13,10 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_slicing import group, in_slot, make_extras, make_net, net_groups, out_slots, run  # noqa: I001
 
-from tritonprune.counting import count_macs, count_params
 from tritonprune.graph.group import LINEAR
-from tritonprune.importance import compute_importance
-from tritonprune.prune import PrunePlan, iterative_ratios, prune, select
+from tritonprune.pruning.counting import count_macs, count_params
+from tritonprune.pruning.importance import compute_importance
+from tritonprune.pruning.plan import PrunePlan
+from tritonprune.pruning.pruner import prune
+from tritonprune.pruning.selection import iterative_ratios, select
 
 try:
     import torch_pruning as tp
@@ -284,7 +286,7 @@ def test_bad_arguments():
 def test_units_are_removed_whole_and_survive_save_load_and_remap(tmp_path):
     from dataclasses import replace
 
-    from tritonprune.slicing import build_cuts, model_tensors, remap_groups
+    from tritonprune.pruning.slicing import build_cuts, model_tensors, remap_groups
 
     model, x = make_net()
     gs = net_groups()

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from test_slicing import make_net, net_groups, run  # noqa: I001
 
 import tritonprune as tpr
-from tritonprune.counting import count_macs
-from tritonprune.plan_schema import PlanError
-from tritonprune.prune import PrunePlan, prune
-from tritonprune.runcheck import input_spec, inputs_from_spec, run_check
-from tritonprune.transaction import Transaction
+from tritonprune.pruning.counting import count_macs
+from tritonprune.pruning.plan import PrunePlan
+from tritonprune.pruning.plan_schema import PlanError
+from tritonprune.pruning.pruner import prune
+from tritonprune.pruning.runcheck import input_spec, inputs_from_spec, run_check
+from tritonprune.pruning.transaction import Transaction
 
 
 def snapshot(model):

@@ -17,7 +17,7 @@ from tritonprune.graph.group import (
     STAT,
     Slot,
 )
-from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm, resolve_regularizer
+from tritonprune.regularizing.regularizers import BNScale, GroupLasso, GroupNorm, resolve_regularizer
 
 
 def slot(kind, role, **kw):

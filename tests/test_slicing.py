@@ -32,8 +32,8 @@ from tritonprune.graph.group import (
     Group,
     Slot,
 )
-from tritonprune.prune import PrunePlan, _class_name
-from tritonprune.slicing import (
+from tritonprune.pruning.plan import PrunePlan, _class_name
+from tritonprune.pruning.slicing import (
     apply_cuts,
     build_cuts,
     model_tensors,

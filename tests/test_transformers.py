@@ -24,11 +24,11 @@ transformers = pytest.importorskip("transformers")  # (conftest stubs what it im
 from hf_zoo import quiet  # noqa: E402
 
 import tritonprune as tpr  # noqa: E402
-from tritonprune.attention_attrs import PrunedMultiheadAttention  # noqa: E402
-from tritonprune.engine import Regularization  # noqa: E402
 from tritonprune.graph.group import LAYERNORM, OUT, PARAM  # noqa: E402
-from tritonprune.prune import PrunePlan  # noqa: E402
-from tritonprune.slicing import apply_cuts, build_cuts, model_tensors  # noqa: E402
+from tritonprune.pruning.attention_attrs import PrunedMultiheadAttention  # noqa: E402
+from tritonprune.pruning.plan import PrunePlan  # noqa: E402
+from tritonprune.pruning.slicing import apply_cuts, build_cuts, model_tensors  # noqa: E402
+from tritonprune.regularizing.engine import Regularization  # noqa: E402
 
 T = transformers
 H, D, HIDDEN, INTER = 4, 12, 48, 96

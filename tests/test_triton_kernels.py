@@ -25,13 +25,13 @@ if not torch.cuda.is_available():
 from torch import nn
 from zoo import ZOO
 
-import tritonprune.optim as optim
-from tritonprune.geometry import slot_view
+import tritonprune.regularizing.optimizer as optim
 from tritonprune.graph import find_groups
+from tritonprune.graph.geometry import slot_view
 from tritonprune.graph.group import AFFINE, BATCHNORM, CONV, IN, LAYERNORM, LINEAR, OUT, Group, Slot
 from tritonprune.kernels import FLAT_SPREAD_RTOL
-from tritonprune.layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
-from tritonprune.regularizers import BNScale, GroupLasso, GroupNorm
+from tritonprune.kernels.layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
+from tritonprune.regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
 ti = pytest.importorskip("tritonprune.kernels.triton_impl")
 if not ti.HAS_TRITON:  # pragma: no cover

@@ -9,10 +9,11 @@
 
 from . import distributed
 from .graph import Group, Slot, TraceError, find_groups
-from .hf_checkpoint import from_pretrained, save_pretrained  # transformers is imported on use
-from .optim import RegularizedOptimizer
-from .prune import PrunePlan, prune
-from .regularizers import BNScale, GroupLasso, GroupNorm
+from .integrations.hf_checkpoint import from_pretrained, save_pretrained  # transformers is imported on use
+from .pruning.plan import PrunePlan
+from .pruning.pruner import prune
+from .regularizing.optimizer import RegularizedOptimizer
+from .regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
 __version__ = "0.1.0"
 

@@ -58,16 +58,21 @@ def optimizer_chain(optimizer: Any) -> list[Any]:
     return chain
 
 
+def is_regularized(optimizer: Any) -> bool:
+    """True for a RegularizedOptimizer (or a wrapper posing as a subclass of one), by its class's
+    `reset_groups`: pruning hands it the new groups through that method and nothing else, so the pruning
+    half never imports the optimizer."""
+    return callable(getattr(type(optimizer), "reset_groups", None))
+
+
 def resolve_optimizer(optimizer: Any) -> Any:
     """The optimizer pruning must work on: the innermost RegularizedOptimizer in the chain (Lightning's and
     Fabric's wrappers pose as subclasses of what they wrap, so the last one is the real one), else the
     innermost torch optimizer. None stays None."""
     if optimizer is None:
         return None
-    from .optim import RegularizedOptimizer
-
     chain = optimizer_chain(optimizer)
-    regularized = [o for o in chain if isinstance(o, RegularizedOptimizer)]
+    regularized = [o for o in chain if is_regularized(o)]
     if regularized:
         return regularized[-1]
     plain = [o for o in chain if isinstance(o, Optimizer) or hasattr(o, "param_groups")]

@@ -9,7 +9,6 @@ from dataclasses import replace
 from torch import nn
 
 from .._gc import fewer_collections
-from ..module_attrs import remember_inputs
 from . import elementwise as _elementwise  # noqa: F401  (each rules module registers its ops)
 from . import layers as _layers  # noqa: F401
 from . import reshape as _reshape  # noqa: F401
@@ -17,6 +16,7 @@ from .assemble import assemble
 from .experts import expert_groups
 from .group import Group, Slot
 from .modes import export_all_modes
+from .remembered import remember_inputs
 from .trace import TraceError, unwrap
 from .walker import Walker
 

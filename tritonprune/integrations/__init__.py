@@ -64,7 +64,7 @@ REMAPPABLE = "regularized_groups"  # plan.info key: the plan's groups were the R
 def mark_remappable(plan: Any, optimizer: Any, prune_kwargs: dict[str, Any]) -> None:
     """Record in `plan.info` whether `tpr.prune` took the RegularizedOptimizer's groups (its own rule:
     no `groups=`, no `ignored_layers`)."""
-    from ..optim import RegularizedOptimizer
+    from ..regularizing.optimizer import RegularizedOptimizer
     from ..wrappers import resolve_optimizer
 
     plan.info[REMAPPABLE] = bool(
@@ -76,7 +76,7 @@ def mark_remappable(plan: Any, optimizer: Any, prune_kwargs: dict[str, Any]) -> 
 def restore_groups(optimizer: Any, plan: Any) -> bool:
     """Give the RegularizedOptimizer in `optimizer`'s chain the groups the run had after pruning by `plan`
     (when `mark_remappable` said they can be rebuilt); True if it did."""
-    from ..optim import RegularizedOptimizer
+    from ..regularizing.optimizer import RegularizedOptimizer
     from ..wrappers import resolve_optimizer
 
     reg = resolve_optimizer(optimizer)
@@ -146,6 +146,6 @@ def _plan_from_json(text: Any) -> Any:
         return None
     import json
 
-    from ..prune import PrunePlan
+    from ..pruning.plan import PrunePlan
 
     return PrunePlan.from_dict(json.loads(text) if isinstance(text, str) else text)

@@ -31,8 +31,9 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from ..optim import RegularizedOptimizer
-from ..prune import PrunePlan, prune
+from ..pruning.plan import PrunePlan
+from ..pruning.pruner import prune
+from ..regularizing.optimizer import RegularizedOptimizer
 from ..wrappers import optimizer_chain, unwrap_model
 from . import PLAN_FILE, REMAPPABLE, check_schedule, inputs_like, mark_remappable, restore_groups
 
@@ -40,7 +41,7 @@ __all__ = ["PruneCallback", "SparseTrainingMixin", "sparse_trainer", "apply_chec
 
 
 def _expected_numels(plan: PrunePlan) -> dict[str, int]:
-    from ..prune import _numel_after  # the plan's own arithmetic for the tensors it cuts
+    from ..pruning.plan import _numel_after  # the plan's own arithmetic for the tensors it cuts
 
     return _numel_after(plan.shapes, plan._meta_cuts())
 

@@ -38,7 +38,8 @@ try:
 except ImportError:  # the older standalone package
     from pytorch_lightning import Callback
 
-from ..prune import PrunePlan, prune
+from ..pruning.plan import PrunePlan
+from ..pruning.pruner import prune
 from . import (
     PLAN_KEY,
     carried_plan,

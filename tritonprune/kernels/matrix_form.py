@@ -34,8 +34,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..geometry import physical_order
-from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE
+from ..graph.geometry import physical_order
+from .layout import FLAG_IMPORTANCE, FLAG_UPDATE
 
 
 class Unsupported(Exception):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..graph.group import Slot
-from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 from . import FLAT_SPREAD_RTOL
+from .layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 
 # views of .grad are taken per call: no pointer table to keep current
 USES_POINTER_TABLE = False

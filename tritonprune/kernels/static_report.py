@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..layout import GroupBuffers
+from .layout import GroupBuffers
 from .triton_plan import NUM_WARPS, Spec
 
 # (regularizer name for launch_specs, decoupled)
@@ -49,7 +49,7 @@ KEYS = ("kernel", "kind", "specialization", "cubin", "registers", "spills", "hot
 
 
 def _regularizer(name: str, decoupled: bool):
-    from ..regularizers import BNScale, GroupLasso, GroupNorm
+    from ..regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
     cls = {"group_norm": GroupNorm, "group_lasso": GroupLasso, "bn_scale": BNScale}[name]
     return cls(decoupled=decoupled)

@@ -34,9 +34,9 @@ import math
 import torch
 
 from .._gc import fewer_collections
-from ..geometry import slot_geometry, slot_view
-from ..layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
+from ..graph.geometry import slot_geometry, slot_view
 from . import FLAT_SPREAD_RTOL, cpu_native
+from .layout import FLAG_IMPORTANCE, FLAG_UPDATE, GroupBuffers
 from .matrix_form import Unsupported, matrix_form
 
 # views of .grad are taken per call: no pointer table to keep current

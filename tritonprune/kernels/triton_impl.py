@@ -63,8 +63,8 @@ except ImportError:  # pragma: no cover - triton is the `gpu` extra
     tl = None
     HAS_TRITON = False
 
-from ..layout import DTYPE_CODES, FLAG_IMPORTANCE, FLAG_UPDATE, N_COLS
 from . import FLAT_SPREAD_RTOL
+from .layout import DTYPE_CODES, FLAG_IMPORTANCE, FLAG_UPDATE, N_COLS
 from .triton_plan import (
     COLSUM_BLOCK,
     COLSUM_COLS,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layout import DTYPE_CODES
+from .layout import DTYPE_CODES
 from .matrix_form import Unsupported, matrix_form
 
 # element size per dtype code and elements per 16-byte vector

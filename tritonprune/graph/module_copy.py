@@ -91,6 +91,6 @@ def copy_tree(model: nn.Module, tensor_of: Callable[[torch.Tensor], torch.Tensor
         c.__dict__.update(d)
         return c
 
-    from .graph.trace import unwrap
+    from .trace import unwrap
 
     return visit(unwrap(model))

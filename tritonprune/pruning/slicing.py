@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..graph.geometry import slot_geometry, slot_view
+from ..graph.group import Group, Slot
 from .attention_attrs import attention_updates, commit, conv1d_attributes
-from .geometry import slot_geometry, slot_view
-from .graph.group import Group, Slot
 from .module_attrs import module_updates
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graph.group import Slot
+from .group import Slot
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..graph.geometry import slot_geometry, slot_view
+from ..graph.group import BATCHNORM, CONV, CONV_T, LAYERNORM, LINEAR
 from .examples import SmallResNet
-from .geometry import slot_geometry, slot_view
-from .graph.group import BATCHNORM, CONV, CONV_T, LAYERNORM, LINEAR
 
 DEFAULT_WIDTHS = (16, 32, 64)
 REG = 1e-4
@@ -112,7 +112,7 @@ def _tp_regularize(model: nn.Module, x: torch.Tensor) -> Callable[[], None] | No
 
 
 def available_backends(device: torch.device) -> list[str]:
-    from .kernels import _has_triton
+    from ..kernels import _has_triton
 
     return ["torch", "triton"] if device.type == "cuda" and _has_triton() else ["torch"]
 
@@ -173,7 +173,7 @@ def table(rows: Sequence[Timing]) -> str:
 
 def cpu_accelerator() -> str:
     """'on', or 'off: <why>' for the torch backend's C loops (kernels/cpu_native)."""
-    from .kernels import cpu_native
+    from ..kernels import cpu_native
 
     why = cpu_native.why_unavailable()
     return "on" if why is None else f"off: {why}"

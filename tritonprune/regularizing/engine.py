@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..graph.group import BATCHNORM, Group, Slot
+from ..graph.trace import unwrap
+from ..kernels import BACKENDS, get_backend
+from ..kernels.layout import GroupBuffers
 from .bounds import TermBounds, capturing
-from .graph.group import BATCHNORM, Group, Slot
-from .graph.trace import unwrap
-from .kernels import BACKENDS, get_backend
-from .layout import GroupBuffers
 from .regularizers import BNScale, GroupLasso, GroupNorm, Regularizer, resolve_regularizer
 
 Params = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None
@@ -83,7 +83,7 @@ class Regularization:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.sharded = None
         if _is_sharded(self.model):
-            from .distributed import ShardedLayout
+            from .sharded import ShardedLayout
 
             self.sharded = ShardedLayout(self.model)
         self.set_groups(groups)

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .geometry import slot_geometry, slot_view
-from .graph.group import BATCHNORM, CONV, CONV_T, LAYERNORM, LINEAR, Group, Slot
+from ..graph.geometry import slot_geometry, slot_view
+from ..graph.group import BATCHNORM, CONV, CONV_T, LAYERNORM, LINEAR, Group, Slot
 
 IMPORTANCE_KINDS = (CONV, CONV_T, LINEAR, BATCHNORM, LAYERNORM)
 METHODS = ("l1", "l2", "bn_scale", "taylor", "random")

@@ -454,7 +454,7 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None and s[0] != s[1] and m.intermediate_size == s[0]:
                 ups.append((m, "intermediate_size", s[1]))
-    from .graph.experts import expert_modules, intermediate_updates
+    from ..graph.experts import expert_modules, intermediate_updates
 
     new_shapes = {}
     for (tname, dim), cut in cuts.items():

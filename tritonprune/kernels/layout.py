@@ -46,8 +46,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .geometry import SlotGeometry, slot_geometry
-from .graph.group import BATCHNORM, Group, Slot
+from ..graph.geometry import SlotGeometry, slot_geometry
+from ..graph.group import BATCHNORM, Group, Slot
 
 # table columns
 W_PTR, G_PTR, G, A, C, B, STRIDE_G, STRIDE_A, STRIDE_C, CHAN, GROUP, DTYPE, FLAGS, NUMEL, ENTRY = range(15)

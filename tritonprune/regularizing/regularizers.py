@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from .graph.group import BATCHNORM, CONV, CONV_T, IN, LAYERNORM, LINEAR, OUT, Slot
+from ..graph.group import BATCHNORM, CONV, CONV_T, IN, LAYERNORM, LINEAR, OUT, Slot
 
 _WEIGHTED = (CONV, CONV_T, LINEAR)
 

@@ -144,7 +144,7 @@ class RegularizedOptimizer(Optimizer):
                     "RegularizedOptimizer: pass example_inputs (to trace the model and find its channel "
                     "groups) or groups=tpr.find_groups(model, example_inputs)"
                 )
-            from .distributed import find_groups  # traces FSDP2-sharded models on a meta copy
+            from ..graph.sharded import find_groups  # traces FSDP2-sharded models on a meta copy
 
             groups = find_groups(model, example_inputs, ignored_layers=ignored_layers)
         elif ignored_layers:

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .graph.trace import split_inputs
+from ..graph.remembered import remembered_inputs
 
 Update = tuple[Any, str, Any]  # (object, attribute, new value)
 SMALL = 8  # scalars below this are verified like ambiguous ones
@@ -155,7 +155,7 @@ class ModuleAttrs:
     def commit(self, model: nn.Module) -> None:
         for obj, attr, value in self.updates:
             setattr(obj, attr, value)
-        specs = _INPUTS.get(type(model))
+        specs = remembered_inputs(type(model))
         if self.unclear and resolve(model, self.unclear, specs):
             return
         if specs is not None and self.sure and not runs(model, specs):
@@ -214,24 +214,6 @@ def module_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cuts: 
 
 # ------------------------------------------------------------------------------------ verification
 
-_INPUTS: dict[type, Any] = {}  # model class -> spec of the example inputs of the last find_groups
-
-
-def _spec(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return ("tensor", tuple(x.shape), x.dtype, x.device)
-    return x
-
-
-def remember_inputs(model: nn.Module, example_inputs: Any) -> None:
-    """Keep the shapes (not the data) of the example inputs of `find_groups`, to verify attribute choices."""
-    try:
-        split_inputs(example_inputs)  # a form the model can be called with (graph.trace.call_with)
-    except TypeError:
-        return
-    _INPUTS[type(model)] = pytree.tree_map(_spec, example_inputs)
-
-
 def _materialize(spec: Any) -> Any:
     if isinstance(spec, tuple) and len(spec) == 4 and spec[0] == "tensor":
         _, shape, dtype, device = spec
@@ -244,7 +226,7 @@ def _materialize(spec: Any) -> Any:
 def runs(model: nn.Module, specs: Any) -> bool:
     """Whether `model` runs on inputs of these shapes: a forward of a meta copy on fake tensors (the
     run check's own, so a model whose parameters are already on meta, as in that check, works too)."""
-    from .runcheck import RunFailure, fake_forward, prepared_copy
+    from .fake_run import RunFailure, fake_forward, prepared_copy
 
     inputs = pytree.tree_map(
         _materialize, specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 4 and x[:1] == ("tensor",)

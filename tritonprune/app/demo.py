@@ -30,9 +30,9 @@ from torch import nn
 
 import tritonprune as tpr
 
-from .counting import count_macs, count_params
+from ..pruning.counting import count_macs, count_params
+from ..pruning.importance import compute_importance
 from .examples import SmallResNet, load_digits
-from .importance import compute_importance
 
 # regularizer -> (default strength, importance that pruning uses after it)
 REGULARIZERS = {"group_norm": (5e-3, "l2"), "bn_scale": (2e-3, "bn_scale"), "group_lasso": (2e-3, "bn_scale")}

@@ -15,13 +15,16 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .graph.group import AFFINE, IN, OUT, STAT, Group, Slot
+from ..graph.group import AFFINE, IN, OUT, STAT, Group, Slot
 
 ROLES = (OUT, IN, AFFINE, STAT)
 TOP_KEYS = {"format", "version", "model_class", "groups", "shapes", "info"}
 GROUP_KEYS = {"size", "blocks", "unit", "exact", "origin", "removed", "slots"}
 GROUP_REQUIRED = {"size", "removed", "slots"}
 _TYPES = {"str": str, "int": int, "bool": bool}
+
+FORMAT = "tritonprune.PrunePlan"
+VERSION = 1
 
 
 class PlanError(ValueError):
@@ -69,8 +72,6 @@ def _typed(v: Any, t: type, where: str, key: str) -> Any:
 
 def parse(d: Any) -> tuple[str, list[Group], list[list[int]], dict[str, list[int]], dict[str, Any]]:
     """(model_class, groups, removed, shapes, info) of a plan dict; raises PlanError on any flaw."""
-    from .prune import FORMAT, VERSION
-
     if not isinstance(d, Mapping):
         raise PlanError(f"a plan must be a JSON object, got {type(d).__name__}")
     if d.get("format") != FORMAT:

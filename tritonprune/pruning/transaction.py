@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .module_copy import is_config
+from ..graph.module_copy import is_config
 
 _NESTED = ("_parameters", "_buffers", "_modules")
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .graph.trace import call_with
+from ..graph.trace import call_with
 
 
 def count_params(model: nn.Module) -> int:
@@ -148,7 +148,7 @@ class _MacCounter(TorchFunctionMode):
 
 def _count_real(model: nn.Module, example_inputs: Any) -> MacCount:
     """The count from a real forward (eval, no_grad); training flags and buffers are restored."""
-    from .graph.trace import preserved
+    from ..graph.trace import preserved
 
     names = {id(p): n for n, p in model.named_parameters()}
     counter = _MacCounter(names)
@@ -177,7 +177,7 @@ def count_macs(model: nn.Module, example_inputs: Any, *, real_fallback: bool = T
     (buffers, training flags, hooks) is not touched. Only if the model cannot run on fake tensors
     (data-dependent control flow) and `real_fallback` is true, a real forward is run under no_grad with
     training flags and buffers restored afterwards (forward hooks of the model then run)."""
-    from .runcheck import RunFailure, fake_forward, prepared_copy
+    from .fake_run import RunFailure, fake_forward, prepared_copy
 
     counting, counted = mac_counting()
     got = fake_forward(prepared_copy(model), example_inputs, context=counting)

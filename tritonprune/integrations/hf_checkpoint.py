@@ -33,31 +33,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..pruning.history import ORIGINAL_CONFIG, applied_plans, config_snapshot
+
 FILE = "tritonprune.json"
 FORMAT = "tritonprune.hf_checkpoint"
 VERSION = 1
-_PLANS = "_tritonprune_plans"
-_CONFIG = "_tritonprune_original_config"
-
-
-# ------------------------------------------------------------------------------ recording (no transformers)
-
-
-def config_snapshot(model: nn.Module) -> dict[str, Any] | None:
-    """The model's HF config as a dict (before pruning changes it), or None for a model without one."""
-    config = getattr(model, "config", None)
-    return config.to_dict() if config is not None and hasattr(config, "to_dict") else None
-
-
-def record_plan(model: nn.Module, plan: Any, config_before: dict[str, Any] | None) -> None:
-    """Called by PrunePlan.apply: remember the plan (and the config of the unpruned model, once)."""
-    # a new list, not an append: a Transaction restores the module's attributes by reference
-    model.__dict__[_PLANS] = [*model.__dict__.get(_PLANS, []), plan]
-    model.__dict__.setdefault(_CONFIG, config_before)
-
-
-def applied_plans(model: nn.Module) -> list:
-    return list(model.__dict__.get(_PLANS, []))
 
 
 # ------------------------------------------------------------------------------ building without weights
@@ -135,7 +115,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None,
     `plan`: the PrunePlan (or list of plans, in order) that made `model` from the original; by default
     the plans `prune` / `PrunePlan.apply` recorded on the model. kwargs go to `model.save_pretrained`.
     """
-    from .graph.trace import unwrap
+    from ..graph.trace import unwrap
 
     model = unwrap(model)
     if not hasattr(model, "save_pretrained") or config_snapshot(model) is None:
@@ -146,13 +126,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None,
             f"{type(model).__name__}: no pruning plan to save; prune with tritonprune.prune or PrunePlan.apply "
             "(they record the plan on the model), or pass plan="
         )
-    original = model.__dict__.get(_CONFIG)
+    original = model.__dict__.get(ORIGINAL_CONFIG)
     if original is None:
         raise ValueError(
             f"{type(model).__name__}: the original config was not recorded (the model was not pruned through "
             "PrunePlan.apply); prune it with tritonprune.prune or PrunePlan.apply"
         )
-    from .prune import _class_name
+    from ..pruning.plan import _class_name
 
     if plans[0].model_class != _class_name(model):
         raise ValueError(f"the plan was made for a {plans[0].model_class}, not a {_class_name(model)}")
@@ -211,7 +191,7 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
     """
     import transformers
 
-    from .prune import PrunePlan
+    from ..pruning.plan import PrunePlan
 
     if "torch_dtype" in config_overrides:  # the older name HF still accepts
         dtype = config_overrides.pop("torch_dtype") if dtype is None else dtype
@@ -230,7 +210,7 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
     original.update(config_overrides)
     config = transformers.AutoConfig.for_model(original.pop("model_type"), **original)
     model = _build(cls, config)
-    from .prune import _class_name
+    from ..pruning.plan import _class_name
 
     if _class_name(model) != meta["model_class"]:
         raise ValueError(f"{path} holds a pruned {meta['model_class']}; {getattr(cls, '__name__', cls)} built a "

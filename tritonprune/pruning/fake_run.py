@@ -1,0 +1,179 @@
+"""A forward of a meta-device copy of a model on fake tensors: shapes, dtypes and devices, no compute.
+
+The model's module tree is copied with every parameter, buffer and tensor attribute replaced by a meta
+tensor (the copy shares no storage with the model and costs no memory); hooks are not copied (user hooks
+could write to real state); config objects are copied, since slicing writes to them. A forward-hook stack
+on the copy names the innermost module that was running when the forward failed. The run check and the
+attribute verification of slicing both stand on this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..graph.module_copy import copy_tree
+from ..graph.trace import call_with
+
+__all__ = ["RunFailure", "meta_copy", "prepared_copy", "fake_forward"]
+
+
+@dataclass
+class RunFailure:
+    """Why a model did not run: the innermost module running when it failed ('' for the root or
+    outside any module, e.g. an output mismatch) and the error text."""
+
+    module: str
+    error: str
+
+    def __str__(self) -> str:
+        where = f"in module {self.module!r}" if self.module else "in the model's own forward"
+        return f"{where}: {self.error}"
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree on the meta device (`module_copy.copy_tree`): same classes and
+    attributes, no hooks, every tensor a meta tensor of the same shape, strides, dtype and requires_grad."""
+    return copy_tree(model, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"))
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _devices(model: nn.Module) -> dict[str, torch.device]:
+    """Where each tensor's fake stands in; a meta-device model (built to load weights into later) is
+    checked as if on CPU, where the forward's own factory calls put their tensors."""
+
+    def where(t: torch.Tensor) -> torch.device:
+        return torch.device("cpu") if t.device.type == "meta" else t.device
+
+    out = {n: where(p) for n, p in model.named_parameters(remove_duplicate=False)}
+    out.update({n: where(b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None})
+    return out
+
+
+def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> None:
+    """Swap the copy's meta tensors for fake tensors on the devices the model's tensors live on."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    default = next(iter(devices.values()), torch.device("cpu"))
+    done: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor, device) -> torch.Tensor:
+        if id(t) not in done:
+            f = FakeTensor(mode, t.detach() if isinstance(t, nn.Parameter) else t, torch.device(device))
+            if isinstance(t, nn.Parameter):
+                f = nn.Parameter(f, requires_grad=t.requires_grad)
+            done[id(t)] = f
+        return done[id(t)]
+
+    def is_meta(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and v.device.type == "meta" and not isinstance(v, FakeTensor)
+
+    for mname, m in copy_.named_modules(remove_duplicate=False):
+        pre = f"{mname}." if mname else ""
+        for store in (m._parameters, m._buffers):
+            for n, t in store.items():
+                if t is not None:
+                    store[n] = fake(t, devices.get(pre + n, default))
+        for k, v in list(vars(m).items()):
+            if is_meta(v):
+                m.__dict__[k] = fake(v, default)
+            elif isinstance(v, (list, tuple)) and any(is_meta(x) for x in v):
+                m.__dict__[k] = type(v)(fake(x, default) if is_meta(x) else x for x in v)
+
+
+class _Stack:
+    """Forward hooks on every module of the copy: the path of modules running right now. A failing
+    forward never reaches the post-hooks, so the path then ends at the innermost failing module."""
+
+    def __init__(self, model: nn.Module):
+        self.path: list[str] = []
+        self.handles = []
+        for name, m in model.named_modules():
+            self.handles.append(m.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, name: str) -> Callable:
+        def hook(_m, _args):
+            self.path.append(name)
+
+        return hook
+
+    def _leave(self, _m, _args, _out):
+        if self.path:
+            self.path.pop()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _spec_of(out: Any) -> tuple[Any, list[Any]]:
+    leaves, spec = tree_flatten(out)
+    sig = [
+        (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves
+    ]
+    return spec, sig
+
+
+def fake_forward(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    context: Callable[[nn.Module], Any] | None = None,
+    train: bool = False,
+) -> tuple[Any, list[Any]] | RunFailure:
+    """Run `model` (from `prepared_copy`, possibly sliced) on fake copies of `example_inputs`, under
+    no_grad, in eval mode (or train mode: branches that only run in training). `context(model)`, if
+    given, is a context manager entered around the forward once the copy holds its fake tensors (the
+    MAC counter). Returns the output's (pytree spec, per-leaf (shape, dtype) or type name) or a
+    RunFailure. A copy can run several times (its fake tensors are made once)."""
+    mode = getattr(model, "_tritonprune_mode", None)
+    if mode is None:
+        mode = _fake_mode()
+        _fakeify(model, _devices_of_copy(model), mode)
+        object.__setattr__(model, "_tritonprune_mode", mode)
+    extra = context(model) if context is not None else contextlib.nullcontext()
+    model.train(train)
+    stack = _Stack(model)
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    was = quiet.disabled
+    quiet.disabled = True  # fake tensors log every failing meta kernel; the failure is returned instead
+    try:
+        with mode, torch.no_grad(), extra:
+            inputs = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, example_inputs)
+            out = call_with(model, inputs)
+        return _spec_of(out)
+    except Exception as e:  # any error of the forward is the answer
+        text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        where = stack.path[-1] if stack.path else ""
+        return RunFailure(where, text + (" (in train mode)" if train else ""))
+    finally:
+        quiet.disabled = was
+        stack.remove()
+
+
+def _devices_of_copy(model: nn.Module) -> dict[str, torch.device]:
+    return getattr(model, "_tritonprune_devices", None) or {}
+
+
+def prepared_copy(model: nn.Module) -> nn.Module:
+    """`meta_copy(model)` that remembers the devices of the model's tensors, for `fake_forward`."""
+    c = meta_copy(model)
+    # a copy of a copy (the attribute check inside run_check) keeps the devices of the real model
+    object.__setattr__(c, "_tritonprune_devices", _devices_of_copy(model) or _devices(model))
+    c.__dict__.pop("_tritonprune_mode", None)
+    return c
+
+

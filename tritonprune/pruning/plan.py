@@ -1,0 +1,256 @@
+"""PrunePlan: the channels to remove, as plain data, checked against the model it is applied to.
+
+A PrunePlan lists, for each group, the group channels to remove. Groups name tensors by their
+qualified names and the plan records the model's class and the shape of every tensor it touches, so
+it is plain JSON, applies to any freshly built model of the same class, and
+imated MACs to at most the target; `ratio` is then not used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..graph.group import Group
+from ..graph.trace import unwrap
+from ..wrappers import resolve_optimizer
+from .history import config_snapshot, record_plan
+from .plan_schema import FORMAT, VERSION, PlanError, check_groups, parse
+from .runcheck import RunCheckUnavailable, find_breaking_groups, inputs_from_spec, reference_output, run_check
+from .slicing import Cut, apply_cuts, build_cuts, model_tensors, remap_groups, zero_channels
+from .transaction import Transaction
+
+
+def _class_name(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _new_numel(shape: Sequence[int], cuts: Mapping[int, Cut]) -> int:
+    dims = list(shape)
+    for dim, cut in cuts.items():
+        dims[dim] = int((~cut.removed[0]).sum())
+    return math.prod(dims)
+
+
+def _numel_after(shapes: Mapping[str, Sequence[int]], cuts: Mapping[tuple[str, int], Cut]) -> dict[str, int]:
+    by: dict[str, dict[int, Cut]] = {}
+    for (name, dim), c in cuts.items():
+        by.setdefault(name, {})[dim] = c
+    return {n: _new_numel(shapes[n], c) for n, c in by.items()}
+
+
+@dataclass
+class PrunePlan:
+    """Channels to remove per group, by tensor names. Build with `tritonprune.prune`."""
+
+    model_class: str
+    groups: list[Group]
+    removed: list[list[int]]
+    shapes: dict[str, list[int]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ checks
+    def _removals(self):
+        return list(zip(self.groups, self.removed))
+
+    def validate(self) -> None:
+        """Raise PlanError (a ValueError) if the plan itself is malformed or inconsistent (no model needed):
+        see tritonprune.plan_schema for what is checked. Errors name the group and the slot."""
+        if not isinstance(self.model_class, str):
+            raise PlanError(f"plan: model_class must be a string, got {self.model_class!r}")
+        if not isinstance(self.shapes, Mapping) or not all(
+            isinstance(n, str) and isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v)
+            for n, v in self.shapes.items()
+        ):
+            raise PlanError("plan: shapes must map tensor names to lists of non-negative ints")
+        check_groups(self.groups, self.removed, self.shapes)
+
+    def check(self, model: nn.Module) -> dict[tuple[str, int], Cut]:
+        """Raise ValueError (TypeError for a non-module) if the plan does not fit `model`; return its cuts."""
+        model = unwrap(model)
+        self.validate()
+        name = _class_name(model)
+        if name != self.model_class:
+            raise ValueError(f"this plan was made for a {self.model_class}, not a {name}")
+        tensors = model_tensors(model)
+        for tname, shape in self.shapes.items():
+            if tname not in tensors:
+                raise ValueError(
+                    f"{tname}: the plan touches this tensor but the model has no such parameter or buffer"
+                )
+            if list(tensors[tname].shape) != list(shape):
+                raise ValueError(
+                    f"{tname}: the plan expects shape {tuple(shape)}, the model has {tuple(tensors[tname].shape)} "
+                    "(already pruned, or another configuration)"
+                )
+        return build_cuts(self._removals(), tensors)
+
+    # ------------------------------------------------------------------ actions
+    def zero_(self, model: nn.Module) -> nn.Module:
+        """Soft pruning: zero the removed channels in place; shapes are unchanged.
+
+        Every slot is validated before any is zeroed; on any error the touched tensors are restored."""
+        self.check(model)
+        touched = [s.name for g, r in self._removals() if r for s in g.slots]
+        with Transaction(unwrap(model), values=touched):
+            zero_channels(unwrap(model), self._removals())
+        return model
+
+    def apply(
+        self, model: nn.Module, optimizer: Any = None, *, example_inputs: Any = None, check_run: bool = True
+    ) -> nn.Module:
+        """Physically remove the channels; slice `optimizer`'s state and hand it the new parameters.
+
+        Everything is validated first. Unless `check_run=False`, the pruned model is first run on fake
+        tensors (no compute) with `example_inputs`, or with the example-input shapes `prune` recorded in
+        the plan; if it would not run, ValueError names the module whose shapes break and the groups to
+        leave out, and nothing is changed. On any error the model and optimizer are left as they were."""
+        cuts = self.check(model)
+        inner = unwrap(model)
+        optimizer = resolve_optimizer(optimizer)  # through accelerate/Lightning wrappers
+        if check_run:
+            inputs = example_inputs
+            if inputs is None and self.info.get("example_inputs") is not None:
+                inputs = inputs_from_spec(self.info["example_inputs"], _device_of(inner))
+            if inputs is not None:
+                self._refuse_if_broken(inner, inputs)
+        before = config_snapshot(inner)
+        with Transaction(inner, optimizer):
+            apply_cuts(inner, cuts, optimizer)
+            record_plan(inner, self, before)  # for tritonprune.save_pretrained
+        return model
+
+    def _refuse_if_broken(self, model: nn.Module, inputs: Any) -> None:
+        try:
+            ref = reference_output(model, inputs)
+        except RunCheckUnavailable as e:
+            warnings.warn(f"tritonprune: the pruned model could not be checked before slicing: {e}", stacklevel=3)
+            return
+        if run_check(model, inputs, self._removals(), reference=ref) is None:
+            return
+        _, dropped = find_breaking_groups(model, inputs, list(self.groups), list(self.removed), ref)
+        lines = [
+            f"group {d['group']} ({d['origin']!r}) breaks {_where(model, d['module'])}: {d['error']}" for d in dropped
+        ]
+        mods = sorted({d["origin"] or d["module"] for d in dropped})
+        raise ValueError(
+            "this plan gives a model that does not run its example inputs; nothing was changed.\n  "
+            + "\n  ".join(lines)
+            + f"\nPrune again with these modules in ignored_layers: {mods}"
+        )
+
+    def remap(self, groups: Iterable[Group], model: nn.Module | None = None) -> list[Group]:
+        """`groups` (of the unpruned model) as they are after this plan is applied."""
+        tensors = (
+            {n: torch.empty(s, device="meta") for n, s in self.shapes.items()}
+            if model is None
+            else model_tensors(model)
+        )
+        return remap_groups(groups, build_cuts(self._removals(), tensors))
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def num_removed(self) -> int:
+        return sum(len(r) for r in self.removed)
+
+    def _meta_cuts(self, removals=None) -> dict[tuple[str, int], Cut]:
+        tensors = {n: torch.empty(s, device="meta") for n, s in self.shapes.items()}
+        return build_cuts(self._removals() if removals is None else removals, tensors)
+
+    def summary(self) -> str:
+        """Per group: channels, then params and MACs of the layers it touches, before and after pruning
+        that group alone (groups share layers, so these do not add up); then the model totals."""
+        macs_w: dict[str, int] = self.info.get("macs_by_weight", {})
+        lines = [
+            f"PrunePlan for {self.model_class}: {len(self.groups)} groups, {self.num_removed} channels removed"
+        ]
+        lines.append(f"{'#':>4} {'group':<36} {'channels':>13} {'params':>21} {'MACs':>25}")
+        for i, (g, r) in enumerate(zip(self.groups, self.removed)):
+            cuts = self._meta_cuts([(g, r)])
+            after = _numel_after(self.shapes, cuts)
+            names = sorted({s.name for s in g.slots if not s.is_buffer})
+            pb = sum(math.prod(self.shapes[n]) for n in names)
+            pa = sum(after[n] for n in names)
+            mb = sum(macs_w.get(n, 0) for n in names)
+            ma = sum(round(macs_w.get(n, 0) * after[n] / max(1, math.prod(self.shapes[n]))) for n in names)
+            label = (g.origin or (g.slots[0].module if g.slots else "?"))[:36]
+            mac = f"{mb:>11,} -> {ma:<11,}" if macs_w else f"{'-':>25}"
+            lines.append(f"{i:>4} {label:<36} {g.size:>5} -> {g.size - len(r):<5} {pb:>9,} -> {pa:<9,} {mac}")
+        info = self.info
+        if "params_before" in info:
+            lines.append(f"params: {info['params_before']:,} -> {info['params_after']:,}")
+        if info.get("macs_before") is not None:
+            lines.append(
+                f"MACs:   {info['macs_before']:,} -> {info['macs_after']:,} (estimated from weight sizes)"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"PrunePlan({self.model_class}, groups={len(self.groups)}, removed={self.num_removed})"
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_class": self.model_class,
+            "groups": [
+                {
+                    "size": g.size,
+                    "blocks": g.blocks,
+                    "unit": g.unit,
+                    "exact": g.exact,
+                    "origin": g.origin,
+                    "removed": list(map(int, r)),
+                    "slots": [asdict(s) for s in g.slots],
+                }
+                for g, r in zip(self.groups, self.removed)
+            ],
+            "shapes": {n: list(map(int, s)) for n, s in self.shapes.items()},
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PrunePlan:
+        """Build a plan from `to_dict` output; the whole schema and every group are validated
+        (PlanError, a ValueError, naming the group and the slot)."""
+        model_class, groups, removed, shapes, info = parse(d)
+        return cls(model_class, groups, removed, shapes, info)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PrunePlan:
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise PlanError(f"{path}: not a JSON plan ({e})") from e
+        return cls.from_dict(d)
+
+
+def _where(model: nn.Module, module: str) -> str:
+    return f"module {module!r}" if module else f"the forward of {type(model).__name__} itself (the root module)"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------- selection

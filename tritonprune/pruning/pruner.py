@@ -1,0 +1,335 @@
+"""`tritonprune.prune`: trace, rank, select, check on a copy, slice; the model and optimizer restored on any error.
+
+Selection (`prune`):
+- ratio: the fraction of each group's channels to remove (per group), or, with `global_pruning`, of
+  all channels of the scored groups together, ranked by importance normalized per group.
+- layer_ratios: {module name: ratio}; a group takes the ratio of the most specific name that is, or
+  contains, one of the modules producing its channels (modules with OUT slots; all its modules if it
+  has none). Such groups are selected on their own even with global pruning.
+- max_ratio: no group loses more than this fraction of its channels.
+- round_to=N: each kept count is rounded down to a multiple of N (up if rounding down would break
+  max_ratio or keep nothing); a group that cannot reach a multiple keeps all its channels.
+- At least one channel is always kept per block; blocked groups (grouped convs, GroupNorm) lose the
+  same count from every block, the weakest channels of each block.
+- steps=k: k rounds, each pruning the already-pruned model, with the cumulative removed fraction
+  reaching ratio*i/k of the original channels after round i (targets are interpolated the same way).
+  Importance is recomputed each round. The returned plan is the composition, on the original model.
+- target_params / target_macs: the smallest ratio (in the chosen local/global mode) whose plan brings
+  the parameter count / estimated MACs to at most the target; `ratio` is then not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..graph import find_groups, resolve_ignored
+from ..graph.assemble import is_ignored
+from ..graph.group import IN, Group
+from ..graph.trace import call_with, unwrap
+from ..wrappers import resolve_optimizer
+from .counting import MacCount, count_params, estimate_macs, mac_counting
+from .importance import METHODS, Importance, compute_importance
+from .plan import PrunePlan, _class_name, _numel_after, _where
+from .runcheck import RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
+from .selection import _ratio_of, _search, iterative_ratios, select
+from .slicing import model_tensors
+from .transaction import Transaction
+
+
+def _number(x: Any, what: str) -> float:
+    """A real, finite number (not a bool, string or tensor), or ValueError naming the argument."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {x!r} ({type(x).__name__})")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be finite, got {x!r}")
+    return x
+
+
+def _check_ratio(r: Any, what: str) -> float:
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0 <= r < 1) or math.isnan(r):
+        raise ValueError(f"{what} must be a number in [0, 1), got {r!r}")
+    return float(r)
+
+
+def _touches(group: Group, ignored: Sequence[str]) -> bool:
+    """A hand-built group is dropped if an ignored module produces or normalizes its channels."""
+    return any(s.role != IN and is_ignored(s.module, set(ignored)) for s in group.slots)
+
+
+def _params_after(shapes: Mapping[str, Sequence[int]], base: int, cuts, param_names: set[str]) -> int:
+    after = _numel_after(shapes, cuts)
+    return base - sum(math.prod(shapes[n]) - a for n, a in after.items() if n in param_names)
+
+
+def _macs_after(
+    shapes: Mapping[str, Sequence[int]], shapes0: Mapping[str, Sequence[int]], macs0: MacCount, cuts
+) -> int:
+    now = {n: math.prod(s) for n, s in shapes.items()}
+    now.update(_numel_after(shapes, cuts))
+    return estimate_macs(macs0, {n: math.prod(s) for n, s in shapes0.items()}, now)
+
+
+def _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, steps, importance):
+    if target_params is not None and target_macs is not None:
+        raise ValueError("give target_params or target_macs, not both")
+    for what, t in (("target_params", target_params), ("target_macs", target_macs)):
+        if t is not None:
+            if ratio is not None:
+                raise ValueError(f"give a ratio or a target ({what}), not both")
+            if _number(t, what) <= 0:
+                raise ValueError(f"{what} must be a positive number, got {t!r}")
+    ratio = _check_ratio(0.5 if ratio is None else ratio, "ratio")
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real) or not (0 < max_ratio <= 1):
+        raise ValueError(f"max_ratio must be a number in (0, 1], got {max_ratio!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not callable(importance) and importance not in METHODS:
+        raise ValueError(f"importance {importance!r} is not one of {METHODS} or a callable group -> tensor")
+    return ratio
+
+
+def _check_layer_ratios(model: nn.Module, layer_ratios: Mapping[str, Any]) -> dict[str, float]:
+    modules = dict(model.named_modules())
+    out = {}
+    for k, r in layer_ratios.items():
+        if k not in modules:
+            raise ValueError(f"layer_ratios: {k!r} is not a module of the model (see model.named_modules())")
+        out[k] = _check_ratio(r, f"layer_ratios[{k!r}]")
+    return out
+
+
+def _check_layer_ratios_match(groups: Sequence[Group], layer_ratios: Mapping[str, float]) -> None:
+    for k in layer_ratios:
+        if not any(_ratio_of(g, {k: 0.0}) is not None for g in groups):
+            raise ValueError(
+                f"layer_ratios: module {k!r} produces no prunable channels (no group's channels come from it or "
+                "from a module inside it; it may be ignored, reach an output, or hold no weights)"
+            )
+
+
+def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect):
+    """Select, check on fake tensors, drop the groups that break the model, select again without
+    them; returns the final removed lists. `excluded` collects the dropped groups' records."""
+    while True:
+        _, dropped = find_breaking_groups(work, example_inputs, groups, removed, ref)
+        if not dropped:
+            return removed
+        for d in dropped:
+            excluded[d["group"]] = d
+        removed = reselect()  # each pass excludes at least one more group, so this ends
+
+
+def _real_forward_failure(model: nn.Module, example_inputs: Any) -> str | None:
+    """Last resort where fake tensors cannot run the model: one real forward in eval mode, training
+    flags and buffers restored afterwards. The error text, or None."""
+    from ..graph.trace import preserved
+
+    try:
+        with preserved(model), torch.no_grad():
+            model.eval()
+            call_with(model, example_inputs)
+    except Exception as e:  # the answer, not a crash
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any = None,
+    ratio: float | None = None,
+    optimizer: Any = None,
+    importance: Importance = "l2",
+    global_pruning: bool = False,
+    round_to: int | None = None,
+    ignored_layers: Iterable[Any] = (),
+    dry_run: bool = False,
+    groups: Sequence[Group] | None = None,
+    *,
+    normalizer: str | None = "mean",
+    layer_ratios: Mapping[str, float] | None = None,
+    max_ratio: float = 1.0,
+    steps: int = 1,
+    target_params: int | None = None,
+    target_macs: int | None = None,
+    bias: bool = False,
+    seed: int | None = None,
+) -> PrunePlan:
+    """Choose channels to remove and (unless `dry_run`) remove them; returns the PrunePlan.
+
+    `ratio` defaults to 0.5; see the module docstring for layer_ratios, max_ratio, round_to, steps and
+    the targets. `groups` skips `find_groups` (hand-built groups, or groups found earlier on this model);
+    without it, the groups of a RegularizedOptimizer passed as `optimizer` are used (unless
+    `ignored_layers` is given), else `find_groups(model, example_inputs, ignored_layers)`.
+    `optimizer` (any torch optimizer or a RegularizedOptimizer) has its state sliced along, and a
+    RegularizedOptimizer gets the groups of the pruned model. `dry_run=True` only returns the plan and
+    does not touch the model (MACs are counted on fake tensors).
+    importance: "l1" | "l2" | "bn_scale" | "taylor" | "random" | callable(group) -> tensor[group.size];
+    normalizer: "mean" | "max" | None (per group, as in Torch-Pruning); seed: for "random".
+
+    All or nothing: arguments and every round's target are validated first, and if a round fails the
+    model and optimizer are restored. With `example_inputs`, each round's plan is first run on fake
+    tensors; groups whose pruning would break the model are left out of the plan with a warning naming
+    each group, the module that broke and the error (`plan.info["dropped"]`), and the rest is pruned.
+    """
+    model = unwrap(model)
+    optimizer = resolve_optimizer(optimizer)  # the RegularizedOptimizer inside accelerate/Lightning wrappers
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"tritonprune.prune: parameter {meta!r} is on the meta device: choosing channels needs real weights. "
+            "Load the weights first, or apply a saved plan with PrunePlan.load(path).apply(model)"
+        )
+    ratio = _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, steps, importance)
+    target = target_params if target_params is not None else target_macs
+    layer_ratios = _check_layer_ratios(model, dict(layer_ratios or {}))
+    ignored_layers = list(ignored_layers)
+    ignored = sorted(resolve_ignored(model, ignored_layers))
+
+    if groups is None and not ignored_layers and hasattr(optimizer, "reset_groups"):
+        groups = list(optimizer.groups)  # prune what the RegularizedOptimizer regularized; no new trace
+    elif groups is None:
+        groups = find_groups(model, example_inputs, ignored_layers=ignored_layers)
+    else:
+        groups = [g for g in groups if not _touches(g, ignored)]
+    groups = list(groups)
+    _check_layer_ratios_match(groups, layer_ratios)
+    if not groups:
+        warnings.warn(
+            f"tritonprune.prune: {type(model).__name__} has no prunable channel groups (every channel reaches an "
+            "output, is ignored, or no layer has prunable weights); nothing is pruned",
+            stacklevel=2,
+        )
+
+    tensors = model_tensors(model)
+    shapes0 = {n: list(tensors[n].shape) for g in groups for n in dict.fromkeys(s.name for s in g.slots) if n in tensors}
+    params0 = count_params(model)
+    macs0, ref = None, None
+    if example_inputs is not None:
+        counting, counted = mac_counting()  # MACs are counted in the run check's reference pass
+        try:
+            ref = reference_output(model, example_inputs, context=counting)
+            macs0 = counted()
+        except RunCheckUnavailable as e:
+            ref = e  # checked by a real forward after slicing instead; MACs unknown
+    if target_macs is not None and macs0 is None:
+        raise ValueError("target_macs needs example_inputs the model runs on fake tensors with")
+    param_names = {s.name for g in groups for s in g.slots if not s.is_buffer}
+    if target is not None and steps > 1 and max_ratio == 1 and not layer_ratios and groups:
+        # every round's goal is on the way to the last one: refuse an unreachable target before round 1
+        def metric0(cuts):
+            if target_params is not None:
+                return _params_after(shapes0, params0, cuts, param_names)
+            return _macs_after(shapes0, shapes0, macs0, cuts)
+
+        ones = [torch.ones(g.size) for g in groups]
+        _search(lambda r: select(groups, ones, r, global_pruning, {}, 1.0, round_to), groups, shapes0, metric0,
+                target)
+
+    work = copy.deepcopy(model) if dry_run and steps > 1 else model
+    excluded: dict[int, dict[str, Any]] = {}
+    alive = [list(range(g.size)) for g in groups]  # original channel ids still present, per group
+    cur_groups = groups
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    txn = Transaction(model, optimizer) if not dry_run else None
+    try:
+        for step in range(1, steps + 1):
+            cur_tensors = model_tensors(work)
+            cur_shapes = {n: list(cur_tensors[n].shape) for n in shapes0}
+            imps = compute_importance(
+                work, cur_groups, importance, normalizer=normalizer, bias=bias, generator=gen
+            )
+            if target is not None:
+                if target_params is not None:
+                    base = count_params(work)
+                    goal = params0 - (params0 - target) * step / steps
+
+                    def metric(cuts, shapes=cur_shapes, base=base):
+                        return _params_after(shapes, base, cuts, param_names)
+                else:
+                    goal = macs0.total - (macs0.total - target) * step / steps
+
+                    def metric(cuts, shapes=cur_shapes):
+                        return _macs_after(shapes, shapes0, macs0, cuts)
+
+                def choose(r: float, groups=cur_groups, imps=imps) -> list[list[int]]:
+                    live = [None if i in excluded else x for i, x in enumerate(imps)]
+                    return select(groups, live, r, global_pruning, layer_ratios, max_ratio, round_to)
+
+                def reselect(choose=choose, groups=cur_groups, shapes=cur_shapes, metric=metric, goal=goal):
+                    return _search(choose, groups, shapes, metric, goal)
+            else:
+                r = iterative_ratios(ratio, steps)[step - 1]
+                lr = {k: iterative_ratios(v, steps)[step - 1] for k, v in layer_ratios.items()}
+
+                def reselect(r=r, lr=lr, imps=imps, groups=cur_groups):
+                    live = [None if i in excluded else x for i, x in enumerate(imps)]
+                    return select(groups, live, r, global_pruning, lr, max_ratio, round_to)
+
+            removed = reselect()
+            if ref is not None and not isinstance(ref, Exception) and any(removed):
+                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect)
+            step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
+            for a, rem in zip(alive, removed):
+                gone = set(rem)
+                a[:] = [c for j, c in enumerate(a) if j not in gone]
+            if steps > 1 or not dry_run:
+                if step < steps:
+                    cur_groups = step_plan.remap(cur_groups, work)
+                step_plan.apply(work, optimizer if work is model else None, check_run=False)
+                if isinstance(ref, Exception) and any(removed):
+                    err = _real_forward_failure(work, example_inputs)
+                    if err is not None:
+                        raise ValueError(
+                            f"tritonprune.prune: the pruned model no longer runs its example inputs ({err}); "
+                            "the model and optimizer were restored. Put the modules named in the error in "
+                            "ignored_layers"
+                        )
+    except BaseException:
+        if txn is not None:
+            txn.restore()
+        raise
+
+    if excluded:
+        warnings.warn(
+            "tritonprune.prune: left these groups out of the plan, pruning them would break the model:\n  "
+            + "\n  ".join(
+                f"group {d['group']} ({d['origin']!r}) breaks {_where(model, d['module'])}: {d['error']}"
+                for d in excluded.values()
+            )
+            + "\nthe other groups were pruned",
+            stacklevel=2,
+        )
+    removed_all = [sorted(set(range(g.size)) - set(a)) for g, a in zip(groups, alive)]
+    plan = PrunePlan(_class_name(model), groups, removed_all, shapes0)
+    cuts = plan._meta_cuts()
+    plan.info = {
+        "ratio": None if target is not None else ratio,
+        "importance": importance
+        if isinstance(importance, str)
+        else getattr(importance, "__name__", "callable"),
+        "global_pruning": bool(global_pruning),
+        "steps": steps,
+        "params_before": params0,
+        "params_after": _params_after(shapes0, params0, cuts, param_names),
+    }
+    if excluded:
+        plan.info["dropped"] = list(excluded.values())
+    spec = input_spec(example_inputs) if example_inputs is not None else None
+    if spec is not None:
+        plan.info["example_inputs"] = spec
+    if macs0 is not None:
+        plan.info["macs_before"] = macs0.total
+        plan.info["macs_after"] = _macs_after(shapes0, shapes0, macs0, cuts)
+        plan.info["macs_by_weight"] = dict(macs0.by_weight)
+    return plan

@@ -1,0 +1,209 @@
+"""Does a (planned) pruned model still run? A forward on fake tensors, with no compute and no side effects.
+
+The model's module tree is copied with every parameter, buffer and tensor attribute replaced by a
+meta tensor (the copy shares no storage with the model and costs no memory), the plan is sliced onto
+the copy with the real slicing code (so module attributes, attention head counts and config fields are
+updated exactly as `apply` would), and the copy then runs the example inputs under torch's
+`FakeTensorMode`: shapes, dtypes and devices propagate, nothing is computed. Hooks are not copied
+(user hooks could write to real state); config objects are copied, since slicing writes to them.
+
+A forward-hook stack on the copy names the innermost module that was running when the forward
+failed. The output is compared with the unpruned copy's: same pytree structure, and the same shape
+and dtype for every tensor leaf.
+
+    failure = run_check(model, example_inputs, plan)   # None: the pruned model runs (plan or (group, removed) pairs)
+    failure.module, failure.error                      # where and why it broke
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..graph.group import Group
+from .fake_run import RunFailure, fake_forward, prepared_copy
+from .slicing import apply_cuts, build_cuts, model_tensors
+
+__all__ = ["RunCheckUnavailable", "reference_output", "Reference", "run_check", "input_spec", "inputs_from_spec",
+           "find_breaking_groups"]
+
+
+@dataclass
+class Reference:
+    """The unpruned model's output structure on fake tensors: in eval mode, and in train mode when the
+    model is in training mode (None otherwise, or when train mode cannot run on fake tensors)."""
+
+    eval: tuple[Any, list[Any]]
+    train: tuple[Any, list[Any]] | None = None
+
+
+def run_check(
+    model: nn.Module,
+    example_inputs: Any,
+    removals: Iterable[tuple[Any, Any]] | Any = None,
+    *,
+    reference: Reference | None = None,
+) -> RunFailure | None:
+    """None if `model` with `removals` (a PrunePlan, or (group, removed channels) pairs)
+    sliced off still runs `example_inputs` with the same output structure as the unpruned model (in
+    eval mode, and in train mode too when the model is training); else where and why it does not.
+    `model` is not touched. `reference` (from `reference_output`) saves the unpruned forwards when
+    checking many plans of one model.
+
+    Raises ValueError if the removals do not fit the model (validation, as `apply` does), and
+    RunCheckUnavailable if even the unpruned model cannot run on fake tensors (the check cannot
+    tell anything then)."""
+    ref = reference_output(model, example_inputs) if reference is None else reference
+    c = prepared_copy(model)
+    removals = list(removals._removals() if hasattr(removals, "_removals") else removals or ())
+    if removals:
+        cuts = build_cuts(removals, model_tensors(c))
+        try:
+            apply_cuts(c, cuts)
+        except ValueError as e:
+            return RunFailure("", f"slicing refused: {e}")
+    for train, expected in ((False, ref.eval), (True, ref.train)):
+        if expected is None:
+            continue
+        got = fake_forward(c, example_inputs, train=train)
+        if isinstance(got, RunFailure):
+            return got
+        diff = _compare(expected, got)
+        if diff is not None:
+            return diff
+    return None
+
+
+class RunCheckUnavailable(RuntimeError):
+    """The unpruned model itself does not run on fake tensors (data-dependent code, custom ops)."""
+
+
+def reference_output(
+    model: nn.Module, example_inputs: Any, *, context: Callable[[nn.Module], Any] | None = None
+) -> Reference:
+    """Output structure of the unpruned model on fake tensors; raises RunCheckUnavailable if it does
+    not run in eval mode. `context` as in `fake_forward`, for the eval pass (prune counts MACs in it)."""
+    c = prepared_copy(model)
+    got = fake_forward(c, example_inputs, context=context)
+    if isinstance(got, RunFailure):
+        raise RunCheckUnavailable(f"the unpruned model does not run on fake tensors ({got})")
+    train = None
+    if model.training:
+        t = fake_forward(c, example_inputs, train=True)
+        train = None if isinstance(t, RunFailure) else t
+    return Reference(got, train)
+
+
+def _compare(ref: tuple[Any, list[Any]], got: tuple[Any, list[Any]]) -> RunFailure | None:
+    (spec0, sig0), (spec1, sig1) = ref, got
+    if spec0 != spec1:
+        return RunFailure("", f"the output structure changed: {spec0} -> {spec1}")
+    for i, (a, b) in enumerate(zip(sig0, sig1)):
+        if a != b:
+            return RunFailure("", f"output leaf {i} changed from {a} to {b}")
+    return None
+
+
+def find_breaking_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    groups: Sequence[Group],
+    removed: Sequence[Sequence[int]],
+    reference: Any = None,
+) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Drop the groups whose pruning stops `model` from running `example_inputs` (checked on fake
+    tensors, see run_check): returns the removed lists with those groups emptied, and one
+    record per dropped group ({"group", "origin", "module", "error"}).
+
+    While the planned model fails: every group touching the failing module (or a module inside or
+    around it) is tried alone, and those that fail alone are dropped; if none does (the failure needs
+    several groups together), the shortest failing prefix of the remaining groups is found by bisection
+    and its last group is dropped. Each round drops at least one group, so it ends."""
+    ref = reference_output(model, example_inputs) if reference is None else reference
+    removed = [list(r) for r in removed]
+    active = [i for i, r in enumerate(removed) if r]
+
+    def check(idx: Sequence[int]):
+        return run_check(model, example_inputs, [(groups[i], removed[i]) for i in idx], reference=ref)
+
+    dropped: list[dict[str, Any]] = []
+
+    def drop(i: int, why) -> None:
+        dropped.append({"group": i, "origin": groups[i].origin, "module": why.module, "error": why.error})
+        removed[i] = []
+        active.remove(i)
+
+    failure = check(active)
+    while failure is not None and active:
+        near = [i for i in active if _near(groups[i], failure.module)]
+        found = False
+        for i in near:
+            alone = check([i])
+            if alone is not None:
+                drop(i, alone)
+                found = True
+        if not found:
+            lo, hi = 0, len(active)  # active[:lo] runs, active[:hi] fails
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if check(active[:mid]) is None:
+                    lo = mid
+                else:
+                    hi = mid
+            drop(active[hi - 1], check(active[:hi]) or failure)
+        failure = check(active)
+    return removed, dropped
+
+
+def _near(group: Group, module: str) -> bool:
+    """The group has a tensor in `module`, in a module inside it, or in a module containing it."""
+    if not module:
+        return True
+    for m in group.modules:
+        if m == module or m.startswith(module + ".") or module.startswith(m + ".") or m == "":
+            return True
+    return False
+
+
+
+# ------------------------------------------------------------------------ example inputs in a plan
+
+
+def input_spec(example_inputs: Any) -> Any | None:
+    """A JSON-able description of `example_inputs` (tensor shapes and dtypes, plain values kept), so a
+    saved plan can check the model it is applied to; None if some leaf cannot be described."""
+
+    def describe(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {"__tensor__": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (list, tuple)):
+            return {"__seq__": [describe(v) for v in x], "tuple": isinstance(x, tuple)}
+        if isinstance(x, Mapping) and all(isinstance(k, str) for k in x):
+            return {"__dict__": {k: describe(v) for k, v in x.items()}}
+        raise TypeError(type(x).__name__)
+
+    try:
+        return describe(example_inputs)
+    except TypeError:
+        return None
+
+
+def inputs_from_spec(spec: Any, device: torch.device | str = "cpu") -> Any:
+    """Meta-device example inputs rebuilt from `input_spec` (values are never needed by the check)."""
+    if isinstance(spec, dict) and "__tensor__" in spec:
+        dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"plan info: unknown input dtype {spec.get('dtype')!r}")
+        return torch.zeros(spec["__tensor__"], dtype=dtype, device=device)
+    if isinstance(spec, dict) and "__seq__" in spec:
+        items = [inputs_from_spec(v, device) for v in spec["__seq__"]]
+        return tuple(items) if spec.get("tuple") else items
+    if isinstance(spec, dict) and "__dict__" in spec:
+        return {k: inputs_from_spec(v, device) for k, v in spec["__dict__"].items()}
+    return spec
