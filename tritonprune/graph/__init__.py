@@ -1,4 +1,4 @@
-"""Channel coupling: trace a model with torch.export and find the groups of channels pruned together."""
+"""Channel coupling: record one real forward of a model and find the groups of channels pruned together."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from . import reshape as _reshape  # noqa: F401
 from .assemble import assemble
 from .experts import expert_groups
 from .group import Group, Slot
-from .modes import export_all_modes
+from .modes import trace_all_modes
 from .remembered import remember_inputs
 from .trace import TraceError, unwrap
 from .walker import Walker
@@ -57,8 +57,8 @@ def _lazy_graph_modules() -> contextlib.AbstractContextManager:
 
 
 def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = (), *,
-                head_pruning: str = "heads") -> list[Group]:
-    """Coupled channel groups of `model`, found from its exported ATen graph.
+                head_pruning: str = "heads", tracer: str | None = None) -> list[Group]:
+    """Coupled channel groups of `model`, found from the ATen ops of one real forward on `example_inputs`.
 
     Channels reaching a model output or input, hard-coded positions (slices, fixed-size splits) and ops
     without a rule are left out (the latter with a warning naming the op and module). Parameters are
@@ -66,6 +66,9 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
 
     `head_pruning` chooses how attention channels are grouped: "heads" removes whole heads (whole
     key/value groups under GQA), "dims" removes the same number of dims from every head.
+    `tracer`: "record" (default: the model runs once as the user runs it, under no_grad, training flags
+    and buffers restored) or "export" (the opt-in fallback: non-strict torch.export on fake tensors);
+    the TRITONPRUNE_TRACER environment variable sets the default.
     """
     if head_pruning not in ("heads", "dims"):
         raise ValueError(f"head_pruning must be 'heads' or 'dims', got {head_pruning!r}")
@@ -73,7 +76,7 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
     ignored = resolve_ignored(model, ignored_layers)
     with fewer_collections(), _lazy_graph_modules():
         # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
-        walkers = [Walker(ep, model, head_pruning) for ep in export_all_modes(model, example_inputs)]
+        walkers = [Walker(gr, model, head_pruning) for gr in trace_all_modes(model, example_inputs, tracer)]
         for walker in walkers:
             walker.space = walkers[0].space
             walker.run()

@@ -1,4 +1,4 @@
-"""Export a model to an ATen graph with shapes, leaving the model exactly as it was."""
+"""Shared tracing helpers, and the torch.export tracer (the opt-in fallback to record.py's real-forward tracer)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..wrappers import unwrap_model as unwrap  # noqa: F401  (the one unwrapping
 
 
 class TraceError(RuntimeError):
-    """torch.export could not trace the model; the message carries its reason."""
+    """The model could not be traced on the example inputs; the message carries the reason."""
 
 
 def split_inputs(example_inputs: object) -> tuple[tuple, dict]:
@@ -74,7 +74,7 @@ def _floating_dtypes(obj: object) -> set[torch.dtype]:
     return set()
 
 
-def _hints(model: nn.Module, args: tuple, kwargs: dict, error: BaseException) -> list[str]:
+def forward_hints(model: nn.Module, args: tuple, kwargs: dict, error: BaseException) -> list[str]:
     """What to do about the failures users meet most, recognised from the model and export's message."""
     text = f"{type(error).__name__}: {error}"
     hints = []
@@ -97,6 +97,7 @@ def _hints(model: nn.Module, args: tuple, kwargs: dict, error: BaseException) ->
 
 
 def export(model: nn.Module, example_inputs: object) -> torch.export.ExportedProgram:
+    """The fallback tracer: non-strict torch.export (runs the model's Python on fake tensors)."""
     args, kwargs = split_inputs(example_inputs)
     with preserved(model), _no_stack_traces():
         try:
@@ -104,7 +105,7 @@ def export(model: nn.Module, example_inputs: object) -> torch.export.ExportedPro
         except Exception as e:  # torch.export raises many types; keep its reason
             reason = str(e).strip().splitlines()
             first = next((line for line in reason if line.strip()), type(e).__name__)
-            hints = _hints(model, args, kwargs, e) or ["Check that example_inputs match what forward() expects."]
+            hints = forward_hints(model, args, kwargs, e) or ["Check that example_inputs match what forward() expects."]
             raise TraceError(
                 f"torch.export could not trace {type(model).__name__} with the given example_inputs: "
                 f"{type(e).__name__}: {first}\n" + "\n".join(hints)

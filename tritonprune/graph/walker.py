@@ -43,17 +43,28 @@ def overloads(*packets: object) -> list[object]:
 class Walker:
     """Walks the graph once, applying rules; collects everything assemble.py needs."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, head_pruning: str = "heads"):
+    def __init__(self, graph: object, model: nn.Module, head_pruning: str = "heads"):
+        """`graph`: a record.Trace (the default tracer) or a torch.export ExportedProgram (the fallback)."""
         self.head_pruning = head_pruning
-        self.ep = ep
         self.model = model
         self.space = IdSpace()
         self.ids: dict[fx.Node, object] = {}
         self.tensor_names: dict[str, tuple[str, bool]] = {}  # placeholder -> (qualified name, is_buffer)
+        self.graph: fx.Graph = graph.graph
+        if hasattr(graph, "graph_signature"):
+            self._export_names(graph, model)
+        else:
+            self.tensor_names.update(graph.tensor_names)
+        self.modules = dict(model.named_modules())
+        self.value_ranges: list[tuple[int, int]] = []  # ids of parameters/buffers used as values
+        self.table_ranges: list[tuple[int, int]] = []  # ids of those spread over positions (rotary)
+        self.warned: set[tuple[str, str]] = set()
+        self.warnings: list[str] = []
+
+    def _export_names(self, ep: object, model: nn.Module) -> None:
         # tied weights (GPT-2's lm_head and wte) are one tensor: name it as named_parameters() does
         canonical = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
-        sig = ep.graph_signature
-        for spec in sig.input_specs:
+        for spec in ep.graph_signature.input_specs:
             kind = spec.kind.name
             if kind in ("PARAMETER", "BUFFER") and spec.target is not None:
                 try:
@@ -62,15 +73,10 @@ class Walker:
                 except AttributeError:
                     name = spec.target
                 self.tensor_names[spec.arg.name] = (name, kind == "BUFFER")
-        self.modules = dict(model.named_modules())
-        self.value_ranges: list[tuple[int, int]] = []  # ids of parameters/buffers used as values
-        self.table_ranges: list[tuple[int, int]] = []  # ids of those spread over positions (rotary)
-        self.warned: set[tuple[str, str]] = set()
-        self.warnings: list[str] = []
 
     # ---- helpers used by rules ----------------------------------------------------------------
     def run(self) -> None:
-        for node in self.ep.graph.nodes:
+        for node in self.graph.nodes:
             if node.op == "placeholder":
                 self.ids[node] = None if node.name in self.tensor_names else self._input_ids(node)
             elif node.op == "call_function":

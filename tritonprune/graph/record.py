@@ -1,0 +1,438 @@
+"""Record the ATen ops of one real eager forward of the model as an fx graph with shapes.
+
+The model runs as the user would run it (real tensors, its own mode, its own hooks), under no_grad; two
+thread-local torch modes watch it:
+
+- a TorchDispatchMode records every ATen op below autograd, with its tensor arguments as graph nodes
+  and the shape/dtype of its outputs as `meta["val"]` (meta tensors: the real activations are freed);
+- a TorchFunctionMode catches the composite ops whose dispatch-level decomposition would hide the
+  layer (F.linear -> t + addmm, matmul/einsum -> view + bmm, scaled_dot_product_attention -> a fused
+  kernel, the norms -> reshaped batch norms): each is recorded as the one ATen op torch.export shows,
+  and the ops it decomposes into are not recorded.
+
+Parameters and buffers become placeholders named by their qualified names, example inputs and foreign
+tensors placeholders without one. In-place ops are recorded as a new value of the tensor they write
+(as export's training IR keeps them). Global forward
+hooks, filtered by thread, name the innermost module of every op (warnings) and of a failing forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import threading
+import types
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Trace:
+    """What the walker needs from one forward: the graph, and which placeholders are which tensors."""
+
+    graph: fx.Graph
+    tensor_names: dict[str, tuple[str, bool]] = field(default_factory=dict)  # placeholder -> (name, buffer)
+
+
+# ---- composite ops recorded whole (as torch.export shows them) -----------------------------------
+
+
+def _schema_binder(op, names: list[str] | None = None):
+    """Arguments of a Python call -> (args, kwargs) of `op` as the dispatcher boxes them (trailing
+    defaults dropped). `names`: the Python function's positional parameter names, where they differ
+    from the schema's (F.batch_norm's order); `self` is also found as `input`."""
+    schema = op._schema.arguments
+    pos = [a for a in schema if not a.kwarg_only]
+    kwo = [a for a in schema if a.kwarg_only]
+    order = names or [a.name for a in pos] + [a.name for a in kwo]
+
+    def bind(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        given = dict(zip(order, args))
+        for k, v in kwargs.items():
+            given["self" if k == "input" and "self" in order else k] = v
+        out = []
+        for a in pos:
+            key = a.name if a.name in given or a.name != "self" else "input"
+            out.append(given[key] if key in given else (a.default_value if a.has_default_value() else None))
+        n = len(out)
+        while n and pos[n - 1].has_default_value() and _same(out[n - 1], pos[n - 1].default_value):
+            n -= 1
+        kw = {a.name: given[a.name] for a in kwo if a.name in given and not _same(given[a.name], a.default_value)}
+        return tuple(out[:n]), kw
+
+    return bind
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - exotic defaults: not the same
+        return False
+
+
+def _swap_binder(op):
+    bind = _schema_binder(op)
+
+    def swapped(args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # Tensor.__rmatmul__(a, b) is b @ a
+        return bind((args[1], args[0]), {})
+
+    return swapped
+
+
+def _einsum_binder(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    equation, *ops = args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    return (equation, list(ops)), {}
+
+
+def _composites() -> dict[object, tuple[object, object]]:
+    table: dict[object, tuple[object, object]] = {}
+
+    def add(funcs, op, binder=None):
+        for f in funcs:
+            if f is not None:
+                table[f] = (op, binder or _schema_binder(op))
+
+    add([F.linear, torch._C._nn.linear], aten.linear.default)
+    add([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__], aten.matmul.default)
+    add([torch.Tensor.__rmatmul__], aten.matmul.default, _swap_binder(aten.matmul.default))
+    add([torch.einsum, getattr(torch.functional, "einsum", None)], aten.einsum.default, _einsum_binder)
+    add([F.scaled_dot_product_attention], aten.scaled_dot_product_attention.default)
+    add([torch.chunk, torch.Tensor.chunk], aten.chunk.default)
+    add([torch.prelu, F.prelu], aten.prelu.default)  # else a view of the weight + _prelu_kernel
+    # global pooling decomposes into mean + as_strided
+    add([torch.adaptive_avg_pool1d, F.adaptive_avg_pool1d], aten.adaptive_avg_pool1d.default)
+    for k in (2, 3):
+        op = getattr(aten, f"adaptive_avg_pool{k}d").default
+        add([getattr(torch._C._nn, f"adaptive_avg_pool{k}d")], op)
+        add([getattr(F, f"adaptive_avg_pool{k}d")], op, _schema_binder(op, ["input", "output_size"]))
+    # dropout on CPU decomposes into a mask from empty_like(x): record the layer, not its mask
+    add([F.dropout], aten.dropout.default, _schema_binder(aten.dropout.default, ["input", "p", "train"]))
+    add([torch.dropout, torch.dropout_], aten.dropout.default)
+    add([F.alpha_dropout], aten.alpha_dropout.default,
+        _schema_binder(aten.alpha_dropout.default, ["input", "p", "train"]))
+    add([F.dropout1d, F.dropout2d, F.dropout3d], aten.feature_dropout.default,
+        _schema_binder(aten.feature_dropout.default, ["input", "p", "train"]))
+    add([F.feature_alpha_dropout], aten.feature_alpha_dropout.default,
+        _schema_binder(aten.feature_alpha_dropout.default, ["input", "p", "train"]))
+    add([torch.feature_dropout, torch.feature_dropout_], aten.feature_dropout.default)
+    add([torch.alpha_dropout, torch.alpha_dropout_], aten.alpha_dropout.default)
+    add([torch.feature_alpha_dropout, torch.feature_alpha_dropout_], aten.feature_alpha_dropout.default)
+    add([torch.layer_norm], aten.layer_norm.default)
+    add([F.layer_norm], aten.layer_norm.default,
+        _schema_binder(aten.layer_norm.default, ["input", "normalized_shape", "weight", "bias", "eps"]))
+    add([torch.group_norm], aten.group_norm.default)
+    add([F.group_norm], aten.group_norm.default,
+        _schema_binder(aten.group_norm.default, ["input", "num_groups", "weight", "bias", "eps"]))
+    add([torch.batch_norm], aten.batch_norm.default)
+    add([F.batch_norm], aten.batch_norm.default, _schema_binder(
+        aten.batch_norm.default,
+        ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]))
+    add([torch.instance_norm], aten.instance_norm.default)
+    add([F.instance_norm], aten.instance_norm.default, _schema_binder(
+        aten.instance_norm.default,
+        ["input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"]))
+    if hasattr(aten, "rms_norm"):
+        add([getattr(torch, "rms_norm", None)], aten.rms_norm.default)
+        add([getattr(F, "rms_norm", None)], aten.rms_norm.default,
+            _schema_binder(aten.rms_norm.default, ["input", "normalized_shape", "weight", "eps"]))
+    return table
+
+
+_COMPOSITES: dict[object, tuple[object, object]] | None = None
+_DESCEND: dict[object, object] = {}  # Python-level functions run with the modes on inside (see _descend)
+
+
+def _no_torch_function(*_args: object) -> bool:
+    return False
+
+
+def _descend_into(func: types.FunctionType) -> types.FunctionType:
+    """`func` with its own __torch_function__ check off, so that the ops it calls are seen one by one:
+    torch runs a mode's handler with the mode off, which would hide nn.MultiheadAttention's linear and
+    attention inside F.multi_head_attention_forward."""
+    g = dict(func.__globals__)
+    g.update(has_torch_function=_no_torch_function, has_torch_function_unary=_no_torch_function,
+             has_torch_function_variadic=_no_torch_function)
+    clone = types.FunctionType(func.__code__, g, func.__name__, func.__defaults__, func.__closure__)
+    clone.__kwdefaults__ = func.__kwdefaults__
+    return clone
+
+
+def _setup() -> dict[object, tuple[object, object]]:
+    global _COMPOSITES
+    if _COMPOSITES is None:
+        _DESCEND[F.multi_head_attention_forward] = _descend_into(F.multi_head_attention_forward)
+        _COMPOSITES = _composites()
+    return _COMPOSITES
+
+
+# ---- the recorder ---------------------------------------------------------------------------------
+
+
+def _functional(func):
+    """The op to record for `func`, and whether it writes its first argument in place."""
+    schema = func._schema
+    args = schema.arguments
+    inplace = bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+    if not inplace:
+        return func, False
+    from .walker import RULES  # the rules decide: copy_ has its own, add_ is recorded as add
+
+    if func in RULES or func.overloadpacket in RULES:
+        return func, True
+    base = func.overloadpacket.__name__
+    if base.endswith("_") and not base.startswith("__"):
+        packet = getattr(aten, base[:-1], None)
+        op = getattr(packet, func._overloadname, None) if packet is not None else None
+        if op is not None:
+            return op, True
+    return func, True
+
+
+_FUNCTIONAL: dict[object, tuple[object, bool]] = {}
+
+
+class Recorder:
+    """Builds the graph as the ops run (used by the two modes below, one recorder per forward)."""
+
+    def __init__(self, model: nn.Module):
+        self.graph = fx.Graph()
+        self.nodes: dict[int, tuple[weakref.ref, fx.Node]] = {}
+        self.params: dict[int, tuple[str, bool]] = {}
+        for n, p in model.named_parameters():
+            self.params.setdefault(id(p), (n, False))
+        for n, b in model.named_buffers():
+            self.params.setdefault(id(b), (n, True))
+        self.tensor_names: dict[str, tuple[str, bool]] = {}
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.suppress = 0
+        self.op: object = None  # the op running now: names the op of a failing forward
+        self.thread = threading.get_ident()
+
+    # tensors <-> nodes
+    def bind(self, t: torch.Tensor, node: fx.Node) -> None:
+        self.nodes[id(t)] = (weakref.ref(t), node)
+
+    def node_of(self, t: torch.Tensor) -> fx.Node:
+        entry = self.nodes.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        named = self.params.get(id(t))
+        node = self.graph.placeholder("p" if named else "c")
+        node.meta["val"] = _meta(t)
+        if named:
+            self.tensor_names[node.name] = named
+        self.bind(t, node)
+        return node
+
+    def add_input(self, t: torch.Tensor) -> None:
+        node = self.graph.placeholder("x")
+        node.meta["val"] = _meta(t)
+        self.bind(t, node)
+
+    def arg(self, a: object) -> object:
+        if isinstance(a, torch.Tensor):
+            return self.node_of(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a) if type(a) in (list, tuple) else [self.arg(x) for x in a]
+        return a
+
+    def record(self, op: object, args: tuple, kwargs: dict, out: object, inplace: bool = False) -> None:
+        self.suppress += 1  # the meta tensors made here are no ops of the model
+        try:
+            self._record(op, args, kwargs, out, inplace)
+        finally:
+            self.suppress -= 1
+
+    def _record(self, op: object, args: tuple, kwargs: dict, out: object, inplace: bool) -> None:
+        node = self.graph.call_function(op, tuple(self.arg(a) for a in args),
+                                        {k: self.arg(v) for k, v in kwargs.items()})
+        if self.stack:
+            path = self.stack[-1]
+            node.meta["nn_module_stack"] = {path: (path, None)}
+        if isinstance(out, torch.Tensor):
+            node.meta["val"] = _meta(out)
+            target = args[0] if inplace and isinstance(args[0], torch.Tensor) else None
+            self.bind(out, node)
+            if target is not None and target is not out:
+                self.bind(target, node)
+        elif isinstance(out, (list, tuple)):
+            node.meta["val"] = [_meta(o) if isinstance(o, torch.Tensor) else o for o in out]
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = self.graph.call_function(operator.getitem, (node, i))
+                    item.meta["val"] = node.meta["val"][i]
+                    if "nn_module_stack" in node.meta:
+                        item.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+                    self.bind(o, item)
+        else:
+            node.meta["val"] = out
+
+    def finish(self, out: object) -> None:
+        leaves = [self.node_of(t) for t in _tensors(out)]
+        self.graph.output((leaves,))
+
+    # module stack (global forward hooks, this thread only)
+    def enter(self, module: nn.Module, _args: object) -> None:
+        if threading.get_ident() == self.thread:
+            name = self.module_names.get(id(module))
+            self.stack.append(name if name is not None else (self.stack[-1] if self.stack else ""))
+
+    def leave(self, module: nn.Module, _args: object, _out: object) -> None:
+        if threading.get_ident() == self.thread and self.stack:
+            self.stack.pop()
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def _tensors(obj: object, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors in a forward's output: tensors, tuples, lists, dicts and mappings (Hugging Face outputs),
+    dataclasses."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 20:
+        return []
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x, depth + 1)]
+    return []
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self, rec: Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rec = self.rec
+        rec.op = func
+        out = func(*args, **kwargs)
+        if rec.suppress:
+            return out
+        entry = _FUNCTIONAL.get(func)
+        if entry is None:
+            entry = _FUNCTIONAL[func] = _functional(func)
+        rec.record(entry[0], args, kwargs, out, entry[1])
+        return out
+
+
+class _Layers(TorchFunctionMode):
+    def __init__(self, rec: Recorder, table: dict):
+        super().__init__()
+        self.rec = rec
+        self.table = table
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        entry = self.table.get(func)
+        if entry is None:
+            inner = _DESCEND.get(func)
+            if inner is not None:
+                with self:
+                    return inner(*args, **kwargs)
+            return func(*args, **kwargs)
+        rec = self.rec
+        if rec.suppress:
+            return func(*args, **kwargs)
+        rec.suppress += 1
+        try:
+            rec.op = entry[0]
+            out = func(*args, **kwargs)
+        finally:
+            rec.suppress -= 1
+        op, bind = entry
+        a, k = bind(args, kwargs)
+        rec.record(op, a, k, out)
+        return out
+
+
+def _input_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return _tensors(list(args) + list(kwargs.values()))
+
+
+class ForwardFailed(RuntimeError):
+    """The forward raised; `module` is the innermost module that was running, `op` the last op started."""
+
+    def __init__(self, module: str, op: object, error: BaseException):
+        super().__init__(str(error))
+        self.module = module
+        self.op = op
+        self.error = error
+
+
+def record_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Trace, object]:
+    """Run `model(*args, **kwargs)` once under no_grad, recording its ops; returns the trace and the
+    output. Raises ForwardFailed (with the innermost running module) if the forward raises."""
+    table = _setup()
+    rec = Recorder(model)
+    for t in _input_tensors(args, kwargs):
+        rec.add_input(t)
+    pre = nn.modules.module.register_module_forward_pre_hook(rec.enter)
+    post = nn.modules.module.register_module_forward_hook(rec.leave)
+    try:
+        with torch.no_grad(), _Layers(rec, table), _Ops(rec):
+            try:
+                out = model(*args, **kwargs)
+            except Exception as e:  # the model's own error: name where it happened
+                raise ForwardFailed(rec.stack[-1] if rec.stack else "", rec.op, e) from e
+    finally:
+        pre.remove()
+        post.remove()
+    rec.finish(out)
+    return Trace(rec.graph, rec.tensor_names), out
+
+
+def _norms_kept(model: nn.Module):
+    """BatchNorm layers left in eval mode for a train-mode forward that only looks for branches: the
+    branch structure is the same, a batch of 1 runs, and running statistics are not updated."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def trace(model: nn.Module, example_inputs: object, *, train: bool | None = None) -> Trace:
+    """The Trace of one real forward of `model` on `example_inputs`, in its own mode (or in train /
+    eval mode where `train` is given, BatchNorm layers then kept in eval mode). Training flags and
+    buffers are restored afterwards. A forward that raises is a TraceError naming the module and op."""
+    from .trace import TraceError, forward_hints, preserved, split_inputs
+
+    args, kwargs = split_inputs(example_inputs)
+    with preserved(model):
+        if train is not None:
+            model.train(train)
+            if train:
+                for m in _norms_kept(model):
+                    m.training = False
+        try:
+            result, _ = record_forward(model, args, kwargs)
+        except ForwardFailed as e:
+            err = e.error
+            lines = [line for line in str(err).strip().splitlines() if line.strip()]
+            where = f" in module {e.module!r}" if e.module else ""
+            op = f" (op {e.op})" if e.op is not None else ""
+            mode = "" if train is None else f" in {'train' if train else 'eval'} mode"
+            hints = forward_hints(model, args, kwargs, err) or [
+                "Check that example_inputs are what forward() expects, on the model's device and dtype."]
+            raise TraceError(
+                f"{type(model).__name__} failed to run on the given example_inputs{mode}{where}{op}: "
+                f"{type(err).__name__}: {lines[0] if lines else ''}\n" + "\n".join(hints)
+            ) from err
+    return result
