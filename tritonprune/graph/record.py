@@ -317,6 +317,15 @@ def _tensors(obj: object, depth: int = 0) -> list[torch.Tensor]:
     return []
 
 
+_TO_COPY = aten._to_copy.default
+
+
+def _float_cast(args: tuple, out: object) -> bool:
+    x = args[0] if args else None
+    return (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.is_floating_point()
+            and out.is_floating_point() and x.shape == out.shape)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self, rec: Recorder):
         super().__init__()
@@ -327,7 +336,12 @@ class _Ops(TorchDispatchMode):
         rec = self.rec
         rec.op = func
         out = func(*args, **kwargs)
+        rec.op = None
         if rec.suppress:
+            return out
+        if func is _TO_COPY and _float_cast(args, out):
+            # autocast's casts (and x.float()): the same channels; a cast weight stays the weight
+            rec.bind(out, rec.node_of(args[0]))
             return out
         entry = _FUNCTIONAL.get(func)
         if entry is None:
@@ -345,21 +359,27 @@ class _Layers(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         entry = self.table.get(func)
+        rec = self.rec
+        rec.op = func
         if entry is None:
             inner = _DESCEND.get(func)
             if inner is not None:
                 with self:
-                    return inner(*args, **kwargs)
-            return func(*args, **kwargs)
-        rec = self.rec
+                    out = inner(*args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
+            rec.op = None
+            return out
         if rec.suppress:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            rec.op = None
+            return out
         rec.suppress += 1
         try:
-            rec.op = entry[0]
             out = func(*args, **kwargs)
         finally:
             rec.suppress -= 1
+        rec.op = None
         op, bind = entry
         a, k = bind(args, kwargs)
         rec.record(op, a, k, out)
@@ -402,6 +422,14 @@ def record_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Trace, 
     return Trace(rec.graph, rec.tensor_names), out
 
 
+def op_name(op: object) -> str:
+    """An ATen op as torch prints it (aten.convolution.default), a torch function as torch.<name>."""
+    if isinstance(op, torch._ops.OpOverload):
+        return str(op)
+    name = getattr(op, "__name__", None) or repr(op)
+    return f"Tensor.{name}" if "Tensor" in (getattr(op, "__qualname__", None) or "") else f"torch.{name}"
+
+
 def _norms_kept(model: nn.Module):
     """BatchNorm layers left in eval mode for a train-mode forward that only looks for branches: the
     branch structure is the same, a batch of 1 runs, and running statistics are not updated."""
@@ -427,7 +455,7 @@ def trace(model: nn.Module, example_inputs: object, *, train: bool | None = None
             err = e.error
             lines = [line for line in str(err).strip().splitlines() if line.strip()]
             where = f" in module {e.module!r}" if e.module else ""
-            op = f" (op {e.op})" if e.op is not None else ""
+            op = f" (op {op_name(e.op)})" if e.op is not None else ""
             mode = "" if train is None else f" in {'train' if train else 'eval'} mode"
             hints = forward_hints(model, args, kwargs, err) or [
                 "Check that example_inputs are what forward() expects, on the model's device and dtype."]
