@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-PLAN_FILE = "tritonprune_plan.json"
+PLAN_FILE = "tritonprune.json"  # = hf_checkpoint.FILE: one name for every saved plan
 
 
 def inputs_like(example_inputs: Any, model: nn.Module) -> Any:
