@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torchvision's and timm's model code for the tests only, outside site-packages: the torchvision wheel
 	# is built for a CUDA torch and would break transformers and lightning here (see tests/tv.py)
 	rm -rf $(VENV)/tests-only
+	$(BIN)/python -m pip uninstall -y -q torchvision timm  # a venv made before the split had them installed
 	$(BIN)/python -m pip install --no-deps --target $(VENV)/tests-only torchvision==0.28.0 "timm>=1.0"
 	touch $(STAMP)
 
