@@ -1,4 +1,4 @@
-"""Every Python block of README.md runs as written, in a fresh interpreter of this environment (the one
+"""Every Python block of README.md and of the documentation pages (docs/*.md) runs as written, in a fresh interpreter of this environment (the one
 `make test` builds: what a user who installed the dev extra has, without the tests' torchvision).
 
 A block may use the names its prose says the reader has (`model`, `example_inputs`, `loader`, ...): the
@@ -61,6 +61,7 @@ SECTIONS = {
     "PyTorch Lightning": VISION,
     "Lightning Fabric": VISION,
     "Torch-Pruning: what is the same, what differs, migration": VISION,
+    "tritonprune": VISION,  # docs/index.md
 }
 
 
@@ -80,28 +81,29 @@ def python_blocks(text: str) -> list[tuple[str, int, str]]:
     return out
 
 
-BLOCKS = python_blocks((ROOT / "README.md").read_text())
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+BLOCKS = [(page.relative_to(ROOT).as_posix(), *block) for page in PAGES for block in python_blocks(page.read_text())]
 
 
 def test_every_section_with_python_is_listed():
-    unknown = sorted({h for h, _, _ in BLOCKS} - set(SECTIONS))
-    assert not unknown, f"README sections with Python blocks that tests/test_readme.py does not know: {unknown}"
+    unknown = sorted({h for _, h, _, _ in BLOCKS} - set(SECTIONS))
+    assert not unknown, f"sections with Python blocks that tests/test_readme.py does not know: {unknown}"
     assert len(BLOCKS) >= 10
 
 
-@pytest.mark.parametrize("heading,line,code", BLOCKS, ids=[f"L{line}" for _, line, _ in BLOCKS])
-def test_readme_block_runs(heading, line, code, tmp_path):
+@pytest.mark.parametrize("page,heading,line,code", BLOCKS, ids=[f"{p}:{line}" for p, _, line, _ in BLOCKS])
+def test_block_runs(page, heading, line, code, tmp_path):
     setup = SECTIONS.get(heading)
     if setup is None:
-        pytest.fail(f"README.md:{line}: section {heading!r} is not listed in tests/test_readme.py")
+        pytest.fail(f"{page}:{line}: section {heading!r} is not listed in tests/test_readme.py")
     if setup.startswith("skip: "):
         pytest.skip(setup[len("skip: "):])
     # the block keeps its README line numbers in tracebacks
-    program = f'{setup}\nexec(compile("\\n" * {line - 1} + {code!r}, "README.md", "exec"))\n'
+    program = f'{setup}\nexec(compile("\\n" * {line - 1} + {code!r}, {page!r}, "exec"))\n'
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITONPRUNE_TEST_DEPS", "PYTHONPATH")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     run = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
-    assert run.returncode == 0, f"README.md:{line} ({heading}) failed:\n{run.stderr[-4000:]}"
+    assert run.returncode == 0, f"{page}:{line} ({heading}) failed:\n{run.stderr[-4000:]}"

@@ -10,7 +10,16 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers, IDEs and the API reference see
+    from . import distributed
+    from .graph import Group, Slot, TraceError, find_groups
+    from .integrations.hf_checkpoint import from_pretrained, save_pretrained
+    from .pruning.plan import PrunePlan
+    from .pruning.pruner import prune
+    from .regularizing.optimizer import RegularizedOptimizer
+    from .regularizing.regularizers import BNScale, GroupLasso, GroupNorm
 
 # Loaded on first use (PEP 562), so that `import tritonprune` does not import torch: the command line
 # parses its arguments (and rejects bad ones) before paying for torch.

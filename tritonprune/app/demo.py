@@ -309,6 +309,20 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def report(results: dict[str, Any]) -> str:
+    """The table and the two summary lines the demo prints (and the README shows, from a committed run)."""
+    t, cfg = results["timings"], results["config"]
+    return "\n".join([
+        table(results),
+        "",
+        f"sparse training before pruning: {_fmt_acc(results['sparse_accuracy_before_prune'])} "
+        f"(dense: {_fmt_acc(results['dense_accuracy_before_prune'])}); "
+        f"latency: median of {cfg['latency_runs']} forward passes on a batch of {cfg['batch_size']}",
+        f"time: {t['total_s']:.0f} s in all (dense training {t['dense_train_s']:.0f} s, sparse training "
+        f"{t['sparse_train_s']:.0f} s, find_groups {t['find_groups_s']:.1f} s, prune {t['prune_s']:.1f} s)",
+    ])
+
+
 def figure(results: dict[str, Any], path: str) -> bool:
     """Channel-norm histograms per group and accuracy against params; False if matplotlib is missing."""
     try:
@@ -390,16 +404,11 @@ def main(args: argparse.Namespace) -> int:
           f"{cfg.regularizer}, {100 * cfg.ratio:.0f}% of channels pruned, device {cfg.device}, "
           f"{torch.get_num_threads()} threads", flush=True)
     results = run(cfg)
+    results["threads"] = torch.get_num_threads()  # float32 sums (so accuracies) depend on it
     os.makedirs(cfg.out, exist_ok=True)
     text = table(results)
     print()
-    print(text)
-    t = results["timings"]
-    print(f"\nsparse training before pruning: {_fmt_acc(results['sparse_accuracy_before_prune'])} "
-          f"(dense: {_fmt_acc(results['dense_accuracy_before_prune'])}); "
-          f"latency: median of {cfg.latency_runs} forward passes on a batch of {cfg.batch_size}")
-    print(f"time: {t['total_s']:.0f} s in all (dense training {t['dense_train_s']:.0f} s, sparse training "
-          f"{t['sparse_train_s']:.0f} s, find_groups {t['find_groups_s']:.1f} s, prune {t['prune_s']:.1f} s)")
+    print(report(results))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(cfg.out, "table.md"), "w") as f:
