@@ -8,6 +8,7 @@ is skipped with the reason. A new section with Python blocks must be listed here
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,14 @@ def test_block_runs(page, heading, line, code, tmp_path):
     run = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, f"{page}:{line} ({heading}) failed:\n{run.stderr[-4000:]}"
+
+
+def test_demo_table_is_the_committed_run():
+    # the README's demo table is generated from bench/results/demo.json, never typed in
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo_table
+
+    results = json.loads(demo_table.RESULTS.read_text())
+    text = (ROOT / "README.md").read_text()
+    assert demo_table.readme_with_table(text, results) == text, "run python bench/demo_table.py"
+    assert results["machine"]["cpu"] and results["threads"] >= 1
