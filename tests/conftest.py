@@ -12,11 +12,12 @@ import torch
 # tests import their helpers as top-level modules (`from zoo import ZOO`, `import tp_oracle`)
 sys.path.insert(0, os.path.dirname(__file__))
 
-# The torchvision wheel is built for a CUDA torch; on this CPU build its compiled ops cannot register,
-# and transformers imports torchvision on its own. The stand-in of tests/tv.py makes every import work.
+# torchvision and timm come from the tests-only folder `make test` fills (never from site-packages: the
+# torchvision wheel is built for a CUDA torch); transformers imports torchvision on its own once it is on
+# the path, and the stand-in of tests/tv.py makes every import work.
 import tv  # noqa: E402
 
-tv.install_stub()
+tv.install()
 
 # Triton picks interpreted or compiled mode once, at import: without CUDA, its kernels run in the
 # interpreter on CPU tensors, so set it before anything imports triton.

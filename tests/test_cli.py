@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,10 +54,8 @@ def test_inspect_file_factory(capsys, tmp_path):
         (["inspect", "math:pi", "--input-shape", "1"], "neither an nn.Module nor callable"),
         (["inspect", "builtins:dict", "--input-shape", "1"], "returned a dict, not an nn.Module"),
         (["inspect", "/no/such/file.py:f", "--input-shape", "1"], "no such file"),
-        (["demo", "--ratio", "1.5"], "--ratio must be in (0, 1)"),
-        (["demo", "--epochs", "0"], "--epochs must be >= 1"),
-        (["demo", "--reg", "-1"], "--reg must be a finite number >= 0"),
         (["bench", "--backends", "cuda_magic"], "unknown backend 'cuda_magic'"),
+        (["bench", "--backends", "torch,triton"], "--backends triton runs the Triton kernels on CUDA tensors"),
     ],
 )
 def test_bad_arguments_say_what_is_wrong(argv, message):
@@ -68,6 +70,12 @@ def test_bad_arguments_say_what_is_wrong(argv, message):
     [
         (["inspect", "--input-shape", "1,a"], "expected comma-separated ints"),
         (["inspect", "--input-shape", "0,3"], "expected positive sizes"),
+        (["inspect", "--input-shape", "2,3,x,8"], "expected comma-separated ints"),  # not read as (2, 3, 8)
+        (["inspect", "--input-shape", "1,3,"], "expected comma-separated ints"),
+        (["demo", "--ratio", "1.5"], "--ratio: must be in (0, 1)"),
+        (["demo", "--epochs", "0"], "--epochs: must be >= 1"),
+        (["demo", "--reg", "-1"], "--reg: must be a finite number >= 0"),
+        (["demo", "--lr", "nan"], "--lr: must be a finite number > 0"),
         (["inspect", "--ratio", "1"], "expected a number in [0, 1)"),
         (["bench", "--sizes", "16,x"], "expected comma-separated ints"),
         (["demo", "--regularizer", "l0"], "invalid choice: 'l0'"),
@@ -79,6 +87,37 @@ def test_argparse_errors(argv, message, capsys):
         main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_input_shape_forms(capsys):
+    code, out = run(capsys, "inspect", "tritonprune.app.examples:small_resnet", "--input-shape", "1x1x8x8")
+    assert code == 0 and "9 groups" in out
+
+
+def test_token_model_with_float_inputs_gets_the_dtype_hint(tmp_path):
+    (tmp_path / "tok.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 16), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(16, 4))\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", f"{tmp_path / 'tok.py'}:build", "--input-shape", "2,5"])
+    assert "try --input-dtype int64" in str(e.value.code) and "'0'" in str(e.value.code)
+
+
+def test_demo_refuses_bad_arguments_before_importing_torch():
+    # usage errors come from argparse (exit 2), before the seconds of `import torch`
+    code = ("import sys\n"
+            "from tritonprune.app.cli import main\n"
+            "try:\n"
+            "    main(['demo', '--ratio', '1.5'])\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)\n")
+    run_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert run_.stdout.split() == ["2", "False"], run_.stdout + run_.stderr
+    assert "--ratio: must be in (0, 1)" in run_.stderr
 
 
 def test_bench_small(capsys, tmp_path):

@@ -3,6 +3,7 @@ and a resume after pruning that ends bitwise where the uninterrupted run ended."
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from tv import torchvision
 
 import tritonprune as tpr
+from tritonprune.integrations.hf_checkpoint import write_plan_file
 from tritonprune.wrappers import optimizer_chain, resolve_optimizer
 
 torchvision()  # the Trainer imports torchvision; on the CPU torch build it needs the stand-in of tests/tv.py
@@ -107,6 +109,35 @@ def test_trainer_sparse_training_prune_and_bitwise_resume(tmp_path):
         assert torch.equal(v, final[k]), k
 
 
+def test_trainer_checkpoints_and_save_model_reload_through_from_pretrained(tmp_path):
+    # globally pruned: the pruned config cannot describe the model (hidden size no longer a multiple of
+    # the heads), so only the plans in tritonprune.json rebuild it
+    model = _llama()
+    cb = hf.PruneCallback(LLAMA_EXAMPLE, ratio=0.4, at_step=2, global_pruning=True)
+    trainer = _trainer(tmp_path, model, [cb])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    model.eval()
+    with torch.no_grad():
+        want = model(**LLAMA_EXAMPLE).logits
+    for folder in ("checkpoint-6", "final"):
+        assert os.path.isfile(tmp_path / folder / "tritonprune.json")
+        assert not os.path.exists(tmp_path / folder / "tritonprune_plan.json")  # one name for every plan file
+        again = tpr.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / folder)
+        with torch.no_grad():
+            got = again(**LLAMA_EXAMPLE).logits
+        torch.testing.assert_close(got, want)  # checkpoint-6 is the end of training too
+    assert os.path.isfile(tmp_path / "checkpoint-3" / "tritonprune.json")  # saved after pruning at step 2
+    with open(tmp_path / "final" / "tritonprune.json") as f:
+        assert json.load(f)["plain_load"].startswith("refused")
+    # tpr.save_pretrained writes the same file
+    tpr.save_pretrained(model, tmp_path / "tpr")
+    with open(tmp_path / "tpr" / "tritonprune.json") as f, open(tmp_path / "final" / "tritonprune.json") as g:
+        assert f.read() == g.read()
+    with pytest.raises((RuntimeError, ValueError), match="(?i)size|shape"):  # plain HF load refuses loudly
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+
+
 def test_plain_trainer_prune_callback_slices_adamw_state(tmp_path):
     model = _model()
     args = transformers.TrainingArguments(
@@ -128,7 +159,7 @@ def test_apply_checkpoint_plan_and_errors(tmp_path):
     model = _model()
     plan = tpr.prune(model, EXAMPLE, ratio=0.5)
     (tmp_path / "ckpt").mkdir()
-    plan.save(tmp_path / "ckpt" / hf.PLAN_FILE)
+    write_plan_file(tmp_path / "ckpt", [plan])
     fresh = _model()
     assert hf.apply_checkpoint_plan(fresh, str(tmp_path / "ckpt")).removed == plan.removed
     assert fresh.fc1.weight.shape == model.fc1.weight.shape

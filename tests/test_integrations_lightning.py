@@ -92,3 +92,29 @@ def test_fit_prunes_at_epoch(tmp_path):
     assert tl.PLAN_KEY in torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
     with pytest.raises(ValueError, match="at_step=N or at_epoch=N"):
         tl.PruneCallback(EXAMPLE, at_step=2, at_epoch=1)
+
+
+def test_resume_without_the_expected_plan_warns(tmp_path):
+    # a checkpoint taken after the pruning epoch by a run without the callback: the resumed run would go
+    # on unpruned without a word
+    _trainer(tmp_path, pl.Callback(), epochs=2).fit(Module(), _loader())
+    cb = tl.PruneCallback(EXAMPLE, ratio=0.5, at_epoch=1)
+    with pytest.warns(UserWarning, match="carries no pruning plan"):
+        _trainer(tmp_path / "resumed", cb, epochs=3).fit(Module(), _loader(), ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert cb.plan is None
+
+
+def test_readme_resume_with_save_last(tmp_path):
+    # the README's example: ModelCheckpoint(save_last=True) writes last.ckpt, and ckpt_path="last" resumes
+    # from it (under the default ModelCheckpoint there is no last.ckpt, and Lightning trains from scratch)
+    def trainer(epochs):
+        return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=str(tmp_path),
+                          callbacks=[tl.PruneCallback(EXAMPLE, ratio=0.5, at_epoch=1),
+                                     pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True)])
+    trainer(2).fit(Module(), _loader())
+    assert (tmp_path / "last.ckpt").exists()
+    module = Module()
+    t = trainer(3)
+    t.fit(module, _loader(), ckpt_path="last")
+    assert module.fc1.out_features == 8 and t.global_step == 24

@@ -241,6 +241,22 @@ def test_target_params_is_met_and_minimal():
         prune(model, x, ratio=0.3, groups=net_groups(), target_params=1000, dry_run=True)
 
 
+def test_targets_as_fractions():
+    # a newcomer's "half": 0.5 is a fraction of the model's size, the same plan as the count it stands for
+    model, x = make_net()
+    p0, m0 = count_params(model), count_macs(model, x).total
+    half = prune(copy.deepcopy(model), x, groups=net_groups(), target_params=0.5, dry_run=True)
+    assert half.removed == prune(copy.deepcopy(model), x, groups=net_groups(), target_params=p0 // 2,
+                                 dry_run=True).removed
+    hard = copy.deepcopy(model)
+    half.apply(hard)
+    assert p0 * 0.3 < count_params(hard) <= p0 * 0.5
+    plan = prune(copy.deepcopy(model), x, groups=net_groups(), target_macs=0.4, dry_run=True)
+    assert plan.info["macs_after"] <= 0.4 * m0 and plan.removed
+    assert prune(copy.deepcopy(model), x, groups=net_groups(), target_params=float(p0 // 2),
+                 dry_run=True).removed == half.removed  # an integral float (2e6) is a count
+
+
 def test_target_macs_is_met():
     model, x = make_net()
     m0 = count_macs(model, x).total

@@ -12,12 +12,13 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 
-import torch
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-           "long": torch.int64, "int32": torch.int32}
+# torch is imported by the commands, not here: the arguments are parsed (and bad ones refused, exit 2)
+# first. --input-dtype names -> torch dtype attribute names
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64", "long": "int64",
+           "int32": "int32"}
 
 
 def _fail(command: str, message: str) -> SystemExit:
@@ -53,7 +54,9 @@ def _load_factory(spec: str):
     return obj
 
 
-def _build(spec: str) -> torch.nn.Module:
+def _build(spec: str):
+    import torch
+
     obj = _load_factory(spec)
     if not isinstance(obj, torch.nn.Module):
         if not callable(obj):
@@ -68,10 +71,10 @@ def _build(spec: str) -> torch.nn.Module:
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 1,3,224,224, got {text!r}") from None
+    parts = [s.strip() for s in re.split(r"[,x]", text.strip())]  # 1,3,224,224 or 1x3x224x224
+    if not all(p.isdigit() for p in parts):  # an empty or non-numeric part is a typo, never skipped
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 1,3,224,224, got {text!r}")
+    shape = tuple(int(p) for p in parts)
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"expected positive sizes like 1,3,224,224, got {text!r}")
     return shape
@@ -118,7 +121,9 @@ def group_table(groups) -> str:
     return "\n".join(lines)
 
 
-def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype):
+def _example_inputs(shapes: list[tuple[int, ...]], dtype):
+    import torch
+
     def make(shape):
         if dtype.is_floating_point:
             return torch.randn(*shape, dtype=dtype)
@@ -128,7 +133,21 @@ def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype):
     return xs[0] if len(xs) == 1 else tuple(xs)
 
 
+def _token_hint(model, dtype_name: str) -> str:
+    """A hint for a model that reads token ids given the default float inputs."""
+    import torch
+
+    if dtype_name.startswith("float") or dtype_name == "bfloat16":
+        embeddings = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+        if embeddings:
+            return (f"; the model has an Embedding ({embeddings[0]!r}), which reads token ids: "
+                    "try --input-dtype int64")
+    return ""
+
+
 def inspect(args: argparse.Namespace) -> int:
+    import torch
+
     import tritonprune as tpr
 
     if args.model:
@@ -141,12 +160,13 @@ def inspect(args: argparse.Namespace) -> int:
         model, shapes = small_resnet(), args.input_shape or [(1, 1, 8, 8)]
         print("example model: tritonprune.examples:small_resnet (input 1 x 1 x 8 x 8)")
     model.eval()
-    x = _example_inputs(shapes, _DTYPES[args.input_dtype])
+    x = _example_inputs(shapes, getattr(torch, _DTYPES[args.input_dtype]))
     ignored = args.ignore or []
     try:
         groups = tpr.find_groups(model, x, ignored_layers=ignored)
-    except tpr.TraceError as e:
-        raise _fail("inspect", f"could not trace {type(model).__name__} on inputs of shape {shapes}: {e}") from e
+    except (tpr.TraceError, RuntimeError) as e:  # a forward that rejects the inputs fails in the trace
+        raise _fail("inspect", f"could not trace {type(model).__name__} on {args.input_dtype} inputs of shape "
+                    f"{shapes}: {e}{_token_hint(model, args.input_dtype)}") from e
     except ValueError as e:  # ignored layers that do not exist, bad inputs
         raise _fail("inspect", str(e)) from e
     print(group_table(groups))
@@ -158,6 +178,8 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    import torch
+
     from . import benchmark
 
     torch.set_num_threads(args.threads)
@@ -168,6 +190,14 @@ def bench(args: argparse.Namespace) -> int:
     for b in backends or ():
         if b not in ("torch", "triton", "reference"):
             raise _fail("bench", f"--backends: unknown backend {b!r}; choose from torch, triton, reference")
+    if "triton" in (backends or ()):
+        from ..kernels import _has_triton
+
+        if dev.type != "cuda":
+            raise _fail("bench", f"--backends triton runs the Triton kernels on CUDA tensors, and the device is "
+                        f"{dev}; on a GPU machine add --device cuda, or leave triton out (--backends torch)")
+        if not _has_triton():
+            raise _fail("bench", "--backends triton needs triton: pip install 'tritonprune[gpu]'")
     print(f"regularize(): GroupNorm(reg={benchmark.REG}) on SmallResNet widths {args.sizes}, device {dev}, "
           f"{torch.get_num_threads()} threads", flush=True)
     with_tp = not args.no_torch_pruning
@@ -188,16 +218,22 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo  # torch and the training code, once the arguments are known to be good
+
+    return demo.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonprune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from . import demo
+    from . import demo_config
 
     p = sub.add_parser("demo", help="sparse training vs plain pruning on scikit-learn's digits (a few CPU minutes)")
-    demo.add_arguments(p)
-    p.set_defaults(fn=demo.main)
+    demo_config.add_arguments(p)
+    p.set_defaults(fn=_demo)
 
     p = sub.add_parser("bench", help="time regularize() against Torch-Pruning and a naive per-group loop")
     p.add_argument("--sizes", type=_ints, default=[16, 32, 64],

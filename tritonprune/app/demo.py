@@ -32,37 +32,8 @@ import tritonprune as tpr
 
 from ..pruning.counting import count_macs, count_params
 from ..pruning.importance import compute_importance
+from .demo_config import REGULARIZERS, DemoConfig  # noqa: F401  (torch-free: the CLI parses with it)
 from .examples import SmallResNet, load_digits
-
-# regularizer -> (default strength, importance that pruning uses after it)
-REGULARIZERS = {"group_norm": (5e-3, "l2"), "bn_scale": (2e-3, "bn_scale"), "group_lasso": (2e-3, "bn_scale")}
-
-
-@dataclass
-class DemoConfig:
-    epochs: int = 20            # dense and sparse training, each
-    finetune_epochs: int = 4    # after pruning, both pruned models
-    ratio: float = 0.5          # fraction of every group's channels removed
-    regularizer: str = "group_norm"
-    reg: float | None = None    # None: the regularizer's default (REGULARIZERS)
-    lr: float = 0.1
-    finetune_lr: float = 0.005   # gentle: the sparse-trained model needs little repair
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    width: int = 16             # SmallResNet width: channels 16 / 32 / 64 per stage
-    device: str = "cpu"
-    seed: int = 0
-    out: str = "tritonprune_demo"
-    latency_runs: int = 30
-    train_limit: int | None = None  # keep only this many training images (quick runs)
-    progress: bool = True
-
-    @classmethod
-    def quick(cls, **kw: Any) -> DemoConfig:
-        """A tiny run for tests: a few hundred images, a narrow model, two epochs."""
-        base = dict(epochs=3, finetune_epochs=1, width=8, latency_runs=5, train_limit=300, lr=0.1)
-        base.update(kw)
-        return cls(**base)
 
 
 @dataclass
@@ -338,6 +309,20 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def report(results: dict[str, Any]) -> str:
+    """The table and the two summary lines the demo prints (and the README shows, from a committed run)."""
+    t, cfg = results["timings"], results["config"]
+    return "\n".join([
+        table(results),
+        "",
+        f"sparse training before pruning: {_fmt_acc(results['sparse_accuracy_before_prune'])} "
+        f"(dense: {_fmt_acc(results['dense_accuracy_before_prune'])}); "
+        f"latency: median of {cfg['latency_runs']} forward passes on a batch of {cfg['batch_size']}",
+        f"time: {t['total_s']:.0f} s in all (dense training {t['dense_train_s']:.0f} s, sparse training "
+        f"{t['sparse_train_s']:.0f} s, find_groups {t['find_groups_s']:.1f} s, prune {t['prune_s']:.1f} s)",
+    ])
+
+
 def figure(results: dict[str, Any], path: str) -> bool:
     """Channel-norm histograms per group and accuracy against params; False if matplotlib is missing."""
     try:
@@ -399,37 +384,8 @@ def figure(results: dict[str, Any], path: str) -> bool:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DemoConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"dense and sparse training epochs (default {d.epochs})")
-    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
-                   help=f"fine-tune epochs after pruning (default {d.finetune_epochs})")
-    p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of each group's channels to remove (0.5)")
-    p.add_argument("--regularizer", choices=sorted(REGULARIZERS), default=d.regularizer)
-    p.add_argument("--reg", type=float, default=None,
-                   help="regularizer strength (default: " + ", ".join(f"{k} {v[0]:g}" for k, v in REGULARIZERS.items()) + ")")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"training learning rate (default {d.lr})")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
-                   help=f"fine-tune learning rate, both pruned models (default {d.finetune_lr})")
-    p.add_argument("--width", type=int, default=d.width, help=f"SmallResNet base width (default {d.width})")
-    p.add_argument("--device", default=d.device, help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help=f"output folder for demo.png and results.json (default {d.out})")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: small convolutions gain little from more, and a busy "
-                        "machine makes several threads much slower)")
-    p.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def main(args: argparse.Namespace) -> int:
-    for name in ("epochs", "finetune_epochs", "width"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"tritonprune demo: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.ratio < 1:
-        raise SystemExit(f"tritonprune demo: --ratio must be in (0, 1), got {args.ratio}")
-    if args.reg is not None and not (args.reg >= 0 and math.isfinite(args.reg)):
-        raise SystemExit(f"tritonprune demo: --reg must be a finite number >= 0, got {args.reg}")
+    """Run the demo with arguments parsed (and checked) by `demo_config.add_arguments`."""
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = dict(ratio=args.ratio, regularizer=args.regularizer, reg=args.reg, finetune_lr=args.finetune_lr,
@@ -448,16 +404,11 @@ def main(args: argparse.Namespace) -> int:
           f"{cfg.regularizer}, {100 * cfg.ratio:.0f}% of channels pruned, device {cfg.device}, "
           f"{torch.get_num_threads()} threads", flush=True)
     results = run(cfg)
+    results["threads"] = torch.get_num_threads()  # float32 sums (so accuracies) depend on it
     os.makedirs(cfg.out, exist_ok=True)
     text = table(results)
     print()
-    print(text)
-    t = results["timings"]
-    print(f"\nsparse training before pruning: {_fmt_acc(results['sparse_accuracy_before_prune'])} "
-          f"(dense: {_fmt_acc(results['dense_accuracy_before_prune'])}); "
-          f"latency: median of {cfg.latency_runs} forward passes on a batch of {cfg.batch_size}")
-    print(f"time: {t['total_s']:.0f} s in all (dense training {t['dense_train_s']:.0f} s, sparse training "
-          f"{t['sparse_train_s']:.0f} s, find_groups {t['find_groups_s']:.1f} s, prune {t['prune_s']:.1f} s)")
+    print(report(results))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(cfg.out, "table.md"), "w") as f:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-PLAN_FILE = "tritonprune_plan.json"
+PLAN_FILE = "tritonprune.json"  # = hf_checkpoint.FILE: one name for every saved plan
 
 
 def inputs_like(example_inputs: Any, model: nn.Module) -> Any:
@@ -95,9 +95,14 @@ PLAN_KEY = "tritonprune_plan"
 
 
 def carry_plan(module: nn.Module, plan: Any) -> None:
-    """From now on `module.state_dict()` carries `plan` in its root metadata (`state_dict._metadata[""]`)."""
+    """From now on `module.state_dict()` carries `plan` in its root metadata (`state_dict._metadata[""]`).
+    Wrappers (what `fabric.setup` returns, DDP, torch.compile) are looked through, as `prune` does: the
+    plain module carries it, and the wrappers' state dicts are the plain module's."""
     import json
 
+    from ..wrappers import unwrap_model
+
+    module = unwrap_model(module)
     if getattr(module, "_tritonprune_plan_json", None) is None:
         module.register_state_dict_post_hook(_add_plan_metadata)
     module._tritonprune_plan_json = json.dumps(plan.to_dict())
@@ -105,6 +110,9 @@ def carry_plan(module: nn.Module, plan: Any) -> None:
 
 def carried_plan(module: nn.Module) -> Any:
     """The plan `module` was pruned by, as recorded by `carry_plan` (None if none)."""
+    from ..wrappers import unwrap_model
+
+    module = unwrap_model(module)
     return _plan_from_json(getattr(module, "_tritonprune_plan_json", None))
 
 
@@ -116,7 +124,11 @@ def plan_of_state_dict(state_dict: Any) -> Any:
 
 def reprune_before_load(module: nn.Module) -> None:
     """From now on, `module.load_state_dict(sd)` with weights that carry a plan (see `carry_plan`) and
-    have other shapes than the module re-prunes the module by that plan first."""
+    have other shapes than the module re-prunes the module by that plan first. Wrappers are looked
+    through (the plain module gets the hook)."""
+    from ..wrappers import unwrap_model
+
+    module = unwrap_model(module)
     if not getattr(module, "_tritonprune_reprune_hook", False):
         module.register_load_state_dict_pre_hook(_reprune_pre_hook)
         module._tritonprune_reprune_hook = True

@@ -18,11 +18,14 @@ Resuming after pruning: the Trainer loads the checkpoint's weights into `trainer
 callback event, so `PruneCallback` registers a load_state_dict pre-hook on the model (at `on_init_end`)
 that, when the weights have fewer channels than the model, re-prunes the model by the plan saved in that
 checkpoint. Without the callback, call `apply_checkpoint_plan(trainer.model, checkpoint_dir)` before
-`trainer.train(resume_from_checkpoint=checkpoint_dir)`.
+`trainer.train(resume_from_checkpoint=checkpoint_dir)`. Checkpoints and `trainer.save_model()` output
+carry the plans in `tritonprune.json`, the file `tpr.save_pretrained` writes: `tpr.from_pretrained`
+reloads any of them.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -31,11 +34,13 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
+from ..pruning.history import applied_plans
 from ..pruning.plan import PrunePlan
 from ..pruning.pruner import prune
 from ..regularizing.optimizer import RegularizedOptimizer
 from ..wrappers import optimizer_chain, unwrap_model
 from . import PLAN_FILE, REMAPPABLE, check_schedule, inputs_like, mark_remappable, restore_groups
+from .hf_checkpoint import read_plan_file, save_with_plans, write_plan_file
 
 __all__ = ["PruneCallback", "SparseTrainingMixin", "sparse_trainer", "apply_checkpoint_plan", "PLAN_FILE"]
 
@@ -46,33 +51,35 @@ def _expected_numels(plan: PrunePlan) -> dict[str, int]:
     return _numel_after(plan.shapes, plan._meta_cuts())
 
 
-def _plan_fits(plan: PrunePlan, model: nn.Module, state_dict: dict[str, Any]) -> bool:
-    """Whether `plan` applies to `model` now and turns it into the shapes of `state_dict`."""
+def _plans_fit(plans: list[PrunePlan], model: nn.Module, state_dict: dict[str, Any]) -> bool:
+    """Whether `plans` apply to `model` now and turn it into the shapes of `state_dict`."""
     try:
-        plan.check(model)
+        plans[0].check(model)
     except ValueError:
         return False
-    numels = _expected_numels(plan)
+    numels = _expected_numels(plans[-1])
     return all(state_dict[n].numel() == k for n, k in numels.items() if n in state_dict)
 
 
 def apply_checkpoint_plan(model: nn.Module, checkpoint_dir: str, optimizer: Any = None) -> PrunePlan | None:
-    """Prune `model` by the plan saved in `checkpoint_dir` (by `PruneCallback`), if there is one and the
-    model is not pruned yet; return the plan applied, or None. Call it before loading the checkpoint's
-    weights into a freshly built model."""
-    path = os.path.join(checkpoint_dir, PLAN_FILE)
-    if not os.path.isfile(path):
+    """Prune `model` by the plans saved in `checkpoint_dir/tritonprune.json` (a Trainer checkpoint or
+    `save_model` output after `PruneCallback` pruned, or `tpr.save_pretrained` output), if there are any
+    and the model is not pruned yet; return the last plan applied, or None. Call it before loading the
+    checkpoint's weights into a freshly built model."""
+    meta = read_plan_file(checkpoint_dir)
+    if meta is None:
         return None
-    plan = PrunePlan.load(path)
+    plans = meta["plans"]
     model = unwrap_model(model)
     try:
-        plan.check(model)
+        plans[0].check(model)
     except ValueError:
-        if _is_pruned_by(plan, model):
-            return None  # already pruned by this plan
+        if _is_pruned_by(plans[-1], model):
+            return None  # already pruned by these plans
         raise
-    plan.apply(model, optimizer=optimizer)
-    return plan
+    for plan in plans:
+        plan.apply(model, optimizer=optimizer)
+    return plans[-1]
 
 
 def _is_pruned_by(plan: PrunePlan, model: nn.Module) -> bool:
@@ -91,14 +98,37 @@ def _checkpoint_dirs(output_dir: str) -> list[str]:
     return [os.path.dirname(p) for p in sorted(dirs, key=step, reverse=True)]
 
 
+class SavesPlans:
+    """Set as `model.save_pretrained` (an instance attribute) by `PruneCallback` once the model is pruned:
+    the Trainer saves checkpoints and `trainer.save_model()` output through `model.save_pretrained`, and
+    no callback event follows `save_model`, so the plan file is written here. It saves as
+    `tpr.save_pretrained` does: the class's own `save_pretrained`, with the config that rebuilds the
+    pruned model, plus `tritonprune.json`. A copy or a pickle of the model keeps it, pointing at the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        model = self.model
+        own = functools.partial(type(model).save_pretrained, model)
+        save_with_plans(model, save_directory, applied_plans(model),
+                        lambda path, **kw: own(path, *args, **kw), **kwargs)
+
+
+def _save_plans_with_model(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)) and getattr(model, "config", None) is not None:
+        model.__dict__["save_pretrained"] = SavesPlans(model)
+
+
 class PruneCallback(TrainerCallback):
     """Prune the Trainer's model and optimizer after optimizer step `at_step`; training goes on.
 
     `PruneCallback(example_inputs, ratio=0.5, at_step=N, **prune_kwargs)`: the arguments of
     `tpr.prune` (`importance`, `global_pruning`, `round_to`, `ignored_layers`, `layer_ratios`, ...).
-    `example_inputs` are moved to the model's device and floating dtype. The plan is kept in `.plan` and
-    written as `tritonprune_plan.json` into every checkpoint saved after pruning, and resuming from such
-    a checkpoint re-prunes the freshly built model before its weights load (see the module docstring).
+    `example_inputs` are moved to the model's device and floating dtype. The plan is kept in `.plan`;
+    every checkpoint saved after pruning and every `trainer.save_model()` output holds `tritonprune.json`
+    (what `tpr.save_pretrained` writes: `tpr.from_pretrained` reloads all of them), and resuming from
+    such a checkpoint re-prunes the freshly built model before its weights load (see the module docstring).
     """
 
     def __init__(self, example_inputs: Any, ratio: float | None = 0.5, at_step: int | None = None,
@@ -127,10 +157,12 @@ class PruneCallback(TrainerCallback):
         if not any(n in own and t.numel() < own[n].numel() for n, t in state_dict.items()):
             return  # not weights of a pruned copy (load_state_dict reports any other mismatch itself)
         for folder in _checkpoint_dirs(self._output_dir or "."):
-            plan = PrunePlan.load(os.path.join(folder, PLAN_FILE))
-            if _plan_fits(plan, module, state_dict):
-                plan.apply(module)
-                self.plan, self._resumed = plan, True
+            plans = read_plan_file(folder)["plans"]
+            if _plans_fit(plans, module, state_dict):
+                for plan in plans:
+                    plan.apply(module)
+                self.plan, self._resumed = plans[-1], True
+                _save_plans_with_model(module)
                 return
         raise ValueError(
             "tritonprune PruneCallback: the checkpoint's weights have fewer channels than the model, and no "
@@ -151,13 +183,17 @@ class PruneCallback(TrainerCallback):
         self.plan = prune(plain, inputs_like(self.example_inputs, plain), ratio=self.ratio,
                           optimizer=optimizer, **self.prune_kwargs)
         mark_remappable(self.plan, optimizer, self.prune_kwargs)
+        _save_plans_with_model(plain)
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
+        # a PreTrainedModel wrote tritonprune.json through SavesPlans already; a plain torch module
+        # (saved by the Trainer as bare weights) gets its plans here
         if self.plan is None or not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            self.plan.save(os.path.join(folder, PLAN_FILE))
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, PLAN_FILE)):
+            plain = unwrap_model(model) if model is not None else None
+            write_plan_file(folder, (applied_plans(plain) if plain is not None else []) or [self.plan])
 
 
 class SparseTrainingMixin:

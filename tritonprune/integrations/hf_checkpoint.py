@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +123,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None,
     if not hasattr(model, "save_pretrained") or config_snapshot(model) is None:
         raise TypeError(f"{type(model).__name__} is not a Hugging Face PreTrainedModel (no save_pretrained/config)")
     plans = applied_plans(model) if plan is None else (list(plan) if isinstance(plan, (list, tuple)) else [plan])
+    # the class's own method: PruneCallback may have set an instance one that calls back here
+    save_with_plans(model, path, plans, functools.partial(type(model).save_pretrained, model), **kwargs)
+
+
+def save_with_plans(model: nn.Module, path: str | os.PathLike, plans: list, save: Any, **kwargs: Any) -> None:
+    """`save(path, **kwargs)` (a PreTrainedModel's save_pretrained) with the config that rebuilds `model`
+    (the pruned one where it does, else the original), then `tritonprune.json` next to it."""
     if not plans:
         raise ValueError(
             f"{type(model).__name__}: no pruning plan to save; prune with tritonprune.prune or PrunePlan.apply "
@@ -145,20 +154,68 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None,
         # from_pretrained fail loudly instead
         model.config = type(pruned_config).from_dict(original)
     try:
-        model.save_pretrained(path, **kwargs)
+        save(path, **kwargs)
     finally:
         model.config = pruned_config
+    if not kwargs.get("is_main_process", True):
+        return  # the Trainer's other ranks: the main process writes the files
+    write_plan_file(path, plans, original_config=original,
+                    plain_load="ok: config.json describes the pruned model" if problem is None
+                    else f"refused: config.json is the original config ({problem})")
+
+
+def write_plan_file(folder: str | os.PathLike, plans: list, original_config: dict | None = None,
+                    plain_load: str | None = None) -> str:
+    """Write `folder/tritonprune.json` atomically (temp file in the folder, fsync, rename): the plans in
+    the order they were applied, and the original HF config (None for a model without one)."""
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "model_class": plans[0].model_class,
-        "original_config": original,
+        "original_config": original_config,
         "plans": [p.to_dict() for p in plans],
-        "plain_load": "ok: config.json describes the pruned model" if problem is None
-        else f"refused: config.json is the original config ({problem})",
     }
-    with open(os.path.join(path, FILE), "w") as f:
-        json.dump(meta, f, indent=1)
+    if plain_load is not None:
+        meta["plain_load"] = plain_load
+    return _write_atomically(os.path.join(os.fspath(folder), FILE), json.dumps(meta, indent=1))
+
+
+def _write_atomically(path: str, text: str) -> str:
+    if os.path.islink(path):
+        raise ValueError(f"{path} is a symbolic link; refusing to write a plan through it")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tritonprune-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_plan_file(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The content of `folder/tritonprune.json` (format checked, plans as PrunePlans), or None if absent."""
+    from ..pruning.plan import PrunePlan
+
+    meta_file = os.path.join(os.fspath(folder), FILE)
+    if not os.path.isfile(meta_file):
+        return None
+    with open(meta_file) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_file}: not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_file}: format {got!r} is not a {FORMAT} version {VERSION} file")
+    if not meta.get("plans"):
+        raise ValueError(f"{meta_file}: holds no plans")
+    meta["plans"] = [PrunePlan.from_dict(p) for p in meta["plans"]]
+    return meta
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -191,21 +248,19 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
     """
     import transformers
 
-    from ..pruning.plan import PrunePlan
-
     if "torch_dtype" in config_overrides:  # the older name HF still accepts
         dtype = config_overrides.pop("torch_dtype") if dtype is None else dtype
     path = os.fspath(path)
-    meta_file = os.path.join(path, FILE)
-    if not os.path.exists(meta_file):
+    meta = read_plan_file(path)
+    if meta is None:
         raise FileNotFoundError(
-            f"{path}: no {FILE}; this is not a checkpoint written by tritonprune.save_pretrained "
+            f"{path}: no {FILE}; this is not a checkpoint written by tritonprune.save_pretrained, by "
+            "trainer.save_model() or as a Trainer checkpoint after PruneCallback pruned "
             "(load it with the model class's own from_pretrained)"
         )
-    with open(meta_file) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r} is not supported")
+    if meta.get("original_config") is None:
+        raise ValueError(f"{os.path.join(path, FILE)}: the model has no Hugging Face config (a plain torch "
+                         "module): apply its plans with tritonprune.integrations.hf.apply_checkpoint_plan")
     original = dict(meta["original_config"])
     original.update(config_overrides)
     config = transformers.AutoConfig.for_model(original.pop("model_type"), **original)
@@ -216,7 +271,7 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
         raise ValueError(f"{path} holds a pruned {meta['model_class']}; {getattr(cls, '__name__', cls)} built a "
                          f"{_class_name(model)}")
     for p in meta["plans"]:
-        PrunePlan.from_dict(p).apply(model)
+        p.apply(model)
     state = _load_state_dict(path)
     expected = model.state_dict()
     for name, t in state.items():

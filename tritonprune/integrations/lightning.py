@@ -28,6 +28,7 @@ once `carry_plan(model, plan)` and `reprune_before_load(model)` were called.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -143,3 +144,18 @@ class PruneCallback(Callback):
             self._resumed = self.plan is not None
             if self.plan is None and PLAN_KEY in checkpoint:
                 self.plan = PrunePlan.from_dict(checkpoint[PLAN_KEY])
+        if self.plan is None and self._due_before(checkpoint):
+            when = f"step {self.at_step}" if self.at_step is not None else f"epoch {self.at_epoch}"
+            warnings.warn(
+                f"tritonprune PruneCallback: resuming from a checkpoint taken at epoch {checkpoint.get('epoch')}, "
+                f"step {checkpoint.get('global_step')}, after the callback's {when}, but the checkpoint carries "
+                "no pruning plan (saved by a run without this callback, or before it pruned): this run goes on "
+                "unpruned and will not prune; resume from a checkpoint saved after pruning",
+                stacklevel=2,
+            )
+
+    def _due_before(self, checkpoint: dict) -> bool:
+        """Whether the run that saved `checkpoint` should have pruned already."""
+        if self.at_step is not None:
+            return int(checkpoint.get("global_step", 0)) >= self.at_step
+        return int(checkpoint.get("epoch", -1)) >= self.at_epoch

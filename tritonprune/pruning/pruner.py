@@ -15,7 +15,9 @@ Selection (`prune`):
   reaching ratio*i/k of the original channels after round i (targets are interpolated the same way).
   Importance is recomputed each round. The returned plan is the composition, on the original model.
 - target_params / target_macs: the smallest ratio (in the chosen local/global mode) whose plan brings
-  the parameter count / estimated MACs to at most the target; `ratio` is then not used.
+  the parameter count / estimated MACs to at most the target; `ratio` is then not used. A target in
+  (0, 1) is a fraction of the model's size before pruning (0.5: at most half the parameters); a count
+  is an integer >= 1 (2_000_000, or 2e6).
 """
 
 from __future__ import annotations
@@ -78,6 +80,22 @@ def _macs_after(
     return estimate_macs(macs0, {n: math.prod(s) for n, s in shapes0.items()}, now)
 
 
+def _check_target(t: Any, what: str) -> None:
+    """A fraction of the model's current size in (0, 1), or a count: an integer >= 1 (2e6 counts too)."""
+    x = _number(t, what)
+    if 0 < x < 1 or (x >= 1 and x.is_integer()):
+        return
+    raise ValueError(
+        f"{what}={t!r}: give a fraction of the current size in (0, 1) ({what}=0.5 keeps at most half) "
+        f"or a count, an integer >= 1 ({what}=2_000_000)"
+    )
+
+
+def _absolute_target(t: float, total: float) -> float:
+    """The count a target stands for: a fraction in (0, 1) of `total`, else `t` itself."""
+    return float(t) * total if float(t) < 1 else float(t)
+
+
 def _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, steps, importance):
     if target_params is not None and target_macs is not None:
         raise ValueError("give target_params or target_macs, not both")
@@ -85,8 +103,7 @@ def _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, ste
         if t is not None:
             if ratio is not None:
                 raise ValueError(f"give a ratio or a target ({what}), not both")
-            if _number(t, what) <= 0:
-                raise ValueError(f"{what} must be a positive number, got {t!r}")
+            _check_target(t, what)
     ratio = _check_ratio(0.5 if ratio is None else ratio, "ratio")
     if isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real) or not (0 < max_ratio <= 1):
         raise ValueError(f"max_ratio must be a number in (0, 1], got {max_ratio!r}")
@@ -160,8 +177,8 @@ def prune(
     layer_ratios: Mapping[str, float] | None = None,
     max_ratio: float = 1.0,
     steps: int = 1,
-    target_params: int | None = None,
-    target_macs: int | None = None,
+    target_params: float | None = None,
+    target_macs: float | None = None,
     bias: bool = False,
     seed: int | None = None,
 ) -> PrunePlan:
@@ -224,6 +241,8 @@ def prune(
             ref = e  # checked by a real forward after slicing instead; MACs unknown
     if target_macs is not None and macs0 is None:
         raise ValueError("target_macs needs example_inputs the model runs on fake tensors with")
+    if target is not None:
+        target = _absolute_target(target, params0 if target_params is not None else macs0.total)
     param_names = {s.name for g in groups for s in g.slots if not s.is_buffer}
     if target is not None and steps > 1 and max_ratio == 1 and not layer_ratios and groups:
         # every round's goal is on the way to the last one: refuse an unreachable target before round 1
