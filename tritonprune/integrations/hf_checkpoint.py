@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .._files import read_json, require_object, to_json, write_text
 from ..pruning.history import ORIGINAL_CONFIG, applied_plans, config_snapshot
 
 FILE = "tritonprune.json"
@@ -137,17 +139,6 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None,
     if plans[0].model_class != _class_name(model):
         raise ValueError(f"the plan was made for a {plans[0].model_class}, not a {_class_name(model)}")
     problem = plain_load_problem(model)
-    os.makedirs(path, exist_ok=True)
-    kwargs.setdefault("save_original_format", False)  # the tensor names the plans use
-    pruned_config = model.config
-    if problem is not None:
-        # the pruned config would build another model: save the original, whose shapes make a plain
-        # from_pretrained fail loudly instead
-        model.config = type(pruned_config).from_dict(original)
-    try:
-        model.save_pretrained(path, **kwargs)
-    finally:
-        model.config = pruned_config
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -157,8 +148,57 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None,
         "plain_load": "ok: config.json describes the pruned model" if problem is None
         else f"refused: config.json is the original config ({problem})",
     }
-    with open(os.path.join(path, FILE), "w") as f:
-        json.dump(meta, f, indent=1)
+    text = to_json(meta, os.path.join(os.fspath(path), FILE))  # before anything is written
+    os.makedirs(path, exist_ok=True)
+    kwargs.setdefault("save_original_format", False)  # the tensor names the plans use
+    pruned_config = model.config
+    if problem is not None:
+        # the pruned config would build another model: save the original, whose shapes make a plain
+        # from_pretrained fail loudly instead
+        model.config = type(pruned_config).from_dict(original)
+    # HF writes into a fresh private folder inside `path`; its files then replace the old ones one by
+    # one (each atomically, links replaced rather than followed), tritonprune.json last. A save that
+    # fails leaves the previous checkpoint as it was.
+    staging = tempfile.mkdtemp(prefix=".tmp-save-", dir=path)
+    try:
+        try:
+            model.save_pretrained(staging, **kwargs)
+        finally:
+            model.config = pruned_config
+        written = sorted(os.listdir(staging))
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+        _drop_stale_weights(os.fspath(path), set(written))
+        write_text(os.path.join(path, FILE), text)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _drop_stale_weights(path: str, written: set[str]) -> None:
+    """Remove weight files of an earlier save in the other layout (single file vs shards): the loader
+    would otherwise pick the stale ones."""
+    for name in os.listdir(path):
+        if name in written:
+            continue
+        if name in _WEIGHT_FILES or (name.startswith("model-") and name.endswith(".safetensors")):
+            full = os.path.join(path, name)
+            if not os.path.islink(full) and os.path.isfile(full):
+                os.unlink(full)
+
+
+def _inside(folder: str, name: object, index: str) -> str:
+    """The path of checkpoint file `name` in `folder`, refusing a name that leads anywhere else (absolute,
+    `..`). Names are checked as written: links placed in the folder are its owner's choice (the Hugging
+    Face hub cache links every file to a blob outside the snapshot folder)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"{index}: shard file name {name!r} is not a file name")
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == os.curdir or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise ValueError(f"{index}: shard {name!r} lies outside the checkpoint folder {folder}; refused")
+    return os.path.join(folder, norm)
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -169,11 +209,12 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
         return load_file(single)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        data = require_object(read_json(index), index, ["weight_map"])
+        weight_map = require_object(data["weight_map"], f"{index}: weight_map")
+        files = [_inside(path, name, index) for name in dict.fromkeys(weight_map.values())]  # all checked first
         out: dict[str, torch.Tensor] = {}
-        for name in files:
-            out.update(load_file(os.path.join(path, name)))
+        for full in files:
+            out.update(load_file(full))
         return out
     binary = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(binary):
@@ -202,11 +243,15 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
             f"{path}: no {FILE}; this is not a checkpoint written by tritonprune.save_pretrained "
             "(load it with the model class's own from_pretrained)"
         )
-    with open(meta_file) as f:
-        meta = json.load(f)
+    meta = require_object(read_json(meta_file), meta_file, ["format", "version"])
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r} is not supported")
-    original = dict(meta["original_config"])
+    require_object(meta, meta_file, ["model_class", "original_config", "plans"])
+    original = dict(require_object(meta["original_config"], f"{meta_file}: original_config"))
+    if not isinstance(meta["plans"], list) or not meta["plans"]:
+        raise ValueError(f"{meta_file}: plans must be a non-empty list of plans")
+    if "model_type" not in original:
+        raise ValueError(f"{meta_file}: original_config has no model_type")
     original.update(config_overrides)
     config = transformers.AutoConfig.for_model(original.pop("model_type"), **original)
     model = _build(cls, config)
@@ -215,8 +260,14 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
     if _class_name(model) != meta["model_class"]:
         raise ValueError(f"{path} holds a pruned {meta['model_class']}; {getattr(cls, '__name__', cls)} built a "
                          f"{_class_name(model)}")
-    for p in meta["plans"]:
-        PrunePlan.from_dict(p).apply(model)
+    plans = []
+    for i, p in enumerate(meta["plans"]):
+        try:
+            plans.append(PrunePlan.from_dict(p))
+        except ValueError as e:
+            raise ValueError(f"{meta_file}: plans[{i}]: {e}") from None
+    for plan in plans:
+        plan.apply(model)
     state = _load_state_dict(path)
     expected = model.state_dict()
     for name, t in state.items():

@@ -8,7 +8,6 @@ imated MACs to at most the target; `ratio` is then not used.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._files import read_json, to_json, write_text
 from ..graph.group import Group
 from ..graph.trace import unwrap
 from ..wrappers import resolve_optimizer
@@ -227,17 +227,23 @@ class PrunePlan:
         return cls(model_class, groups, removed, shapes, info)
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        """Write the plan as JSON, atomically: checked to encode first, then a temporary file in the same
+        folder replaces `path` (a link at `path` is replaced, never written through). On any error the
+        previous file at `path` is left as it was."""
+        self.validate()
+        write_text(path, to_json(self.to_dict(), f"plan for {os.fspath(path)}"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PrunePlan:
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise PlanError(f"{path}: not a JSON plan ({e})") from e
-        return cls.from_dict(d)
+        """Read a plan written by `save`; PlanError (a ValueError) naming the file for any flaw."""
+        try:
+            d = read_json(path, "plan file")
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{os.fspath(path)}: {e}") from None
 
 
 def _where(model: nn.Module, module: str) -> str:
