@@ -19,6 +19,7 @@ never import it and pay nothing for it.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -29,7 +30,7 @@ from ..graph.group import BATCHNORM, Group, Slot
 from ..graph.trace import unwrap
 from ..kernels import BACKENDS, get_backend
 from ..kernels.layout import GroupBuffers
-from .bounds import TermBounds, capturing
+from .bounds import TermBounds, _max_abs, capturing
 from .regularizers import BNScale, GroupLasso, GroupNorm, Regularizer, resolve_regularizer
 
 Params = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None
@@ -210,6 +211,38 @@ class Regularization:
         """Validate everything a step needs (groups against the model, backend, buffers, gradients)
         without writing anything; the optimizer calls it before a decoupled inner step."""
         return self.buffers
+
+    def check_decoupled(self, lr_of_param: Mapping[int, float]) -> None:
+        """What a decoupled shrink `w *= 1 - lr * coef` needs, checked before the inner step so that a
+        refusal leaves everything as it was: every lr finite and >= 0; GroupNorm's `lr * reg * gamma` at
+        most 1 (gamma reaches 2**alpha on the weakest channel of any group, and a factor above 1 would flip
+        the weights' signs and grow them); the weights to shrink finite."""
+        self.prepare()
+        r, bounds = self.regularizer, self._bounds
+        used = []
+        for name, p in bounds.params.items():
+            lr = lr_of_param.get(id(p))
+            if lr is None:
+                continue
+            if not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"tritonprune: the learning rate of {name} is {lr!r}; a decoupled shrink needs a "
+                                 "finite lr >= 0. Nothing was modified")
+            if isinstance(r, GroupNorm) and lr > 0:
+                gamma = 2.0 ** r.alpha
+                factor = lr * r.reg * gamma
+                if not factor <= 1.0:
+                    raise ValueError(
+                        f"tritonprune: decoupled shrink of {name}: lr ({lr:g}) * reg ({r.reg:g}) * gamma (up to "
+                        f"2**alpha = {gamma:g}) = {factor:.3g} > 1 would flip the signs of its weights and grow "
+                        "them; nothing was modified. Lower the lr, reg or alpha"
+                    )
+            used.append((name, p))
+        if self.sharded is not None:
+            return  # FSDP2: every rank must reach the same verdict; the sums check after the step does
+        for (name, _), m in zip(used, _max_abs([p for _, p in used])):
+            if not math.isfinite(m):
+                raise ValueError(f"tritonprune: {name} holds inf/NaN weights (max |w| = {m}); the training has "
+                                 "diverged, nothing was modified. Lower the learning rate or restore a checkpoint")
 
     # ------------------------------------------------------------------------------------------ state
 

@@ -129,6 +129,9 @@ class RegularizedOptimizer(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"RegularizedOptimizer: model must be an nn.Module, got {type(model).__name__}")
         _check_owns_model_params(optimizer, model)
+        if any(g.get("maximize", False) for g in optimizer.param_groups) and not getattr(
+                resolve_regularizer(regularizer), "decoupled", False):
+            raise ValueError(_MAXIMIZE)
         if any(p.device.type == "meta" for p in model.parameters()):
             raise ValueError(
                 "RegularizedOptimizer: the model has parameters on the meta device (no data to regularize); "
@@ -221,7 +224,7 @@ class RegularizedOptimizer(Optimizer):
         with torch.no_grad():
             self._engine.apply_to_grads()
 
-    def _shrink_decoupled(self) -> None:
+    def _lr_of_param(self) -> dict[int, float]:
         # Only parameters this optimizer steps and that got a gradient are shrunk, each with its lr.
         lr_of_param: dict[int, float] = {}
         for group in self.param_groups:
@@ -229,8 +232,11 @@ class RegularizedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.requires_grad:
                     lr_of_param[id(p)] = lr
+        return lr_of_param
+
+    def _shrink_decoupled(self) -> None:
         with torch.no_grad():
-            self._engine.apply_decoupled(lr_of_param)
+            self._engine.apply_decoupled(self._lr_of_param())
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Regularize, then run the inner optimizer's step (decoupled mode: step, then shrink).
@@ -246,10 +252,16 @@ class RegularizedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if getattr(self.regularizer, "decoupled", False):
-            self._engine.prepare()
+            self._engine.check_decoupled(self._lr_of_param())
             self._optimizer.step()
-            self._shrink_decoupled()
+            try:
+                self._shrink_decoupled()
+            except ValueError as e:  # only what the inner step itself produced (inf weights) gets here
+                raise ValueError(str(e).replace(
+                    "nothing was modified", "the inner optimizer's step was taken (it produced these weights), "
+                    "the shrink was not")) from None
         else:
+            _refuse_maximize(self._optimizer)
             self.regularize()
             self._optimizer.step()
         return loss
@@ -346,6 +358,21 @@ class RegularizedOptimizer(Optimizer):
                                       params=self._own_params)
         if engine_state.get("coef") is not None:
             self._engine.load_state_dict(engine_state)
+
+
+_MAXIMIZE = (
+    "RegularizedOptimizer: the inner optimizer has maximize=True; it would ascend the regularization term "
+    "added to .grad and grow the weights instead of shrinking them. Use decoupled=True in the regularizer "
+    "(it shrinks the weights itself, whatever direction the inner step takes), or minimize the negated loss"
+)
+
+
+def _refuse_maximize(optimizer: Optimizer) -> None:
+    """Coupled mode: refuse (before anything is written) a param group that maximizes (set after construction
+    or by load_state_dict)."""
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise ValueError(_MAXIMIZE + "; nothing was modified")
 
 
 def _check_owns_model_params(optimizer: Optimizer, model: nn.Module) -> None:
