@@ -254,12 +254,25 @@ class Regularization:
 
     def check_state_dict(self, state: Mapping) -> None:
         """Raise ValueError if `state` (from `state_dict()`) does not fit these groups; changes nothing."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"tritonprune: the checkpoint's regularizer entry must be a dict, got {type(state).__name__}")
+        for key in ("calls", "coef_age"):
+            v = state.get(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"tritonprune: the checkpoint's regularizer entry has {key}={v!r}; expected an "
+                                 "int >= 0 (a corrupt or hand-edited checkpoint)")
         n = sum(g.size for g in self.groups)
         coef = state.get("coef")
         if coef is not None and (not isinstance(coef, torch.Tensor) or tuple(coef.shape) != (n,)):
             raise ValueError(
                 f"tritonprune: the checkpoint's cached coefficients have shape {tuple(getattr(coef, 'shape', ()))}, "
                 f"the groups {n} channels: it was saved for another model (or before pruning)"
+            )
+        if coef is not None and (not coef.dtype.is_floating_point or not bool(torch.isfinite(coef).all())
+                                 or bool((coef < 0).any())):
+            raise ValueError(
+                "tritonprune: the checkpoint's cached coefficients are not all finite and >= 0 (a corrupt or "
+                "hand-edited checkpoint); nothing was loaded. Drop the 'tritonprune' entry to recompute them"
             )
 
     def load_state_dict(self, state: Mapping) -> None:

@@ -302,6 +302,7 @@ class RegularizedOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         ours = state_dict.get(STATE_KEY)
+        _check_state_shapes(self._optimizer, state_dict, self.model)  # before anything is loaded
         if ours is not None:
             self._engine.check_state_dict(ours)  # before the inner optimizer loads anything
             state_dict = {k: v for k, v in state_dict.items() if k != STATE_KEY}
@@ -373,6 +374,36 @@ def _refuse_maximize(optimizer: Optimizer) -> None:
     for group in optimizer.param_groups:
         if group.get("maximize", False):
             raise ValueError(_MAXIMIZE + "; nothing was modified")
+
+
+def _follows(v: torch.Tensor, p: torch.Tensor) -> bool:
+    """A state tensor that fits parameter `p`: a scalar, p's shape, or p's shape with dims reduced to 1
+    (Adafactor's factored row_var / col_var)."""
+    return v.dim() == 0 or (v.dim() == p.dim() and all(a == b or a == 1 for a, b in zip(v.shape, p.shape)))
+
+
+def _check_state_shapes(optimizer: Optimizer, state_dict: Any, model: nn.Module) -> None:
+    """Refuse optimizer state whose tensors do not fit the parameters they would be loaded for (saved before
+    pruning, or for another model): the next step would fail inside torch after the term was written."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+        return  # torch's own load_state_dict says what is wrong
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_index = {}
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        if isinstance(saved, dict) and isinstance(saved.get("params"), list):
+            by_index.update(zip(saved["params"], group["params"]))
+    state = state_dict.get("state")
+    for index, entry in (state.items() if isinstance(state, dict) else ()):
+        p = by_index.get(index)
+        if p is None or not isinstance(entry, dict):
+            continue
+        for key, v in entry.items():
+            if isinstance(v, torch.Tensor) and not _follows(v, p):
+                raise ValueError(
+                    f"RegularizedOptimizer.load_state_dict: state {key!r} of {names.get(id(p), f'parameter {index}')} "
+                    f"has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}: the checkpoint was saved before "
+                    "pruning or for another model; nothing was loaded"
+                )
 
 
 def _check_owns_model_params(optimizer: Optimizer, model: nn.Module) -> None:
