@@ -237,9 +237,9 @@ class PrunePlan:
     def load(cls, path: str | os.PathLike) -> PrunePlan:
         """Read a plan written by `save`; PlanError (a ValueError) naming the file for any flaw."""
         try:
-            d = read_json(path, "plan file")
+            d = read_json(path)
         except ValueError as e:
-            raise PlanError(str(e)) from None
+            raise PlanError(f"not a JSON plan: {e}") from None
         try:
             return cls.from_dict(d)
         except PlanError as e:
