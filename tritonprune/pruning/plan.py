@@ -21,11 +21,11 @@ import torch.nn as nn
 from .._files import read_json, to_json, write_text
 from ..graph.group import Group
 from ..graph.trace import unwrap
-from ..wrappers import resolve_optimizer
+from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .history import config_snapshot, record_plan
 from .plan_schema import FORMAT, VERSION, PlanError, check_groups, parse
 from .runcheck import RunCheckUnavailable, find_breaking_groups, inputs_from_spec, reference_output, run_check
-from .slicing import Cut, apply_cuts, build_cuts, model_tensors, remap_groups, zero_channels
+from .slicing import Cut, apply_cuts, build_cuts, model_tensors, prepare_cuts, remap_groups, zero_channels
 from .transaction import Transaction
 
 
@@ -98,8 +98,9 @@ class PrunePlan:
     def zero_(self, model: nn.Module) -> nn.Module:
         """Soft pruning: zero the removed channels in place; shapes are unchanged.
 
-        Every slot is validated before any is zeroed; on any error the touched tensors are restored."""
-        self.check(model)
+        Every slot is validated before any is zeroed, exactly as `apply` validates (the slicing is computed,
+        then discarded); on any error the touched tensors are restored."""
+        prepare_cuts(unwrap(model), self.check(model))  # what apply would refuse, zero_ refuses
         touched = [s.name for g, r in self._removals() if r for s in g.slots]
         with Transaction(unwrap(model), values=touched):
             zero_channels(unwrap(model), self._removals())
@@ -117,6 +118,7 @@ class PrunePlan:
         cuts = self.check(model)
         inner = unwrap(model)
         optimizer = resolve_optimizer(optimizer)  # through accelerate/Lightning wrappers
+        check_optimizer_owns(optimizer, inner, "PrunePlan.apply")
         if check_run:
             inputs = example_inputs
             if inputs is None and self.info.get("example_inputs") is not None:

@@ -17,7 +17,7 @@ their forward reads (see module_attrs).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -320,6 +320,12 @@ def _slice_state(state: Mapping[str, Any], like: torch.Tensor, cuts: Mapping[int
 
 def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> None:
     """Slice the model (and the optimizer state) by `cuts`. Validates and computes everything first."""
+    prepare_cuts(model, cuts, optimizer)()
+
+
+def prepare_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> Callable[[], None]:
+    """Validate `cuts` against the model and compute every new tensor and attribute, modifying nothing;
+    returns the function that commits them (`zero_` validates through this too, then discards it)."""
     tensors = model_tensors(model)
     names = _aliases(tensors)
     by_tensor: dict[str, dict[int, Cut]] = {}
@@ -375,7 +381,16 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
     if optimizer is not None and hasattr(optimizer, "reset_groups"):
         new_groups = remap_groups(list(optimizer.groups), cuts)
 
-    # 2. commit
+    def commit_all() -> None:
+        _commit(model, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer, states,
+                new_groups)
+
+    return commit_all
+
+
+def _commit(model, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer, states,
+            new_groups) -> None:
+    """Step 2 of apply_cuts: install what prepare_cuts computed."""
     for name, t in new.items():
         if name in params:
             continue

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..graph.fingerprint import fingerprint
+from ..graph.group import Group
+from ..graph.trace import unwrap
 from .engine import Regularization, check_backend_name
 from .regularizers import resolve_regularizer
 
@@ -164,8 +167,15 @@ class RegularizedOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._engine = Regularization(model, list(groups), self.regularizer, backend=backend,
+        groups = list(groups)
+        bad = next((i for i, g in enumerate(groups) if not isinstance(g, Group)), None)
+        if bad is not None:
+            raise TypeError(f"RegularizedOptimizer: groups[{bad}] is a {type(groups[bad]).__name__}, not a "
+                            "tritonprune Group; pass tpr.find_groups(model, example_inputs)")
+        self._engine = Regularization(model, groups, self.regularizer, backend=backend,
                                       params=self._own_params)
+        # what the groups describe: prune() refuses to reuse them once the model's structure changed
+        self.groups_fingerprint = fingerprint(unwrap(model))
         if not self._engine.groups:
             warnings.warn(
                 f"RegularizedOptimizer: the model ({type(model).__name__}) has no channel groups to regularize "
@@ -213,7 +223,13 @@ class RegularizedOptimizer(Optimizer):
 
     def reset_groups(self, groups: Iterable[Any]) -> None:
         """Regularize these groups from now on (after pruning changed the model's channels)."""
-        self._engine.set_groups(list(groups))
+        groups = list(groups)
+        bad = next((i for i, g in enumerate(groups) if not isinstance(g, Group)), None)
+        if bad is not None:
+            raise TypeError(f"reset_groups: groups[{bad}] is a {type(groups[bad]).__name__}, not a tritonprune "
+                            "Group; pass tpr.find_groups(model, example_inputs)")
+        self._engine.set_groups(groups)
+        self.groups_fingerprint = fingerprint(unwrap(self.model))
 
     def regularize(self) -> None:
         """Add the regularization term to the current ``.grad`` of the grouped parameters, in place.
@@ -345,6 +361,7 @@ class RegularizedOptimizer(Optimizer):
             "regularizer": self.regularizer,
             "backend": self.backend,
             "groups": list(self.groups),
+            "groups_fingerprint": self.__dict__.get("groups_fingerprint"),
             "engine_state": self._engine.state_dict(),
         }
 
@@ -357,6 +374,8 @@ class RegularizedOptimizer(Optimizer):
         self._patch_step_function()
         self._engine = Regularization(self.model, groups, self.regularizer, backend=self.backend,
                                       params=self._own_params)
+        if self.__dict__.get("groups_fingerprint") is None:
+            self.groups_fingerprint = fingerprint(unwrap(self.model))
         if engine_state.get("coef") is not None:
             self._engine.load_state_dict(engine_state)
 
