@@ -8,11 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import io
+import logging
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -140,6 +144,23 @@ def _example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype):
     return xs[0] if len(xs) == 1 else tuple(xs)
 
 
+@contextlib.contextmanager
+def _torch_quiet():
+    """Keep torch's own tracing chatter (graph dumps, symbolic-shape logs) off the terminal: our error says
+    what went wrong. Warnings are shown once the call returns, one line each."""
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        torch_log.setLevel(level)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
 def inspect(args: argparse.Namespace) -> int:
     import tritonprune as tpr
 
@@ -156,7 +177,8 @@ def inspect(args: argparse.Namespace) -> int:
     x = _example_inputs(shapes, _DTYPES[args.input_dtype])
     ignored = args.ignore or []
     try:
-        groups = tpr.find_groups(model, x, ignored_layers=ignored)
+        with _torch_quiet():
+            groups = tpr.find_groups(model, x, ignored_layers=ignored)
     except tpr.TraceError as e:
         raise _fail("inspect", f"could not trace {type(model).__name__} on inputs of shape {shapes}: {e}") from e
     except ValueError as e:  # ignored layers that do not exist, bad inputs

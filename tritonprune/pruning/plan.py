@@ -19,7 +19,20 @@ import torch
 import torch.nn as nn
 
 from .._files import read_json, to_json, write_text
-from ..graph.group import Group
+from ..graph.group import (
+    AFFINE,
+    BATCHNORM,
+    CONV,
+    CONV_T,
+    EMBEDDING,
+    GROUPNORM,
+    IN,
+    LAYERNORM,
+    LINEAR,
+    OUT,
+    STAT,
+    Group,
+)
 from ..graph.trace import unwrap
 from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .history import config_snapshot, record_plan
@@ -92,6 +105,7 @@ class PrunePlan:
                     f"{tname}: the plan expects shape {tuple(shape)}, the model has {tuple(tensors[tname].shape)} "
                     "(already pruned, or another configuration)"
                 )
+        _check_slot_metadata(model, self.groups)
         return build_cuts(self._removals(), tensors)
 
     # ------------------------------------------------------------------ actions
@@ -246,6 +260,48 @@ class PrunePlan:
             return cls.from_dict(d)
         except PlanError as e:
             raise PlanError(f"{os.fspath(path)}: {e}") from None
+
+
+# what tracing gives the slots of a standard module's own tensors: (kinds, role of each local tensor name);
+# a weight's role follows its dim (OUT or IN) and is only checked to be one of those
+_STANDARD: list[tuple[type, set[str], dict[str, str]]] = [
+    (nn.modules.conv._ConvNd, {CONV, CONV_T}, {"weight": "", "bias": OUT}),
+    (nn.Linear, {LINEAR, EMBEDDING}, {"weight": "", "bias": OUT}),
+    (nn.modules.batchnorm._BatchNorm, {BATCHNORM}, {"weight": AFFINE, "bias": AFFINE, "running_mean": STAT,
+                                                     "running_var": STAT}),
+    (nn.LayerNorm, {LAYERNORM}, {"weight": AFFINE, "bias": AFFINE}),
+    (nn.GroupNorm, {GROUPNORM}, {"weight": AFFINE, "bias": AFFINE}),
+]
+
+
+def _check_slot_metadata(model: nn.Module, groups: Sequence[Group]) -> None:
+    """The metadata of every slot against the model (a hand-edited plan could otherwise turn off the
+    regularization or importance of a layer): is_buffer always; kind, role and is_bias for the tensors of
+    standard layers (conv, linear, batch/layer/group norm), whose slots tracing always labels the same way."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    modules = dict(model.named_modules())
+    for gi, g in enumerate(groups):
+        for si, s in enumerate(g.slots):
+            where = f"plan group {gi} ({g.origin!r}), slot {si} ({s.name})"
+            if s.is_buffer == (s.name in params):
+                actual = "a buffer" if s.is_buffer is False else "a parameter"
+                raise ValueError(f"{where}: is_buffer={s.is_buffer}, but the model's {s.name} is {actual}; the plan "
+                                 "was edited or made for another model")
+            m = modules.get(s.module)
+            local = s.name.rpartition(".")[2]
+            for cls, kinds, roles in _STANDARD:
+                if not isinstance(m, cls) or local not in roles or getattr(m, local, None) is None:
+                    continue
+                role = roles[local]
+                bad = (f"kind {s.kind!r} (a {type(m).__name__} gives {sorted(kinds)})" if s.kind not in kinds
+                       else f"is_bias={s.is_bias}" if s.is_bias != (local == "bias")
+                       else f"role {s.role!r} (expected {role!r})" if role and s.role != role and s.kind != EMBEDDING
+                       else f"role {s.role!r} (expected 'out' or 'in')" if not role and s.role not in (OUT, IN)
+                       and s.kind != EMBEDDING else None)
+                if bad:
+                    raise ValueError(f"{where}: {bad} does not match the model's {type(m).__name__}; the plan was "
+                                     "edited or made for another model")
+                break
 
 
 def _where(model: nn.Module, module: str) -> str:
