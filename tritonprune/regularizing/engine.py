@@ -30,7 +30,7 @@ from ..graph.group import BATCHNORM, Group, Slot
 from ..graph.trace import unwrap
 from ..kernels import BACKENDS, get_backend
 from ..kernels.layout import GroupBuffers
-from .bounds import TermBounds, _max_abs, capturing
+from .bounds import TermBounds, capturing
 from .regularizers import BNScale, GroupLasso, GroupNorm, Regularizer, resolve_regularizer
 
 Params = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None
@@ -239,9 +239,15 @@ class Regularization:
             used.append((name, p))
         if self.sharded is not None:
             return  # FSDP2: every rank must reach the same verdict; the sums check after the step does
-        for (name, _), m in zip(used, _max_abs([p for _, p in used])):
-            if not math.isfinite(m):
-                raise ValueError(f"tritonprune: {name} holds inf/NaN weights (max |w| = {m}); the training has "
+        if not used:
+            return
+        # one sum per weight (the cheapest full read: no temporary; one host sync): inf/NaN anywhere makes it
+        # non-finite. It can also overflow for weights beyond ~1e34, which the sums of squares refuse anyway.
+        totals = torch.stack([p.detach().sum(dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                              for _, p in used]).tolist()
+        for (name, _), total in zip(used, totals):
+            if not math.isfinite(total):
+                raise ValueError(f"tritonprune: {name} holds inf/NaN weights (or beyond ~1e34); the training has "
                                  "diverged, nothing was modified. Lower the learning rate or restore a checkpoint")
 
     # ------------------------------------------------------------------------------------------ state
