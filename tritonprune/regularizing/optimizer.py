@@ -396,9 +396,10 @@ def _refuse_maximize(optimizer: Optimizer) -> None:
 
 
 def _follows(v: torch.Tensor, p: torch.Tensor) -> bool:
-    """A state tensor that fits parameter `p`: a scalar, p's shape, or p's shape with dims reduced to 1
-    (Adafactor's factored row_var / col_var)."""
-    return v.dim() == 0 or (v.dim() == p.dim() and all(a == b or a == 1 for a, b in zip(v.shape, p.shape)))
+    """A state tensor that fits parameter `p`: p's shape, or p's shape with dims reduced to 1 (Adafactor's
+    factored row_var / col_var). Tensors of another rank (scalars, quantized optimizers' block scales) do
+    not claim to follow p's dims and are left to the optimizer."""
+    return v.dim() != p.dim() or all(a == b or a == 1 for a, b in zip(v.shape, p.shape))
 
 
 def _check_state_shapes(optimizer: Optimizer, state_dict: Any, model: nn.Module) -> None:
