@@ -114,7 +114,10 @@ class PrunePlan:
 
         Every slot is validated before any is zeroed, exactly as `apply` validates (the slicing is computed,
         then discarded); on any error the touched tensors are restored."""
-        prepare_cuts(unwrap(model), self.check(model))  # what apply would refuse, zero_ refuses
+        cuts = self.check(model)
+        with warnings.catch_warnings():  # apply's notes on attributes it would set do not concern zero_
+            warnings.simplefilter("ignore")
+            prepare_cuts(unwrap(model), cuts)  # what apply would refuse, zero_ refuses
         touched = [s.name for g, r in self._removals() if r for s in g.slots]
         with Transaction(unwrap(model), values=touched):
             zero_channels(unwrap(model), self._removals())
