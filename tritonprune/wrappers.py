@@ -81,3 +81,17 @@ def resolve_optimizer(optimizer: Any) -> Any:
             f"optimizer: expected a torch optimizer (or a wrapper of one with .optimizer), got {type(optimizer).__name__}"
         )
     return plain[-1]
+
+
+def check_optimizer_owns(optimizer: Any, model: nn.Module, who: str) -> None:
+    """Refuse an optimizer none of whose parameters belongs to `model` (built over another model, or a copy
+    of it): its state would silently not be sliced and a RegularizedOptimizer would keep stale groups."""
+    if optimizer is None:
+        return
+    mine = {id(p) for p in model.parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if params and not any(id(p) in mine for p in params):
+        raise ValueError(
+            f"{who}: none of the optimizer's parameters belongs to this model (it was built over another model "
+            "or a copy); nothing was changed. Pass the optimizer of this model instance, or optimizer=None"
+        )

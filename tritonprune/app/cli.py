@@ -8,12 +8,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
-import json
+import io
+import logging
+import math
 import os
 import re
 import sys
+import warnings
+
+from .._files import write_json
 
 # torch is imported by the commands, not here: the arguments are parsed (and bad ones refused, exit 2)
 # first. --input-dtype names -> torch dtype attribute names
@@ -100,6 +106,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return v
+
+
 def _ratio(text: str) -> float:
     try:
         r = float(text)
@@ -145,6 +161,23 @@ def _token_hint(model, dtype_name: str) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _torch_quiet():
+    """Keep torch's own tracing chatter (graph dumps, symbolic-shape logs) off the terminal: our error says
+    what went wrong. Warnings are shown once the call returns, one line each."""
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        torch_log.setLevel(level)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
 def inspect(args: argparse.Namespace) -> int:
     import torch
 
@@ -163,7 +196,8 @@ def inspect(args: argparse.Namespace) -> int:
     x = _example_inputs(shapes, getattr(torch, _DTYPES[args.input_dtype]))
     ignored = args.ignore or []
     try:
-        groups = tpr.find_groups(model, x, ignored_layers=ignored)
+        with _torch_quiet():
+            groups = tpr.find_groups(model, x, ignored_layers=ignored)
     except (tpr.TraceError, RuntimeError) as e:  # a forward that rejects the inputs fails in the trace
         raise _fail("inspect", f"could not trace {type(model).__name__} on {args.input_dtype} inputs of shape "
                     f"{shapes}: {e}{_token_hint(model, args.input_dtype)}") from e
@@ -182,8 +216,21 @@ def bench(args: argparse.Namespace) -> int:
 
     from . import benchmark
 
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise _fail("bench", f"--device {args.device!r} is not a device; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise _fail("bench", f"--device {args.device!r}: the benchmark runs on cpu or cuda only")
+    if args.json:  # checked now, not after the whole benchmark ran
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise _fail("bench", f"--json {args.json}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise _fail("bench", f"--json {args.json}: the folder {folder} is not writable")
+        if os.path.isdir(args.json):
+            raise _fail("bench", f"--json {args.json} is a folder; give a file name")
     torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise _fail("bench", "--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     backends = args.backends.split(",") if args.backends else None
@@ -212,8 +259,7 @@ def bench(args: argparse.Namespace) -> int:
     print()
     print(benchmark.table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(benchmark.to_json(rows), f, indent=1)
+        write_json(args.json, benchmark.to_json(rows))
         print(f"wrote {args.json}")
     return 0
 
@@ -243,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1, like the demo: on a busy machine several threads are "
                         "much slower and noisier; the count is printed)")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per method (default 0.3)")
+    p.add_argument("--min-time", type=_seconds, default=0.3, help="seconds of timing per method (default 0.3)")
     p.add_argument("--no-torch-pruning", action="store_true", help="leave Torch-Pruning out")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quiet", action="store_true")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -30,6 +29,7 @@ from torch import nn
 
 import tritonprune as tpr
 
+from .._files import write_json, write_text
 from ..pruning.counting import count_macs, count_params
 from ..pruning.importance import compute_importance
 from .demo_config import REGULARIZERS, DemoConfig  # noqa: F401  (torch-free: the CLI parses with it)
@@ -409,10 +409,8 @@ def main(args: argparse.Namespace) -> int:
     text = table(results)
     print()
     print(report(results))
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(cfg.out, "table.md"), "w") as f:
-        f.write(text + "\n")
+    write_json(os.path.join(cfg.out, "results.json"), results, strict=False)
+    write_text(os.path.join(cfg.out, "table.md"), text + "\n")
     png = os.path.join(cfg.out, "demo.png")
     if figure(results, png):
         print(f"wrote {png}, {os.path.join(cfg.out, 'results.json')}, {os.path.join(cfg.out, 'table.md')}")

@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._files import read_json, require_object, to_json, write_text
 from ..pruning.history import ORIGINAL_CONFIG, applied_plans, config_snapshot
 
 FILE = "tritonprune.json"
@@ -146,6 +147,10 @@ def save_with_plans(model: nn.Module, path: str | os.PathLike, plans: list, save
     if plans[0].model_class != _class_name(model):
         raise ValueError(f"the plan was made for a {plans[0].model_class}, not a {_class_name(model)}")
     problem = plain_load_problem(model)
+    meta = plan_file_content(plans, original_config=original,
+                             plain_load="ok: config.json describes the pruned model" if problem is None
+                             else f"refused: config.json is the original config ({problem})")
+    text = to_json(meta, os.path.join(os.fspath(path), FILE))  # before anything is written
     os.makedirs(path, exist_ok=True)
     kwargs.setdefault("save_original_format", False)  # the tensor names the plans use
     pruned_config = model.config
@@ -153,21 +158,33 @@ def save_with_plans(model: nn.Module, path: str | os.PathLike, plans: list, save
         # the pruned config would build another model: save the original, whose shapes make a plain
         # from_pretrained fail loudly instead
         model.config = type(pruned_config).from_dict(original)
-    try:
-        save(path, **kwargs)
-    finally:
-        model.config = pruned_config
     if not kwargs.get("is_main_process", True):
-        return  # the Trainer's other ranks: the main process writes the files
-    write_plan_file(path, plans, original_config=original,
-                    plain_load="ok: config.json describes the pruned model" if problem is None
-                    else f"refused: config.json is the original config ({problem})")
+        try:  # the Trainer's other ranks: HF decides what they write; the main process writes the plan
+            save(path, **kwargs)
+        finally:
+            model.config = pruned_config
+        return
+    # HF writes into a fresh private folder inside `path`; its files then replace the old ones one by
+    # one (each atomically, links replaced rather than followed), tritonprune.json last. A save that
+    # fails leaves the previous checkpoint as it was.
+    staging = tempfile.mkdtemp(prefix=".tmp-save-", dir=path)
+    try:
+        try:
+            save(staging, **kwargs)
+        finally:
+            model.config = pruned_config
+        written = sorted(os.listdir(staging))
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+        _drop_stale_weights(os.fspath(path), set(written))
+        write_text(os.path.join(path, FILE), text)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_plan_file(folder: str | os.PathLike, plans: list, original_config: dict | None = None,
-                    plain_load: str | None = None) -> str:
-    """Write `folder/tritonprune.json` atomically (temp file in the folder, fsync, rename): the plans in
-    the order they were applied, and the original HF config (None for a model without one)."""
+def plan_file_content(plans: list, original_config: dict | None = None, plain_load: str | None = None) -> dict:
+    """What `tritonprune.json` holds: the plans in the order they were applied, and the original HF
+    config (None for a model without one)."""
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -177,45 +194,67 @@ def write_plan_file(folder: str | os.PathLike, plans: list, original_config: dic
     }
     if plain_load is not None:
         meta["plain_load"] = plain_load
-    return _write_atomically(os.path.join(os.fspath(folder), FILE), json.dumps(meta, indent=1))
+    return meta
 
 
-def _write_atomically(path: str, text: str) -> str:
-    if os.path.islink(path):
-        raise ValueError(f"{path} is a symbolic link; refusing to write a plan through it")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tritonprune-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def write_plan_file(folder: str | os.PathLike, plans: list, original_config: dict | None = None,
+                    plain_load: str | None = None) -> str:
+    """Write `folder/tritonprune.json` atomically (validated first, temp file in the folder, fsync, rename)."""
+    path = os.path.join(os.fspath(folder), FILE)
+    write_text(path, to_json(plan_file_content(plans, original_config, plain_load), path))
     return path
 
 
 def read_plan_file(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The content of `folder/tritonprune.json` (format checked, plans as PrunePlans), or None if absent."""
+    """The content of `folder/tritonprune.json` (format checked, plans as PrunePlans), or None if absent.
+    Every flaw is a ValueError naming the file."""
     from ..pruning.plan import PrunePlan
 
     meta_file = os.path.join(os.fspath(folder), FILE)
-    if not os.path.isfile(meta_file):
+    if not os.path.lexists(meta_file):
         return None
-    with open(meta_file) as f:
+    meta = require_object(read_json(meta_file), meta_file, ["format", "version"])
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
+                         f"supported (expected {FORMAT} version {VERSION})")
+    require_object(meta, meta_file, ["model_class", "original_config", "plans"])
+    if not isinstance(meta["plans"], list) or not meta["plans"]:
+        raise ValueError(f"{meta_file}: plans must be a non-empty list of plans")
+    plans = []
+    for i, p in enumerate(meta["plans"]):
         try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_file}: not JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{meta_file}: format {got!r} is not a {FORMAT} version {VERSION} file")
-    if not meta.get("plans"):
-        raise ValueError(f"{meta_file}: holds no plans")
-    meta["plans"] = [PrunePlan.from_dict(p) for p in meta["plans"]]
+            plans.append(PrunePlan.from_dict(p))
+        except ValueError as e:
+            raise ValueError(f"{meta_file}: plans[{i}]: {e}") from None
+    meta["plans"] = plans
     return meta
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _drop_stale_weights(path: str, written: set[str]) -> None:
+    """Remove weight files of an earlier save in the other layout (single file vs shards): the loader
+    would otherwise pick the stale ones."""
+    for name in os.listdir(path):
+        if name in written:
+            continue
+        if name in _WEIGHT_FILES or (name.startswith("model-") and name.endswith(".safetensors")):
+            full = os.path.join(path, name)
+            if not os.path.islink(full) and os.path.isfile(full):
+                os.unlink(full)
+
+
+def _inside(folder: str, name: object, index: str) -> str:
+    """The path of checkpoint file `name` in `folder`, refusing a name that leads anywhere else (absolute,
+    `..`). Names are checked as written: links placed in the folder are its owner's choice (the Hugging
+    Face hub cache links every file to a blob outside the snapshot folder)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"{index}: shard file name {name!r} is not a file name")
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == os.curdir or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise ValueError(f"{index}: shard {name!r} lies outside the checkpoint folder {folder}; refused")
+    return os.path.join(folder, norm)
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -226,11 +265,12 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
         return load_file(single)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        data = require_object(read_json(index), index, ["weight_map"])
+        weight_map = require_object(data["weight_map"], f"{index}: weight_map")
+        files = [_inside(path, name, index) for name in dict.fromkeys(weight_map.values())]  # all checked first
         out: dict[str, torch.Tensor] = {}
-        for name in files:
-            out.update(load_file(os.path.join(path, name)))
+        for full in files:
+            out.update(load_file(full))
         return out
     binary = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(binary):
@@ -258,10 +298,14 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
             "trainer.save_model() or as a Trainer checkpoint after PruneCallback pruned "
             "(load it with the model class's own from_pretrained)"
         )
-    if meta.get("original_config") is None:
-        raise ValueError(f"{os.path.join(path, FILE)}: the model has no Hugging Face config (a plain torch "
-                         "module): apply its plans with tritonprune.integrations.hf.apply_checkpoint_plan")
-    original = dict(meta["original_config"])
+    meta_file = os.path.join(path, FILE)
+    original = meta.get("original_config")
+    if original is None:
+        raise ValueError(f"{meta_file}: the model has no Hugging Face config (a plain torch module): apply its "
+                         "plans with tritonprune.integrations.hf.apply_checkpoint_plan")
+    original = dict(require_object(original, f"{meta_file}: original_config"))
+    if "model_type" not in original:
+        raise ValueError(f"{meta_file}: original_config has no model_type")
     original.update(config_overrides)
     config = transformers.AutoConfig.for_model(original.pop("model_type"), **original)
     model = _build(cls, config)
@@ -270,8 +314,8 @@ def from_pretrained(cls: Any, path: str | os.PathLike, dtype: Any = None, device
     if _class_name(model) != meta["model_class"]:
         raise ValueError(f"{path} holds a pruned {meta['model_class']}; {getattr(cls, '__name__', cls)} built a "
                          f"{_class_name(model)}")
-    for p in meta["plans"]:
-        p.apply(model)
+    for plan in meta["plans"]:
+        plan.apply(model)
     state = _load_state_dict(path)
     expected = model.state_dict()
     for name, t in state.items():

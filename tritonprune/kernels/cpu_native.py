@@ -12,11 +12,16 @@ the torch backend runs on torch ops alone, with the same results; `why_unavailab
 What gets loaded is checked, because a shared object runs with the user's rights and a broken one kills
 the process (SIGBUS inside dlopen on a truncated file):
 - the cache directory ($TRITONPRUNE_CACHE_DIR, else ~/.cache/tritonprune, else a per-user directory under
-  the temp dir) is used only if it is a directory owned by this user that nobody else can write; made
-  with mode 0700 when missing;
+  the temp dir) is used only if it is a directory (not a link) owned by this user that nobody else can
+  write, made with mode 0700 when missing, and every directory above it passes OpenSSH's StrictModes
+  test: owned by root or this user, writable by nobody else unless sticky (/tmp). Otherwise another user
+  could swap a directory on the path between the check and the load;
 - every build is compiled to a temporary name, then its size and SHA-256 go to a sidecar file (written
-  atomically), then both are renamed into place; a cached object is loaded only if it matches its sidecar,
-  else it is rebuilt;
+  atomically), then both are renamed into place; a cached object is opened once (never through a link),
+  read, checked against its sidecar, and exactly those bytes are loaded (from a private in-memory file,
+  memfd, where Linux has one): the path is never opened again, so nothing swapped in after the check runs;
+- the build lock is replaced in a forked child (os.register_at_fork): a fork while another thread builds
+  (DataLoader workers) does not leave the child waiting on a lock nobody will release;
 - a loaded object without the expected symbols is rebuilt once; if that fails too, torch ops with a warning.
 `CC` may hold arguments (`CC="ccache gcc"`).
 """
@@ -37,7 +42,14 @@ import threading
 import warnings
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: the accelerator is not built there
+    fcntl = None
+
 import torch
+
+from .._files import write_text
 
 SOURCE = Path(__file__).with_name("cpu_native.c")
 ENV_SWITCH = "TRITONPRUNE_NATIVE"  # "0" turns the accelerator off
@@ -76,9 +88,28 @@ def _cache_dirs() -> list[Path]:
     return [first, Path(tempfile.gettempdir()) / f"tritonprune-{os.getuid()}"]
 
 
+def _unsafe_ancestor(folder: Path) -> str | None:
+    """Why a directory above the cache is unsafe (None if every one is): like OpenSSH's StrictModes, each
+    must be owned by root or this user and writable by nobody else, unless sticky (only an entry's owner
+    may rename it there, as in /tmp)."""
+    me = os.getuid()
+    for d in [folder, *folder.parents]:
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            return f"cannot check {d}: {e.strerror or e}"
+        if st.st_uid not in (0, me):
+            return f"{d} (above the cache directory) is owned by uid {st.st_uid}, not by root or this user"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            return (f"{d} (above the cache directory) is writable by other users (mode {stat.S_IMODE(st.st_mode):o}) "
+                    "and not sticky: another user could swap the cache; use a private cache directory")
+    return None
+
+
 def private_dir(path: Path) -> str | None:
     """Make `path` (mode 0700) if missing; None if it is fit to hold code we run, else why not: it must be a
-    directory (not a link) owned by this user, writable by nobody else."""
+    directory (not a link) owned by this user, writable by nobody else, below directories that pass
+    `_unsafe_ancestor`."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(path)
@@ -90,7 +121,13 @@ def private_dir(path: Path) -> str | None:
         return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); make it 0700"
-    return None
+    return _unsafe_ancestor(Path(os.path.realpath(path.parent)))
+
+
+def _resolved(path: Path) -> Path:
+    """`path` with its (checked) parents resolved: used for every later step, so a link above it that is
+    changed afterwards does not move where we read and write."""
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _cpu_key() -> str:
@@ -114,35 +151,77 @@ def _sidecar(so: Path) -> Path:
     return so.with_name(so.name + ".sha256")
 
 
+_NOFOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_private(path: Path) -> bytes:
+    """The bytes of `path`, opened once without following a link; OSError unless it is a regular file of
+    this user that nobody else can write."""
+    fd = os.open(path, _NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise OSError(f"{path} is not a regular file of this user, private to it")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_verified(so: Path) -> bytes | None:
+    """The bytes of `so` if they have the size and SHA-256 its sidecar recorded at build time, else None."""
+    try:
+        size_s, digest = _read_private(_sidecar(so)).decode().split()
+        if os.lstat(so).st_size != int(size_s):  # cheap first: a truncated file is not even read
+            return None
+        data = _read_private(so)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if (len(data), hashlib.sha256(data).hexdigest()) == (int(size_s), digest) else None
+
+
 def _verified(so: Path) -> bool:
-    """`so` exists and has the size and SHA-256 its sidecar recorded at build time."""
-    try:
-        size_s, digest = _sidecar(so).read_text().split()
-        if os.stat(so).st_size != int(size_s):  # cheap first: a truncated file never reaches dlopen
-            return False
-        return _digest(so) == (int(size_s), digest)
-    except (OSError, ValueError):
-        return False
+    return _read_verified(so) is not None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".sha256")
+_keep: list[int] = []  # memfds of loaded libraries: never closed, so their /proc path is never reused
+
+
+def _load_bytes(data: bytes, folder: Path) -> ctypes.CDLL:
+    """dlopen exactly `data`: from an anonymous in-memory file where Linux has memfd_create (sealed against
+    writes), else from a fresh private file in `folder` (checked private), removed once loaded."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        flags = os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0)
+        fd = os.memfd_create("tritonprune-cpu_native", flags)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            seals = sum(getattr(fcntl, n, 0) if fcntl is not None else 0 for n in ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE"))
+            if fcntl is not None and seals and hasattr(fcntl, "F_ADD_SEALS"):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        except BaseException:
+            os.close(fd)
+            raise
+        _keep.append(fd)
+        return lib
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".load-", dir=folder)  # a fresh name: no dlopen reuse
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return ctypes.CDLL(tmp)
+    finally:
+        os.unlink(tmp)
 
 
 def _compile(cc: list[str], out: Path) -> tuple[ctypes.CDLL | None, str | None]:
     """Build the shared object and load it; returns (library, None) or (None, the compiler's complaint).
 
-    It is loaded from its temporary name before being renamed to `out`: dlopen returns the handle it
-    already has for a path it has seen, so reloading `out` after replacing a bad build would give the bad
-    one back."""
+    The build goes to a temporary name in the (checked) cache directory; its bytes are read once, loaded,
+    recorded in the sidecar, and only then is the file renamed to `out`."""
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".tmp-", dir=out.parent)
     os.close(fd)
     err = "no build was tried"
@@ -151,10 +230,11 @@ def _compile(cc: list[str], out: Path) -> tuple[ctypes.CDLL | None, str | None]:
             r = subprocess.run([*cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                timeout=300)
             if r.returncode == 0:
-                size, digest = _digest(tmp)
-                lib = ctypes.CDLL(tmp)
-                _atomic_write(_sidecar(out), f"{size} {digest}\n")
-                os.replace(tmp, out)  # the mapping stays valid under the new name
+                os.chmod(tmp, 0o700)
+                data = _read_private(Path(tmp))
+                lib = _load_bytes(data, out.parent)
+                write_text(_sidecar(out), f"{len(data)} {hashlib.sha256(data).hexdigest()}\n", mode=0o600)
+                os.replace(tmp, out)
                 return lib, None
             lines = (r.stderr or r.stdout).strip().splitlines()
             err = lines[-1] if lines else f"exit code {r.returncode}, no output"
@@ -199,7 +279,7 @@ def _load() -> None:
         if bad is not None:
             reasons.append(bad)
             continue
-        lib, _why = _open(cc, where / name)
+        lib, _why = _open(cc, _resolved(where) / name)
         if lib is not None:
             _bind(lib)
             return
@@ -212,7 +292,8 @@ def _load() -> None:
 def _open(cc: list[str], path: Path) -> tuple[ctypes.CDLL | None, str | None]:
     """A verified cached build at `path`, else a fresh one; a build without the symbols is rebuilt once."""
     try:
-        lib = ctypes.CDLL(str(path)) if _verified(path) else None
+        data = _read_verified(path)
+        lib = _load_bytes(data, path.parent) if data is not None else None
         if lib is not None and not _missing(lib):
             return lib, None
         lib, err = _compile(cc, path)
@@ -255,6 +336,16 @@ def library() -> ctypes.CDLL | None:
                                   f"runs on torch ops alone, about 2x slower on large models. Set {ENV_SWITCH}=0 "
                                   "to silence this.", RuntimeWarning, stacklevel=3)
     return _lib
+
+
+def _after_fork_in_child() -> None:
+    # a thread of the parent may have held the lock at the fork; it does not exist in the child
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def why_unavailable() -> str | None:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import write_json
 from .layout import GroupBuffers
 from .triton_plan import NUM_WARPS, Spec
 
@@ -312,8 +313,8 @@ def main(argv=None) -> int:
         "all_targets_met": all(targets_met(r) for r in rows),
         "compile_seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "report.json", rows, strict=False)
+    write_json(out / "summary.json", summary, strict=False)
     print(table(rows))
     print(f"\nstatic model, not a timing; {len(rows)} specializations, all targets met: {summary['all_targets_met']}; "
           f"report in {out / 'report.json'}")

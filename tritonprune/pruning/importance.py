@@ -128,6 +128,29 @@ def taylor(
     return None if imp is None else normalize(imp, normalizer)
 
 
+def _from_callable(fn: Callable, g: Group) -> torch.Tensor:
+    """The score vector a user's importance callable returned for `g`, or ValueError naming the callable."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    imp = fn(g)
+    if isinstance(imp, torch.Tensor):
+        if imp.device.type == "meta":
+            raise ValueError(f"importance callable {name} returned a meta tensor for group {g.origin!r} (no values); "
+                             f"return real scores of shape ({g.size},)")
+        if not (imp.dtype.is_floating_point or imp.dtype in (torch.int32, torch.int64, torch.int16, torch.int8,
+                                                             torch.uint8)):
+            raise ValueError(f"importance callable {name} returned a {imp.dtype} tensor for group {g.origin!r}; "
+                             "return real-valued scores")
+        return imp.detach().float().cpu()
+    if imp is None or isinstance(imp, (str, bytes, bool)):
+        raise ValueError(f"importance callable {name} returned {imp!r} for group {g.origin!r}; it must return a "
+                         f"tensor (or sequence of numbers) of shape ({g.size},)")
+    try:
+        return torch.as_tensor(imp, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"importance callable {name} returned a {type(imp).__name__} for group {g.origin!r} that is "
+                         f"not a vector of numbers ({e}); return a tensor of shape ({g.size},)") from None
+
+
 def compute_importance(
     model: nn.Module,
     groups: Sequence[Group],
@@ -144,8 +167,7 @@ def compute_importance(
     with torch.no_grad():
         for g in groups:
             if callable(importance):
-                imp = importance(g)
-                imp = torch.as_tensor(imp).detach().float().cpu()
+                imp = _from_callable(importance, g)
                 if imp.shape != (g.size,):
                     raise ValueError(
                         f"importance callable returned shape {tuple(imp.shape)} for group {g.origin!r}; "

@@ -8,7 +8,6 @@ imated MACs to at most the target; `ratio` is then not used.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -19,13 +18,27 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..graph.group import Group
+from .._files import read_json, to_json, write_text
+from ..graph.group import (
+    AFFINE,
+    BATCHNORM,
+    CONV,
+    CONV_T,
+    EMBEDDING,
+    GROUPNORM,
+    IN,
+    LAYERNORM,
+    LINEAR,
+    OUT,
+    STAT,
+    Group,
+)
 from ..graph.trace import unwrap
-from ..wrappers import resolve_optimizer
+from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .history import config_snapshot, record_plan
 from .plan_schema import FORMAT, VERSION, PlanError, check_groups, parse
 from .runcheck import RunCheckUnavailable, find_breaking_groups, inputs_from_spec, reference_output, run_check
-from .slicing import Cut, apply_cuts, build_cuts, model_tensors, remap_groups, zero_channels
+from .slicing import Cut, apply_cuts, build_cuts, model_tensors, prepare_cuts, remap_groups, zero_channels
 from .transaction import Transaction
 
 
@@ -92,14 +105,19 @@ class PrunePlan:
                     f"{tname}: the plan expects shape {tuple(shape)}, the model has {tuple(tensors[tname].shape)} "
                     "(already pruned, or another configuration)"
                 )
+        _check_slot_metadata(model, self.groups)
         return build_cuts(self._removals(), tensors)
 
     # ------------------------------------------------------------------ actions
     def zero_(self, model: nn.Module) -> nn.Module:
         """Soft pruning: zero the removed channels in place; shapes are unchanged.
 
-        Every slot is validated before any is zeroed; on any error the touched tensors are restored."""
-        self.check(model)
+        Every slot is validated before any is zeroed, exactly as `apply` validates (the slicing is computed,
+        then discarded); on any error the touched tensors are restored."""
+        cuts = self.check(model)
+        with warnings.catch_warnings():  # apply's notes on attributes it would set do not concern zero_
+            warnings.simplefilter("ignore")
+            prepare_cuts(unwrap(model), cuts)  # what apply would refuse, zero_ refuses
         touched = [s.name for g, r in self._removals() if r for s in g.slots]
         with Transaction(unwrap(model), values=touched):
             zero_channels(unwrap(model), self._removals())
@@ -117,6 +135,7 @@ class PrunePlan:
         cuts = self.check(model)
         inner = unwrap(model)
         optimizer = resolve_optimizer(optimizer)  # through accelerate/Lightning wrappers
+        check_optimizer_owns(optimizer, inner, "PrunePlan.apply")
         if check_run:
             inputs = example_inputs
             if inputs is None and self.info.get("example_inputs") is not None:
@@ -227,17 +246,65 @@ class PrunePlan:
         return cls(model_class, groups, removed, shapes, info)
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        """Write the plan as JSON, atomically: checked to encode first, then a temporary file in the same
+        folder replaces `path` (a link at `path` is replaced, never written through). On any error the
+        previous file at `path` is left as it was."""
+        self.validate()
+        write_text(path, to_json(self.to_dict(), f"plan for {os.fspath(path)}"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PrunePlan:
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise PlanError(f"{path}: not a JSON plan ({e})") from e
-        return cls.from_dict(d)
+        """Read a plan written by `save`; PlanError (a ValueError) naming the file for any flaw."""
+        try:
+            d = read_json(path)
+        except ValueError as e:
+            raise PlanError(f"not a JSON plan: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{os.fspath(path)}: {e}") from None
+
+
+# what tracing gives the slots of a standard module's own tensors: (kinds, role of each local tensor name);
+# a weight's role follows its dim (OUT or IN) and is only checked to be one of those
+_STANDARD: list[tuple[type, set[str], dict[str, str]]] = [
+    (nn.modules.conv._ConvNd, {CONV, CONV_T}, {"weight": "", "bias": OUT}),
+    (nn.Linear, {LINEAR, EMBEDDING}, {"weight": "", "bias": OUT}),
+    (nn.modules.batchnorm._BatchNorm, {BATCHNORM}, {"weight": AFFINE, "bias": AFFINE, "running_mean": STAT,
+                                                     "running_var": STAT}),
+    (nn.LayerNorm, {LAYERNORM}, {"weight": AFFINE, "bias": AFFINE}),
+    (nn.GroupNorm, {GROUPNORM}, {"weight": AFFINE, "bias": AFFINE}),
+]
+
+
+def _check_slot_metadata(model: nn.Module, groups: Sequence[Group]) -> None:
+    """The metadata of every slot against the model (a hand-edited plan could otherwise turn off the
+    regularization or importance of a layer): is_buffer always; kind, role and is_bias for the tensors of
+    standard layers (conv, linear, batch/layer/group norm), whose slots tracing always labels the same way."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    modules = dict(model.named_modules())
+    for gi, g in enumerate(groups):
+        for si, s in enumerate(g.slots):
+            where = f"plan group {gi} ({g.origin!r}), slot {si} ({s.name})"
+            if s.is_buffer == (s.name in params):
+                actual = "a buffer" if s.is_buffer is False else "a parameter"
+                raise ValueError(f"{where}: is_buffer={s.is_buffer}, but the model's {s.name} is {actual}; the plan "
+                                 "was edited or made for another model")
+            m = modules.get(s.module)
+            local = s.name.rpartition(".")[2]
+            for cls, kinds, roles in _STANDARD:
+                if not isinstance(m, cls) or local not in roles or getattr(m, local, None) is None:
+                    continue
+                role = roles[local]
+                bad = (f"kind {s.kind!r} (a {type(m).__name__} gives {sorted(kinds)})" if s.kind not in kinds
+                       else f"is_bias={s.is_bias}" if s.is_bias != (local == "bias")
+                       else f"role {s.role!r} (expected {role!r})" if role and s.role != role and s.kind != EMBEDDING
+                       else f"role {s.role!r} (expected 'out' or 'in')" if not role and s.role not in (OUT, IN)
+                       and s.kind != EMBEDDING else None)
+                if bad:
+                    raise ValueError(f"{where}: {bad} does not match the model's {type(m).__name__}; the plan was "
+                                     "edited or made for another model")
+                break
 
 
 def _where(model: nn.Module, module: str) -> str:

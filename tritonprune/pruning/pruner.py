@@ -34,9 +34,10 @@ import torch.nn as nn
 
 from ..graph import find_groups, resolve_ignored
 from ..graph.assemble import is_ignored
+from ..graph.fingerprint import fingerprint
 from ..graph.group import IN, Group
 from ..graph.trace import call_with, unwrap
-from ..wrappers import resolve_optimizer
+from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .counting import MacCount, count_params, estimate_macs, mac_counting
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
@@ -114,6 +115,39 @@ def _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, ste
     if not callable(importance) and importance not in METHODS:
         raise ValueError(f"importance {importance!r} is not one of {METHODS} or a callable group -> tensor")
     return ratio
+
+
+MAX_STEPS = 1000  # rounds of iterative pruning; each traces, scores and slices the model once
+
+
+def _check_steps(steps: int, groups: Sequence[Group]) -> None:
+    """No more rounds than channels that can go (a round that removes nothing is wasted), nor MAX_STEPS."""
+    removable = sum(g.size - g.blocks * g.unit for g in groups)
+    limit = min(MAX_STEPS, max(1, removable))
+    if steps > limit:
+        raise ValueError(
+            f"steps={steps} is more rounds than the {removable} channels the groups can lose"
+            if limit < MAX_STEPS else f"steps={steps} exceeds the cap of {MAX_STEPS} rounds"
+        )
+
+
+def _check_flags_and_seed(seed: Any, **flags: Any) -> None:
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"tritonprune.prune: {name} must be True or False, got {v!r} ({type(v).__name__})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"tritonprune.prune: seed must be an int in [-2**63, 2**64) or None, got {seed!r}")
+
+
+def _check_group_list(groups: Any, who: str) -> list[Group]:
+    if isinstance(groups, (str, bytes, Group)) or not isinstance(groups, Iterable):
+        raise TypeError(f"{who}: expected a list of tritonprune Groups, got {type(groups).__name__}")
+    groups = list(groups)
+    bad = next((i for i, g in enumerate(groups) if not isinstance(g, Group)), None)
+    if bad is not None:
+        raise TypeError(f"{who}: groups[{bad}] is a {type(groups[bad]).__name__}, not a tritonprune Group; pass "
+                        "tpr.find_groups(model, example_inputs)")
+    return groups
 
 
 def _check_layer_ratios(model: nn.Module, layer_ratios: Mapping[str, Any]) -> dict[str, float]:
@@ -208,18 +242,31 @@ def prune(
             "Load the weights first, or apply a saved plan with PrunePlan.load(path).apply(model)"
         )
     ratio = _check_arguments(ratio, target_params, target_macs, max_ratio, round_to, steps, importance)
+    _check_flags_and_seed(dry_run=dry_run, global_pruning=global_pruning, bias=bias, seed=seed)
+    check_optimizer_owns(optimizer, model, "tritonprune.prune")
+    if groups is not None:
+        groups = _check_group_list(groups, "prune(groups=...)")
     target = target_params if target_params is not None else target_macs
     layer_ratios = _check_layer_ratios(model, dict(layer_ratios or {}))
     ignored_layers = list(ignored_layers)
     ignored = sorted(resolve_ignored(model, ignored_layers))
 
     if groups is None and not ignored_layers and hasattr(optimizer, "reset_groups"):
+        recorded = getattr(optimizer, "groups_fingerprint", None)
+        if recorded is not None and recorded != fingerprint(model):
+            raise ValueError(
+                "tritonprune.prune: the model's parameters or buffers changed (added, removed, reshaped or "
+                "retyped) since the optimizer's groups were found, so they may no longer describe its channels; "
+                "nothing was changed. Pass groups=tpr.find_groups(model, example_inputs), or update the optimizer "
+                "with optimizer.reset_groups(tpr.find_groups(model, example_inputs))"
+            )
         groups = list(optimizer.groups)  # prune what the RegularizedOptimizer regularized; no new trace
     elif groups is None:
         groups = find_groups(model, example_inputs, ignored_layers=ignored_layers)
     else:
         groups = [g for g in groups if not _touches(g, ignored)]
     groups = list(groups)
+    _check_steps(steps, groups)
     _check_layer_ratios_match(groups, layer_ratios)
     if not groups:
         warnings.warn(

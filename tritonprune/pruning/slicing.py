@@ -17,7 +17,7 @@ their forward reads (see module_attrs).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -294,19 +294,38 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
     return model.get_submodule(mname), mname, local
 
 
-def _slice_state(state: Mapping[str, Any], like: torch.Tensor, cuts: Mapping[int, Cut]) -> dict[str, Any]:
-    """Optimizer state of one parameter: tensors shaped like it are cut the same way, the rest kept."""
+def _slice_state(state: Mapping[str, Any], like: torch.Tensor, cuts: Mapping[int, Cut], name: str) -> dict[str, Any]:
+    """Optimizer state of one parameter: tensors shaped like it are cut the same way, factored ones (the
+    parameter's shape with some dims reduced to 1: Adafactor's row_var / col_var) along the dims they
+    keep, scalars kept. Any other tensor cannot be placed on the pruned parameter: ValueError (raised
+    while nothing is modified yet)."""
     out = {}
     for k, v in state.items():
-        if isinstance(v, torch.Tensor) and v.shape == like.shape and v.dim() > 0:
-            out[k] = slice_tensor(v, cuts).to(v.dtype)
-        else:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
             out[k] = v
+        elif v.shape == like.shape:
+            out[k] = slice_tensor(v, cuts).to(v.dtype)
+        elif (v.dim() == like.dim() and all(a == b or a == 1 for a, b in zip(v.shape, like.shape))
+              and (v.shape[0] == like.shape[0] or all(c.blocks == 1 for c in cuts.values()))):
+            kept = {d: c for d, c in cuts.items() if v.shape[d] == like.shape[d]}
+            out[k] = slice_tensor(v, kept).to(v.dtype) if kept else v
+        else:
+            raise ValueError(
+                f"{name}: the optimizer's state {k!r} has shape {tuple(v.shape)}, which does not follow the "
+                f"parameter's shape {tuple(like.shape)}; it cannot be sliced with the parameter, so nothing was "
+                "changed. Prune without the optimizer (optimizer=None) and rebuild it afterwards"
+            )
     return out
 
 
 def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> None:
     """Slice the model (and the optimizer state) by `cuts`. Validates and computes everything first."""
+    prepare_cuts(model, cuts, optimizer)()
+
+
+def prepare_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> Callable[[], None]:
+    """Validate `cuts` against the model and compute every new tensor and attribute, modifying nothing;
+    returns the function that commits them (`zero_` validates through this too, then discards it)."""
     tensors = model_tensors(model)
     names = _aliases(tensors)
     by_tensor: dict[str, dict[int, Cut]] = {}
@@ -357,12 +376,21 @@ def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) in old_to_new and p in optimizer.state:
-                    states[id(p)] = _slice_state(optimizer.state[p], p, by_tensor[names[id(p)]])
+                    states[id(p)] = _slice_state(optimizer.state[p], p, by_tensor[names[id(p)]], names[id(p)])
     new_groups = None
     if optimizer is not None and hasattr(optimizer, "reset_groups"):
         new_groups = remap_groups(list(optimizer.groups), cuts)
 
-    # 2. commit
+    def commit_all() -> None:
+        _commit(model, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer, states,
+                new_groups)
+
+    return commit_all
+
+
+def _commit(model, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer, states,
+            new_groups) -> None:
+    """Step 2 of apply_cuts: install what prepare_cuts computed."""
     for name, t in new.items():
         if name in params:
             continue

@@ -158,6 +158,14 @@ class TermBounds:
         read = iter(_max_abs(unread))
         todo = [(name, p, K, next(read) if W is None else W) for name, p, K, W in todo]
         for name, p, K, W in todo:
+            one = max(self.slot_coef[k] for k in self._update_of[name]) * (
+                1.0 if scales is None else abs(scales.get(name, 0.0)))
+            if decoupled and not one <= 1.0 + 1e-6:
+                raise ValueError(
+                    f"tritonprune: decoupled shrink of {name}: lr * reg * gamma (one group's coefficient) reaches "
+                    f"{one:.3g} > 1, which would flip the signs of its weights and grow them; nothing was "
+                    "modified. Lower the lr, reg (or alpha)"
+                )
             self._check(name, p.dtype, K * W, W * max(1.0, K - 1.0) if decoupled else K * W, decoupled)
         reads = self._check_grad_sums([(name, p, K * W) for name, p, K, W in todo], decoupled) or reads
         self._checked_key = None if reads else key

@@ -19,6 +19,7 @@ never import it and pay nothing for it.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -211,6 +212,44 @@ class Regularization:
         without writing anything; the optimizer calls it before a decoupled inner step."""
         return self.buffers
 
+    def check_decoupled(self, lr_of_param: Mapping[int, float]) -> None:
+        """What a decoupled shrink `w *= 1 - lr * coef` needs, checked before the inner step so that a
+        refusal leaves everything as it was: every lr finite and >= 0; GroupNorm's `lr * reg * gamma` at
+        most 1 (gamma reaches 2**alpha on the weakest channel of any group, and a factor above 1 would flip
+        the weights' signs and grow them); the weights to shrink finite."""
+        self.prepare()
+        r, bounds = self.regularizer, self._bounds
+        used = []
+        for name, p in bounds.params.items():
+            lr = lr_of_param.get(id(p))
+            if lr is None:
+                continue
+            if not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"tritonprune: the learning rate of {name} is {lr!r}; a decoupled shrink needs a "
+                                 "finite lr >= 0. Nothing was modified")
+            if isinstance(r, GroupNorm) and lr > 0:
+                gamma = 2.0 ** r.alpha
+                factor = lr * r.reg * gamma
+                if not factor <= 1.0:
+                    raise ValueError(
+                        f"tritonprune: decoupled shrink of {name}: lr ({lr:g}) * reg ({r.reg:g}) * gamma (up to "
+                        f"2**alpha = {gamma:g}) = {factor:.3g} > 1 would flip the signs of its weights and grow "
+                        "them; nothing was modified. Lower the lr, reg or alpha"
+                    )
+            used.append((name, p))
+        if self.sharded is not None:
+            return  # FSDP2: every rank must reach the same verdict; the sums check after the step does
+        if not used:
+            return
+        # one sum per weight (the cheapest full read: no temporary; one host sync): inf/NaN anywhere makes it
+        # non-finite. It can also overflow for weights beyond ~1e34, which the sums of squares refuse anyway.
+        totals = torch.stack([p.detach().sum(dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                              for _, p in used]).tolist()
+        for (name, _), total in zip(used, totals):
+            if not math.isfinite(total):
+                raise ValueError(f"tritonprune: {name} holds inf/NaN weights (or beyond ~1e34); the training has "
+                                 "diverged, nothing was modified. Lower the learning rate or restore a checkpoint")
+
     # ------------------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
@@ -221,12 +260,25 @@ class Regularization:
 
     def check_state_dict(self, state: Mapping) -> None:
         """Raise ValueError if `state` (from `state_dict()`) does not fit these groups; changes nothing."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"tritonprune: the checkpoint's regularizer entry must be a dict, got {type(state).__name__}")
+        for key in ("calls", "coef_age"):
+            v = state.get(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"tritonprune: the checkpoint's regularizer entry has {key}={v!r}; expected an "
+                                 "int >= 0 (a corrupt or hand-edited checkpoint)")
         n = sum(g.size for g in self.groups)
         coef = state.get("coef")
         if coef is not None and (not isinstance(coef, torch.Tensor) or tuple(coef.shape) != (n,)):
             raise ValueError(
                 f"tritonprune: the checkpoint's cached coefficients have shape {tuple(getattr(coef, 'shape', ()))}, "
                 f"the groups {n} channels: it was saved for another model (or before pruning)"
+            )
+        if coef is not None and (not coef.dtype.is_floating_point or not bool(torch.isfinite(coef).all())
+                                 or bool((coef < 0).any())):
+            raise ValueError(
+                "tritonprune: the checkpoint's cached coefficients are not all finite and >= 0 (a corrupt or "
+                "hand-edited checkpoint); nothing was loaded. Drop the 'tritonprune' entry to recompute them"
             )
 
     def load_state_dict(self, state: Mapping) -> None:

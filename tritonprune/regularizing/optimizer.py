@@ -15,6 +15,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..graph.fingerprint import fingerprint
+from ..graph.group import Group
+from ..graph.trace import unwrap
 from .engine import Regularization, check_backend_name
 from .regularizers import resolve_regularizer
 
@@ -129,6 +132,9 @@ class RegularizedOptimizer(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"RegularizedOptimizer: model must be an nn.Module, got {type(model).__name__}")
         _check_owns_model_params(optimizer, model)
+        if any(g.get("maximize", False) for g in optimizer.param_groups) and not getattr(
+                resolve_regularizer(regularizer), "decoupled", False):
+            raise ValueError(_MAXIMIZE)
         if any(p.device.type == "meta" for p in model.parameters()):
             raise ValueError(
                 "RegularizedOptimizer: the model has parameters on the meta device (no data to regularize); "
@@ -161,8 +167,15 @@ class RegularizedOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._engine = Regularization(model, list(groups), self.regularizer, backend=backend,
+        groups = list(groups)
+        bad = next((i for i, g in enumerate(groups) if not isinstance(g, Group)), None)
+        if bad is not None:
+            raise TypeError(f"RegularizedOptimizer: groups[{bad}] is a {type(groups[bad]).__name__}, not a "
+                            "tritonprune Group; pass tpr.find_groups(model, example_inputs)")
+        self._engine = Regularization(model, groups, self.regularizer, backend=backend,
                                       params=self._own_params)
+        # what the groups describe: prune() refuses to reuse them once the model's structure changed
+        self.groups_fingerprint = fingerprint(unwrap(model))
         if not self._engine.groups:
             warnings.warn(
                 f"RegularizedOptimizer: the model ({type(model).__name__}) has no channel groups to regularize "
@@ -210,7 +223,13 @@ class RegularizedOptimizer(Optimizer):
 
     def reset_groups(self, groups: Iterable[Any]) -> None:
         """Regularize these groups from now on (after pruning changed the model's channels)."""
-        self._engine.set_groups(list(groups))
+        groups = list(groups)
+        bad = next((i for i, g in enumerate(groups) if not isinstance(g, Group)), None)
+        if bad is not None:
+            raise TypeError(f"reset_groups: groups[{bad}] is a {type(groups[bad]).__name__}, not a tritonprune "
+                            "Group; pass tpr.find_groups(model, example_inputs)")
+        self._engine.set_groups(groups)
+        self.groups_fingerprint = fingerprint(unwrap(self.model))
 
     def regularize(self) -> None:
         """Add the regularization term to the current ``.grad`` of the grouped parameters, in place.
@@ -221,7 +240,7 @@ class RegularizedOptimizer(Optimizer):
         with torch.no_grad():
             self._engine.apply_to_grads()
 
-    def _shrink_decoupled(self) -> None:
+    def _lr_of_param(self) -> dict[int, float]:
         # Only parameters this optimizer steps and that got a gradient are shrunk, each with its lr.
         lr_of_param: dict[int, float] = {}
         for group in self.param_groups:
@@ -229,8 +248,11 @@ class RegularizedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.requires_grad:
                     lr_of_param[id(p)] = lr
+        return lr_of_param
+
+    def _shrink_decoupled(self) -> None:
         with torch.no_grad():
-            self._engine.apply_decoupled(lr_of_param)
+            self._engine.apply_decoupled(self._lr_of_param())
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Regularize, then run the inner optimizer's step (decoupled mode: step, then shrink).
@@ -246,10 +268,16 @@ class RegularizedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if getattr(self.regularizer, "decoupled", False):
-            self._engine.prepare()
+            self._engine.check_decoupled(self._lr_of_param())
             self._optimizer.step()
-            self._shrink_decoupled()
+            try:
+                self._shrink_decoupled()
+            except ValueError as e:  # only what the inner step itself produced (inf weights) gets here
+                raise ValueError(str(e).replace(
+                    "nothing was modified", "the inner optimizer's step was taken (it produced these weights), "
+                    "the shrink was not")) from None
         else:
+            _refuse_maximize(self._optimizer)
             self.regularize()
             self._optimizer.step()
         return loss
@@ -290,6 +318,7 @@ class RegularizedOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         ours = state_dict.get(STATE_KEY)
+        _check_state_shapes(self._optimizer, state_dict, self.model)  # before anything is loaded
         if ours is not None:
             self._engine.check_state_dict(ours)  # before the inner optimizer loads anything
             state_dict = {k: v for k, v in state_dict.items() if k != STATE_KEY}
@@ -332,6 +361,7 @@ class RegularizedOptimizer(Optimizer):
             "regularizer": self.regularizer,
             "backend": self.backend,
             "groups": list(self.groups),
+            "groups_fingerprint": self.__dict__.get("groups_fingerprint"),
             "engine_state": self._engine.state_dict(),
         }
 
@@ -344,8 +374,56 @@ class RegularizedOptimizer(Optimizer):
         self._patch_step_function()
         self._engine = Regularization(self.model, groups, self.regularizer, backend=self.backend,
                                       params=self._own_params)
+        if self.__dict__.get("groups_fingerprint") is None:
+            self.groups_fingerprint = fingerprint(unwrap(self.model))
         if engine_state.get("coef") is not None:
             self._engine.load_state_dict(engine_state)
+
+
+_MAXIMIZE = (
+    "RegularizedOptimizer: the inner optimizer has maximize=True; it would ascend the regularization term "
+    "added to .grad and grow the weights instead of shrinking them. Use decoupled=True in the regularizer "
+    "(it shrinks the weights itself, whatever direction the inner step takes), or minimize the negated loss"
+)
+
+
+def _refuse_maximize(optimizer: Optimizer) -> None:
+    """Coupled mode: refuse (before anything is written) a param group that maximizes (set after construction
+    or by load_state_dict)."""
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise ValueError(_MAXIMIZE + "; nothing was modified")
+
+
+def _follows(v: torch.Tensor, p: torch.Tensor) -> bool:
+    """A state tensor that fits parameter `p`: p's shape, or p's shape with dims reduced to 1 (Adafactor's
+    factored row_var / col_var). Tensors of another rank (scalars, quantized optimizers' block scales) do
+    not claim to follow p's dims and are left to the optimizer."""
+    return v.dim() != p.dim() or all(a == b or a == 1 for a, b in zip(v.shape, p.shape))
+
+
+def _check_state_shapes(optimizer: Optimizer, state_dict: Any, model: nn.Module) -> None:
+    """Refuse optimizer state whose tensors do not fit the parameters they would be loaded for (saved before
+    pruning, or for another model): the next step would fail inside torch after the term was written."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+        return  # torch's own load_state_dict says what is wrong
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_index = {}
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        if isinstance(saved, dict) and isinstance(saved.get("params"), list):
+            by_index.update(zip(saved["params"], group["params"]))
+    state = state_dict.get("state")
+    for index, entry in (state.items() if isinstance(state, dict) else ()):
+        p = by_index.get(index)
+        if p is None or not isinstance(entry, dict):
+            continue
+        for key, v in entry.items():
+            if isinstance(v, torch.Tensor) and not _follows(v, p):
+                raise ValueError(
+                    f"RegularizedOptimizer.load_state_dict: state {key!r} of {names.get(id(p), f'parameter {index}')} "
+                    f"has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}: the checkpoint was saved before "
+                    "pruning or for another model; nothing was loaded"
+                )
 
 
 def _check_owns_model_params(optimizer: Optimizer, model: nn.Module) -> None:
