@@ -13,7 +13,7 @@ from .integrations.hf_checkpoint import from_pretrained, save_pretrained  # tran
 from .pruning.plan import PrunePlan
 from .pruning.pruner import prune
 from .regularizing.optimizer import RegularizedOptimizer
-from .regularizing.regularizers import BNScale, GroupLasso, GroupNorm
+from .regularizing.regularizers import BNScale, GroupLasso, GroupNorm, GrowingReg
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "GroupNorm",
     "BNScale",
     "GroupLasso",
+    "GrowingReg",
     "prune",
     "PrunePlan",
     "distributed",
