@@ -31,10 +31,10 @@ from tritonprune.pruning.counting import count_macs  # noqa: E402
 
 # per task: steps (dense N, sparse/continued M, fine-tune F), batch, lrs, the pruned architecture
 TASKS = {
-    "charlm": dict(N=500, M=250, F=150, batch=16, lr=2e-3, ft_lr=5e-4,
+    "charlm": dict(N=400, M=200, F=100, batch=16, lr=2e-3, ft_lr=5e-4,
                    prune=dict(ratio=0.5, allocation="isomorphic",
                               kind_ratios={"residual": 0.0, "heads": 0.5, "mlp": 0.75})),
-    "pairs": dict(N=400, M=200, F=100, batch=64, lr=2e-3, ft_lr=5e-4,
+    "pairs": dict(N=600, M=300, F=150, batch=64, lr=3e-3, ft_lr=5e-4,
                     prune=dict(ratio=0.5, allocation="uniform")),
 }
 QUICK = dict(N=150, M=100, F=50)

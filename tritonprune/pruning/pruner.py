@@ -35,7 +35,7 @@ from ..graph.assemble import is_ignored
 from ..graph.group import IN, Group
 from ..graph.trace import call_with, unwrap
 from ..wrappers import resolve_optimizer
-from .counting import MacCount, count_params, estimate_macs, mac_counting
+from .counting import MacCount, count_macs, count_params, estimate_macs, mac_counting
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
 from .runcheck import RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
@@ -374,5 +374,14 @@ def prune(
     if macs0 is not None:
         plan.info["macs_before"] = macs0.total
         plan.info["macs_after"] = _macs_after(shapes0, shapes0, macs0, cuts)
+        if not dry_run and any(removed_all):
+            # the estimate keeps activation-activation products (attention scores) at their old size:
+            # count the pruned model itself (a fake-tensor forward), so the plan reports what it made
+            try:
+                plan.info["macs_after"] = count_macs(model, example_inputs, real_fallback=False).total
+            except Exception:  # the estimate stays; counting must never fail a prune that succeeded
+                plan.info["macs_after_is_estimate"] = True
+        elif any(removed_all) and macs0.unattributed:
+            plan.info["macs_after_is_estimate"] = True  # dry run: attention products counted unpruned
         plan.info["macs_by_weight"] = dict(macs0.by_weight)
     return plan
