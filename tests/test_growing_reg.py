@@ -190,3 +190,17 @@ def test_plan_macs_equal_the_count_of_the_pruned_model():
         plan = tpr.prune(m, (x,), ratio=0.5, ignored_layers=[m.head])
     assert plan.info["macs_after"] == count_macs(m, (x,)).total
     assert plan.info["macs_after"] < plan.info["macs_before"]
+
+
+def test_too_weak_a_penalty_warns_and_one_that_acts_does_not():
+    m, x = MLP(), torch.randn(4, 6)
+    adamw = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="too weak"):  # the old README recipe for AdamW: a no-op
+        tpr.RegularizedOptimizer(adamw, m, (x,), regularizer=tpr.GroupNorm(reg=5e-4, decoupled=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tpr.RegularizedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-3), m, (x,),
+                                 regularizer=tpr.GroupNorm(reg=0.1, decoupled=True))
+        tpr.RegularizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, (x,),
+                                 regularizer=tpr.GroupNorm(reg=5e-4))
+        tpr.RegularizedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-5), m, (x,), regularizer=tpr.GrowingReg())

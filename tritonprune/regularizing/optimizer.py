@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from .engine import Regularization, check_backend_name
 from .regularizers import resolve_regularizer
+from .strength import check_strength
 
 # key of the wrapper's own entry in state_dict() (cached coefficients of refresh_every > 1)
 STATE_KEY = "tritonprune"
@@ -163,6 +164,7 @@ class RegularizedOptimizer(Optimizer):
         self._patch_step_function()
         self._engine = Regularization(model, list(groups), self.regularizer, backend=backend,
                                       params=self._own_params)
+        check_strength(self.regularizer, optimizer)
         if not self._engine.groups:
             warnings.warn(
                 f"RegularizedOptimizer: the model ({type(model).__name__}) has no channel groups to regularize "
