@@ -149,7 +149,7 @@ def arm_tp(task, dense, cfg, seed, target_macs):
         heads = {}
         for blk in m.blocks:
             for lin in (blk.attn.q, blk.attn.k, blk.attn.v):
-                heads[lin] = blk.attn.heads
+                heads[lin] = blk.attn.n_heads
         # the same architecture as the recipe: residual stream kept, heads 50%, MLP 75%
         kw = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5,
                   pruning_ratio_dict={blk.fc1: 0.75 for blk in m.blocks},
@@ -172,7 +172,7 @@ def arm_tp(task, dense, cfg, seed, target_macs):
     pruner.step()
     if task.name == "charlm":
         for blk in m.blocks:  # Torch-Pruning prunes heads in the Linear layers; the module keeps the count
-            blk.attn.heads = pruner.num_heads.get(blk.attn.q, blk.attn.heads)
+            blk.attn.n_heads = pruner.num_heads.get(blk.attn.q, blk.attn.n_heads)
     return finish(task, m, cfg, torch.Generator().manual_seed(1000 + seed), rec, t0)
 
 
@@ -247,7 +247,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--tasks", nargs="+", default=["charlm", "pairs"])
     ap.add_argument("--arms", nargs="+", default=["growing", "l2", "tp", "groupnorm"])
-    ap.add_argument("--delta", type=float, default=2e-3)
+    ap.add_argument("--delta", type=float, default=2e-2)
     ap.add_argument("--gn-reg", type=float, default=0.3)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

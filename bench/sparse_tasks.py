@@ -67,13 +67,13 @@ class CharData:
 class Attention(nn.Module):
     def __init__(self, d: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.n_heads = heads  # a name tritonprune.prune updates with the head count (it does not know `heads`)
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.proj = nn.Linear(d, d)
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = (m(x).view(b, t, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        q, k, v = (m(x).view(b, t, self.n_heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 

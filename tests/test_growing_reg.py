@@ -31,12 +31,12 @@ class MLP(nn.Module):
 class Attn(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
-        self.heads = heads
+        self.n_heads = heads
         self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = (m(x).view(b, t, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        q, k, v = (m(x).view(b, t, self.n_heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
         return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
 
 
