@@ -204,3 +204,12 @@ def test_too_weak_a_penalty_warns_and_one_that_acts_does_not():
         tpr.RegularizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, (x,),
                                  regularizer=tpr.GroupNorm(reg=5e-4))
         tpr.RegularizedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-5), m, (x,), regularizer=tpr.GrowingReg())
+
+
+def test_a_target_reports_the_ratio_it_resolved_to():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(4, 6)
+    plan = tpr.prune(m, (x,), target_params=120, dry_run=True, ignored_layers=[m.fc3])
+    r = plan.info["searched_ratio"]
+    again = tpr.prune(m, (x,), ratio=r, dry_run=True, ignored_layers=[m.fc3])
+    assert again.removed == plan.removed and plan.info["params_after"] <= 120
