@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # what type checkers, IDEs and the API reference see
     from .pruning.plan import PrunePlan
     from .pruning.pruner import prune
     from .regularizing.optimizer import RegularizedOptimizer
-    from .regularizing.regularizers import BNScale, GroupLasso, GroupNorm
+    from .regularizing.regularizers import BNScale, GroupLasso, GroupNorm, GrowingReg
 
 # Loaded on first use (PEP 562), so that `import tritonprune` does not import torch: the command line
 # parses its arguments (and rejects bad ones) before paying for torch.
@@ -37,6 +37,7 @@ _EXPORTS = {
     "BNScale": (".regularizing.regularizers", "BNScale"),
     "GroupLasso": (".regularizing.regularizers", "GroupLasso"),
     "GroupNorm": (".regularizing.regularizers", "GroupNorm"),
+    "GrowingReg": (".regularizing.regularizers", "GrowingReg"),
 }
 
 
@@ -65,6 +66,7 @@ __all__ = [
     "GroupNorm",
     "BNScale",
     "GroupLasso",
+    "GrowingReg",
     "prune",
     "PrunePlan",
     "distributed",

@@ -226,8 +226,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     groups = tpr.find_groups(sparse, example)
     timings["find_groups_s"] = time.perf_counter() - t0
-    regularizer = {"group_norm": tpr.GroupNorm, "bn_scale": tpr.BNScale, "group_lasso": tpr.GroupLasso}[cfg.regularizer]
-    opt = tpr.RegularizedOptimizer(sgd(sparse), sparse, groups=groups, regularizer=regularizer(reg=reg))
+    if cfg.regularizer == "growing_reg":  # targeted: only the channels the ratio removes are pulled to 0
+        regularizer = tpr.GrowingReg(ratio=cfg.ratio, delta=reg)
+    else:
+        regularizer = {"group_norm": tpr.GroupNorm, "bn_scale": tpr.BNScale,
+                       "group_lasso": tpr.GroupLasso}[cfg.regularizer](reg=reg)
+    opt = tpr.RegularizedOptimizer(sgd(sparse), sparse, groups=groups, regularizer=regularizer)
     timer = _TimedRegularize(opt, device)
     t0 = time.perf_counter()
     hist_s, step_s, steps = train(sparse, opt, data, cfg.epochs, cfg.lr, cfg.batch_size, "sparse", cfg.progress,

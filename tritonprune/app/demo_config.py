@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # regularizer -> (default strength, importance that pruning uses after it)
-REGULARIZERS = {"group_norm": (5e-3, "l2"), "bn_scale": (2e-3, "bn_scale"), "group_lasso": (2e-3, "bn_scale")}
+# (growing_reg: its --reg is GrowingReg's delta, the growth of the per-step shrink every 10 steps)
+REGULARIZERS = {"group_norm": (5e-3, "l2"), "bn_scale": (2e-3, "bn_scale"), "group_lasso": (2e-3, "bn_scale"),
+                "growing_reg": (2e-3, "l2")}
 
 
 @dataclass

@@ -38,11 +38,11 @@ from ..graph.fingerprint import fingerprint
 from ..graph.group import IN, Group
 from ..graph.trace import call_with, unwrap
 from ..wrappers import check_optimizer_owns, resolve_optimizer
-from .counting import MacCount, count_params, estimate_macs, mac_counting
+from .counting import MacCount, count_macs, count_params, estimate_macs, mac_counting
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
 from .runcheck import RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
-from .selection import _ratio_of, _search, iterative_ratios, select
+from .selection import _ratio_of, _search, iterative_ratios, kind_key, select
 from .slicing import model_tensors
 from .transaction import Transaction
 
@@ -215,6 +215,8 @@ def prune(
     target_macs: float | None = None,
     bias: bool = False,
     seed: int | None = None,
+    allocation: str = "uniform",
+    kind_ratios: Mapping[str, float] | None = None,
 ) -> PrunePlan:
     """Choose channels to remove and (unless `dry_run`) remove them; returns the PrunePlan.
 
@@ -227,6 +229,10 @@ def prune(
     does not touch the model (MACs are counted on fake tensors).
     importance: "l1" | "l2" | "bn_scale" | "taylor" | "random" | callable(group) -> tensor[group.size];
     normalizer: "mean" | "max" | None (per group, as in Torch-Pruning); seed: for "random".
+    allocation: "uniform" (every group, or with `global_pruning` all groups together) or "isomorphic"
+    (channels ranked only against structurally identical groups, each kind at its own ratio:
+    `kind_ratios={"residual": 0.0, "heads": 0.5, "mlp": 0.75, "conv": ...}`, unnamed kinds at `ratio`,
+    or at the searched ratio with a target). See tritonprune/graph/allocation.py.
 
     All or nothing: arguments and every round's target are validated first, and if a round fails the
     model and optimizer are restored. With `example_inputs`, each round's plan is first run on fake
@@ -246,6 +252,16 @@ def prune(
     check_optimizer_owns(optimizer, model, "tritonprune.prune")
     if groups is not None:
         groups = _check_group_list(groups, "prune(groups=...)")
+    if allocation not in ("uniform", "isomorphic"):
+        raise ValueError(f"allocation must be 'uniform' or 'isomorphic', got {allocation!r}")
+    kind_ratios = {k: _check_ratio(v, f"kind_ratios[{k!r}]") for k, v in dict(kind_ratios or {}).items()}
+    if kind_ratios and allocation != "isomorphic":
+        raise ValueError("kind_ratios needs allocation='isomorphic'")
+    from ..graph.allocation import LABELS
+
+    for k in kind_ratios:
+        if k not in LABELS:
+            raise ValueError(f"kind_ratios: {k!r} is not one of {LABELS}")
     target = target_params if target_params is not None else target_macs
     layer_ratios = _check_layer_ratios(model, dict(layer_ratios or {}))
     ignored_layers = list(ignored_layers)
@@ -308,6 +324,9 @@ def prune(
     cur_groups = groups
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     txn = Transaction(model, optimizer) if not dry_run else None
+    notes: list = []  # rounding of the last local selection (heads, round_to), warned about once
+    found_ratio: list = []  # (ratio, selection) of each evaluated ratio of a target search
+    removed_last = None
     try:
         for step in range(1, steps + 1):
             cur_tensors = model_tensors(work)
@@ -315,6 +334,7 @@ def prune(
             imps = compute_importance(
                 work, cur_groups, importance, normalizer=normalizer, bias=bias, generator=gen
             )
+            kinds = [kind_key(g, cur_shapes) for g in cur_groups] if allocation == "isomorphic" else None
             if target is not None:
                 if target_params is not None:
                     base = count_params(work)
@@ -328,9 +348,12 @@ def prune(
                     def metric(cuts, shapes=cur_shapes):
                         return _macs_after(shapes, shapes0, macs0, cuts)
 
-                def choose(r: float, groups=cur_groups, imps=imps) -> list[list[int]]:
+                def choose(r: float, groups=cur_groups, imps=imps, kinds=kinds) -> list[list[int]]:
                     live = [None if i in excluded else x for i, x in enumerate(imps)]
-                    return select(groups, live, r, global_pruning, layer_ratios, max_ratio, round_to)
+                    out = select(groups, live, r, global_pruning, layer_ratios, max_ratio, round_to, kinds,
+                                 kind_ratios)
+                    found_ratio.append((r, out))
+                    return out
 
                 def reselect(choose=choose, groups=cur_groups, shapes=cur_shapes, metric=metric, goal=goal):
                     return _search(choose, groups, shapes, metric, goal)
@@ -338,13 +361,19 @@ def prune(
                 r = iterative_ratios(ratio, steps)[step - 1]
                 lr = {k: iterative_ratios(v, steps)[step - 1] for k, v in layer_ratios.items()}
 
-                def reselect(r=r, lr=lr, imps=imps, groups=cur_groups):
-                    live = [None if i in excluded else x for i, x in enumerate(imps)]
-                    return select(groups, live, r, global_pruning, lr, max_ratio, round_to)
+                kr = {k: iterative_ratios(v, steps)[step - 1] for k, v in kind_ratios.items()}
 
+                def reselect(r=r, lr=lr, kr=kr, imps=imps, groups=cur_groups, kinds=kinds):
+                    live = [None if i in excluded else x for i, x in enumerate(imps)]
+                    notes.clear()
+                    return select(groups, live, r, global_pruning, lr, max_ratio, round_to, kinds, kr,
+                                  notes if steps == 1 else None)
+
+            found_ratio.clear()
             removed = reselect()
             if ref is not None and not isinstance(ref, Exception) and any(removed):
                 removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect)
+            removed_last = removed
             step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
             for a, rem in zip(alive, removed):
                 gone = set(rem)
@@ -366,6 +395,14 @@ def prune(
             txn.restore()
         raise
 
+    if notes:
+        warnings.warn(
+            "tritonprune.prune: whole heads / round_to moved these groups away from the requested ratio:\n  "
+            + "\n  ".join(f"group {i} ({groups[i].origin!r}, {groups[i].size} channels"
+                          f"{f', heads of {groups[i].unit}' if groups[i].unit > 1 else ''}): asked {r:.3g}, "
+                          f"removes {got:.3g}" for i, r, got in notes),
+            stacklevel=2,
+        )
     if excluded:
         warnings.warn(
             "tritonprune.prune: left these groups out of the plan, pruning them would break the model:\n  "
@@ -385,10 +422,16 @@ def prune(
         if isinstance(importance, str)
         else getattr(importance, "__name__", "callable"),
         "global_pruning": bool(global_pruning),
+        "allocation": allocation,
         "steps": steps,
         "params_before": params0,
         "params_after": _params_after(shapes0, params0, cuts, param_names),
     }
+    if kind_ratios:
+        plan.info["kind_ratios"] = dict(kind_ratios)
+    searched = [r for r, out in found_ratio if out is removed_last]
+    if target is not None and steps == 1 and searched:
+        plan.info["searched_ratio"] = searched[0]  # the ratio the target gave (for GrowingReg(ratio=...))
     if excluded:
         plan.info["dropped"] = list(excluded.values())
     spec = input_spec(example_inputs) if example_inputs is not None else None
@@ -397,5 +440,14 @@ def prune(
     if macs0 is not None:
         plan.info["macs_before"] = macs0.total
         plan.info["macs_after"] = _macs_after(shapes0, shapes0, macs0, cuts)
+        if not dry_run and any(removed_all):
+            # the estimate keeps activation-activation products (attention scores) at their old size:
+            # count the pruned model itself (a fake-tensor forward), so the plan reports what it made
+            try:
+                plan.info["macs_after"] = count_macs(model, example_inputs, real_fallback=False).total
+            except Exception:  # the estimate stays; counting must never fail a prune that succeeded
+                plan.info["macs_after_is_estimate"] = True
+        elif any(removed_all) and macs0.unattributed:
+            plan.info["macs_after_is_estimate"] = True  # dry run: attention products counted unpruned
         plan.info["macs_by_weight"] = dict(macs0.by_weight)
     return plan

@@ -31,7 +31,8 @@ from ..graph.trace import unwrap
 from ..kernels import BACKENDS, get_backend
 from ..kernels.layout import GroupBuffers
 from .bounds import TermBounds, capturing
-from .regularizers import BNScale, GroupLasso, GroupNorm, Regularizer, resolve_regularizer
+from .regularizers import BNScale, GroupLasso, GroupNorm, GrowingReg, Regularizer, resolve_regularizer
+from .targeted import growing_coef
 
 Params = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None
 
@@ -312,6 +313,8 @@ class Regularization:
         Parameters missing from `lr_of_param` or without a .grad are left alone.
         """
         bufs = self.buffers
+        if isinstance(self.regularizer, GrowingReg):  # its coefficients are shrink fractions per step: lr-free
+            lr_of_param = {k: (1.0 if v > 0 else 0.0) for k, v in lr_of_param.items()}
         lr_by_name = {name: float(lr_of_param.get(id(p), 0.0)) for name, p in self._bounds.params.items()}
         if self.sharded is not None:
             lr_of_param = self.sharded.local_lr(lr_of_param)
@@ -352,6 +355,9 @@ class Regularization:
                 coef = be.group_norm_coef(bufs, sums, r.reg, r.alpha)
             elif isinstance(r, GroupLasso):
                 coef = be.group_lasso_coef(bufs, sums, r.reg)
+            elif isinstance(r, GrowingReg):
+                offsets = bufs.group_offsets.tolist()
+                coef = growing_coef(r, self.groups, offsets, sums, self._coef, self._shapes)
             else:
                 raise TypeError(f"tritonprune: no backend path for regularizer {r!r}")
             if check:

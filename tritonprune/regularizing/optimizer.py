@@ -20,6 +20,7 @@ from ..graph.group import Group
 from ..graph.trace import unwrap
 from .engine import Regularization, check_backend_name
 from .regularizers import resolve_regularizer
+from .strength import check_strength
 
 # key of the wrapper's own entry in state_dict() (cached coefficients of refresh_every > 1)
 STATE_KEY = "tritonprune"
@@ -176,6 +177,7 @@ class RegularizedOptimizer(Optimizer):
                                       params=self._own_params)
         # what the groups describe: prune() refuses to reuse them once the model's structure changed
         self.groups_fingerprint = fingerprint(unwrap(model))
+        check_strength(self.regularizer, optimizer)
         if not self._engine.groups:
             warnings.warn(
                 f"RegularizedOptimizer: the model ({type(model).__name__}) has no channel groups to regularize "

@@ -195,7 +195,6 @@ class GroupLasso(Regularizer):
         return f"GroupLasso(reg={self.reg}, decoupled={self.decoupled}, refresh_every={self.refresh_every})"
 
 
-_BY_NAME = {"group_norm": GroupNorm, "bn_scale": BNScale, "group_lasso": GroupLasso}
 
 
 def resolve_regularizer(x: Regularizer | str) -> Regularizer:
@@ -208,3 +207,90 @@ def resolve_regularizer(x: Regularizer | str) -> Regularizer:
         f"tritonprune: unknown regularizer {x!r}; pass GroupNorm(...), BNScale(...), GroupLasso(...) "
         f"or one of {sorted(_BY_NAME)}"
     )
+
+
+class GrowingReg(Regularizer):
+    """Targeted sparse training (Wang et al., "Neural Pruning via Growing Regularization", ICLR 2021):
+    `grad += c_ch * w` only on the channels chosen for removal, `c_ch` growing by `delta` every
+    `interval` applications up to `reg_max`; the kept channels get no term at all.
+
+    Every `interval` applications the channels to remove are chosen again from the current group norms,
+    by the same rules as `tpr.prune` (tritonprune/graph/allocation.py: `ratio`, `allocation`,
+    `kind_ratios`, whole heads): a channel that stays chosen keeps growing, one that leaves the choice
+    drops to 0. Once the chosen channels are ~0, `tpr.prune(model, x, ratio, allocation=...,
+    kind_ratios=..., optimizer=opt)` with the default L2 importance removes exactly them (their norms are
+    the smallest of each group), so the prune is nearly lossless.
+
+    Strength (the same for any optimizer and lr): in decoupled mode (the default) `c` is the fraction a
+    chosen weight shrinks per step, `w *= 1 - c` after the inner step, whatever the optimizer and its lr
+    (SGD, Adam, AdamW alike; a parameter group with lr 0 is not shrunk). It grows by `delta` every
+    `interval` steps to `reg_max` (<= 0.5, since a weight in two chosen channels gets twice the term): a
+    chosen channel's norm falls roughly as exp(-delta * n**2 / (2 * interval)) after n steps, so the
+    defaults drive it to ~1e-3 of its size in ~400 steps. Keep the sparse phase longer than that.
+    Coupled (`decoupled=False`, Torch-Pruning's form) adds `c * w` to the gradient instead: `c` then
+    depends on the lr (plain SGD shrinks by `lr * c`) and an adaptive optimizer rescales it.
+
+    Args:
+        ratio: fraction of each group's channels to remove (or of each kind's, with "isomorphic").
+        delta: coefficient increment per interval (> 0).
+        interval: applications between two increments (and re-choices).
+        reg_max: the coefficient's cap (decoupled: in (0, 0.5]).
+        allocation: "uniform" (per group) or "isomorphic" (ranked within structurally identical groups).
+        kind_ratios: {"residual" | "heads" | "mlp" | "conv": ratio} for "isomorphic"; others at `ratio`.
+        bias: also shrink the biases of the chosen channels.
+        decoupled: `w -= lr * c * w` after the inner step, as AdamW's weight decay.
+    """
+
+    name = "growing_reg"
+    refresh_every = 1
+
+    def __init__(self, ratio: float = 0.5, delta: float = 1e-3, interval: int = 10, reg_max: float = 0.5,
+                 allocation: str = "uniform", kind_ratios: dict | None = None, bias: bool = False,
+                 decoupled: bool = True):
+        self.ratio = _check_number("GrowingReg", "ratio", ratio, hi=1.0)
+        if self.ratio >= 1.0:
+            raise ValueError(f"tritonprune.GrowingReg: ratio must be in [0, 1), got {ratio!r}")
+        self.delta = _check_nonneg("GrowingReg", "delta", delta)
+        self.interval = _check_refresh("GrowingReg", interval)
+        self.refresh_every = self.interval  # the engine recomputes (grows, re-chooses) every interval calls
+        self.reg_max = _check_nonneg("GrowingReg", "reg_max", reg_max)
+        if allocation not in ("uniform", "isomorphic"):
+            raise ValueError(f"tritonprune.GrowingReg: allocation must be 'uniform' or 'isomorphic', got {allocation!r}")
+        self.allocation = allocation
+        from ..graph.allocation import LABELS
+
+        self.kind_ratios = {}
+        for k, v in dict(kind_ratios or {}).items():
+            if k not in LABELS:
+                raise ValueError(f"tritonprune.GrowingReg: kind_ratios key {k!r} is not one of {LABELS}")
+            self.kind_ratios[k] = _check_number("GrowingReg", f"kind_ratios[{k!r}]", v, hi=1.0)
+        if self.kind_ratios and allocation != "isomorphic":
+            raise ValueError("tritonprune.GrowingReg: kind_ratios needs allocation='isomorphic'")
+        self.bias = _check_bool("GrowingReg", "bias", bias)
+        self.decoupled = _check_bool("GrowingReg", "decoupled", decoupled)
+        if self.delta == 0 or self.reg_max == 0:
+            raise ValueError("tritonprune.GrowingReg: delta and reg_max must be > 0 (a zero penalty never prunes)")
+        if self.decoupled and self.reg_max > 0.5:
+            raise ValueError(
+                f"tritonprune.GrowingReg: reg_max={reg_max!r} in decoupled mode is a shrink fraction per step; "
+                "above 0.5 a weight in two chosen channels (shrunk by both) would flip sign: use <= 0.5"
+            )
+        self.reg = self.reg_max  # the largest coefficient (what the bounds and reports read)
+
+    def select(self, slot: Slot) -> tuple[bool, bool]:
+        if slot.is_buffer or (slot.is_bias and not self.bias):
+            return False, False
+        if slot.kind in _WEIGHTED and slot.role in (OUT, IN):
+            return True, True
+        if slot.kind in (BATCHNORM, LAYERNORM):
+            return True, True  # a chosen channel's norm scale goes to 0 too: its removal is then exact
+        return False, False
+
+    def __repr__(self) -> str:
+        kr = f", kind_ratios={self.kind_ratios}" if self.kind_ratios else ""
+        return (f"GrowingReg(ratio={self.ratio}, delta={self.delta}, interval={self.interval}, "
+                f"reg_max={self.reg_max}, allocation={self.allocation!r}{kr}, bias={self.bias}, "
+                f"decoupled={self.decoupled})")
+
+
+_BY_NAME = {"group_norm": GroupNorm, "bn_scale": BNScale, "group_lasso": GroupLasso, "growing_reg": GrowingReg}
