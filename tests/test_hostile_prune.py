@@ -197,23 +197,22 @@ def test_bench_checks_device_json_and_min_time_first(tmp_path, monkeypatch, caps
 
 
 def test_inspect_shows_the_clear_message_without_torch_internals(tmp_path, capsys):
-    (tmp_path / "branchy.py").write_text(textwrap.dedent("""
+    (tmp_path / "mismatched.py").write_text(textwrap.dedent("""
         import torch.nn as nn
 
-        class Branchy(nn.Module):
+        class Mismatched(nn.Module):  # its forward fails on the given inputs (4 channels expected, 3 given)
             def __init__(self):
                 super().__init__()
-                self.c = nn.Conv2d(3, 8, 3)
+                self.c = nn.Conv2d(4, 8, 3)
 
             def forward(self, x):
-                y = self.c(x)
-                return y if y.sum() > 0 else -y
+                return self.c(x)
 
         def make():
-            return Branchy()
+            return Mismatched()
     """))
-    with pytest.raises(SystemExit, match="tritonprune inspect: could not trace Branchy"):
-        cli.main(["inspect", f"{tmp_path / 'branchy.py'}:make", "--input-shape", "1,3,8,8"])
+    with pytest.raises(SystemExit, match="tritonprune inspect: could not trace Mismatched"):
+        cli.main(["inspect", f"{tmp_path / 'mismatched.py'}:make", "--input-shape", "1,3,8,8"])
     out = capsys.readouterr()
     assert "def forward" not in out.out + out.err and len((out.out + out.err).splitlines()) < 5
 

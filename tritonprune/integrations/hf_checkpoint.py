@@ -218,6 +218,8 @@ def read_plan_file(folder: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
                          f"supported (expected {FORMAT} version {VERSION})")
     require_object(meta, meta_file, ["model_class", "original_config", "plans"])
+    if meta["original_config"] is not None:  # None: a plain torch module (PruneCallback on a non-HF model)
+        require_object(meta["original_config"], f"{meta_file}: original_config")
     if not isinstance(meta["plans"], list) or not meta["plans"]:
         raise ValueError(f"{meta_file}: plans must be a non-empty list of plans")
     plans = []
