@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from . import group as g
-from .channels import IdSpace
+from .channels import IdSpace, known_ids
 
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant, as a signed int64
 MAX_SLOTS_PER_TENSOR = 256  # more pieces than this in one tensor dim: treat as scattered
@@ -18,7 +18,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     labels = space.components()
     bad = torch.zeros(space.count, dtype=torch.bool)
     if space.excluded:
-        bad[labels[torch.cat(space.excluded)]] = True
+        bad[labels[known_ids(space.excluded)]] = True
     regs = list(space.registered.values())
     for reg in regs:
         if reg.role != g.IN and is_ignored(reg.module, ignored):
@@ -26,7 +26,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     _check_balanced(space, labels, bad)
     mixed = torch.zeros(space.count, dtype=torch.bool)
     if space.mixing:
-        mixed[labels[torch.cat(space.mixing)]] = True
+        mixed[labels[known_ids(space.mixing)]] = True
 
     # one row per (registered dim, position) of a channel that may be pruned (all dims at once)
     if not regs:
