@@ -489,7 +489,8 @@ def trace(model: nn.Module, example_inputs: object, *, train: bool | None = None
             op = f" (op {op_name(e.op)})" if e.op is not None else ""
             mode = "" if train is None else f" in {'train' if train else 'eval'} mode"
             hints = forward_hints(model, args, kwargs, err) or [
-                "Check that example_inputs are what forward() expects, on the model's device and dtype."]
+                "Check that example_inputs match what forward() expects (positional tuple or keyword dict, "
+                "on the model's device and dtype)."]
             raise TraceError(
                 f"{type(model).__name__} failed to run on the given example_inputs{mode}{where}{op}: "
                 f"{type(err).__name__}: {lines[0] if lines else ''}\n" + "\n".join(hints)
