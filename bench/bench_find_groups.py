@@ -1,5 +1,6 @@
-"""find_groups against Torch-Pruning's `DependencyGraph().build_dependency` on torchvision models, as a
-ratio measured in the same run, with where our time goes; and the scaling on a deep narrow MLP.
+"""find_groups against Torch-Pruning's `DependencyGraph().build_dependency` on torchvision classifiers and
+small Hugging Face configs (BERT, GPT-2, Llama: 2 layers, hidden 64), as a ratio measured in the same run,
+with where our time goes; and the scaling on a deep narrow MLP.
 
     python bench/bench_find_groups.py                      # everything, JSON in bench/results/
     TRITONPRUNE_BENCH_MODELS=resnet18,resnet50 python bench/bench_find_groups.py --no-scaling
@@ -7,7 +8,8 @@ ratio measured in the same run, with where our time goes; and the scaling on a d
 
 Per model: the median of `rounds` calls of each (after one warm-up call), alternated (ours, theirs,
 ours, ...) so load swings hit both, plus one instrumented call of ours split into its phases (CPU time)
-(`torch.export`, the walk applying the coupling rules, assembly into Groups). Wall and CPU (process)
+(recording the forward, the walk applying the coupling rules, assembly into Groups), and one plain
+no_grad forward of the model for scale. Wall and CPU (process)
 time are both recorded: on a shared machine CPU time is the steadier of the two. The deep narrow MLP
 (`Linear(8, 8) + ReLU` repeated n times) shows the cost per layer stays flat as n grows. The load
 average is recorded next to the figures: the machine is shared.
@@ -34,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from timing import iqr  # noqa: E402
 
 import tritonprune as tpr  # noqa: E402
-from tritonprune.graph import Walker, assemble, export, resolve_ignored  # noqa: E402
+from tritonprune.graph import Walker, assemble, resolve_ignored  # noqa: E402
+from tritonprune.graph.record import trace  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu_find_groups.json"
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
-          "regnet_y_400mf", "convnext_tiny", "vit_b_16")
+          "regnet_y_400mf", "convnext_tiny", "vit_b_16", "hf_bert", "hf_gpt2", "hf_llama")
 SCALING = (250, 500, 1000, 2000)
 
 
@@ -50,6 +53,32 @@ def _torchvision():
     return torchvision
 
 
+def hf_model(name: str) -> tuple[nn.Module, dict]:
+    """A small Hugging Face model from its config (2 layers, hidden 64) and a batch of token ids."""
+    _torchvision()  # transformers imports torchvision where installed: it needs the same stand-in
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    common = dict(vocab_size=1000, num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if name == "hf_bert":
+        model = T.BertModel(T.BertConfig(**common))
+    elif name == "hf_gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                               use_cache=False))
+    else:
+        model = T.LlamaForCausalLM(T.LlamaConfig(**common, use_cache=False))  # (TP 1.6.1 hangs on GQA here)
+    return model.eval(), {"input_ids": torch.randint(0, 1000, (1, 32))}
+
+
+def build(name: str) -> tuple[nn.Module, object]:
+    if name.startswith("hf_"):
+        return hf_model(name)
+    torch.manual_seed(0)
+    return getattr(_torchvision().models, name)().eval(), torch.randn(1, 3, 224, 224)
+
+
 def deep_mlp(n: int) -> nn.Module:
     layers: list[nn.Module] = []
     for _ in range(n):
@@ -57,21 +86,29 @@ def deep_mlp(n: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(8, 2))
 
 
-def phases(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """CPU seconds (process time) of one find_groups split into export / walk / assemble."""
+def _call(model: nn.Module, x: object) -> object:
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def phases(model: nn.Module, x: object) -> dict[str, float]:
+    """CPU seconds (process time) of one find_groups split into record / walk / assemble, and of one
+    plain no_grad forward."""
     t0 = time.process_time()
-    ep = export(model, x)
+    tr = trace(model, x)
     t1 = time.process_time()
-    walker = Walker(ep, model)
+    walker = Walker(tr, model)
     walker.run()
     t2 = time.process_time()
     groups = assemble(walker.space, resolve_ignored(model, ()))
     t3 = time.process_time()
-    return {"export_s": t1 - t0, "walk_s": t2 - t1, "assemble_s": t3 - t2, "groups": len(groups),
-            "nodes": len(ep.graph.nodes)}
+    with torch.no_grad():
+        _call(model, x)
+    t4 = time.process_time()
+    return {"record_s": t1 - t0, "walk_s": t2 - t1, "assemble_s": t3 - t2, "forward_s": t4 - t3,
+            "groups": len(groups), "nodes": len(tr.graph.nodes)}
 
 
-def compare(model: nn.Module, x: torch.Tensor, rounds: int) -> dict:
+def compare(model: nn.Module, x: object, rounds: int) -> dict:
     import torch_pruning as tp
 
     def ours():
@@ -80,7 +117,7 @@ def compare(model: nn.Module, x: torch.Tensor, rounds: int) -> dict:
     def theirs():
         return list(tp.DependencyGraph().build_dependency(model, example_inputs=x).get_all_groups())
 
-    ours(), theirs()  # warm-up: first-call caches of torch.export and of torch.jit
+    ours(), theirs()  # warm-up: first-call caches
     a, b, ca, cb = [], [], [], []
     for _ in range(rounds):
         for fn, out, cpu in ((ours, a, ca), (theirs, b, cb)):
@@ -101,27 +138,29 @@ def run(models: list[str], scaling: list[int], rounds: int) -> dict:
     out: dict = {"load_before": os.getloadavg(), "torch": torch.__version__, "threads": 1, "models": {},
                  "deep_mlp": {}}
     if models:
-        tvm = _torchvision().models
         for name in models:
-            model = getattr(tvm, name)().eval()
-            out["models"][name] = r = compare(model, torch.randn(1, 3, 224, 224), rounds)
+            model, x = build(name)
+            out["models"][name] = r = compare(model, x, rounds)
             r["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-            print(f"{name:20s} ours {r['ours_s']:.2f} s  TP {r['tp_s']:.2f} s  ratio {r['ratio']:.2f} "
-                  f"(CPU time: {r['ours_cpu_s']:.2f} / {r['tp_cpu_s']:.2f} s = {r['cpu_ratio']:.2f})  "
-                  f"(export {r['export_s']:.2f} walk {r['walk_s']:.2f} assemble {r['assemble_s']:.2f})", flush=True)
+            print(f"{name:20s} ours {r['ours_s']:.3f} s  TP {r['tp_s']:.3f} s  ratio {r['ratio']:.2f} "
+                  f"(CPU time: {r['ours_cpu_s']:.3f} / {r['tp_cpu_s']:.3f} s = {r['cpu_ratio']:.2f})  "
+                  f"(record {r['record_s']:.3f} walk {r['walk_s']:.3f} assemble {r['assemble_s']:.3f}; "
+                  f"plain forward {r['forward_s']:.3f})", flush=True)
         out["median_ratio"] = statistics.median(r["ratio"] for r in out["models"].values())
         out["median_cpu_ratio"] = statistics.median(r["cpu_ratio"] for r in out["models"].values())
         out["median_ours_s"] = statistics.median(r["ours_s"] for r in out["models"].values())
         out["median_tp_s"] = statistics.median(r["tp_s"] for r in out["models"].values())
+        out["max_ratio"] = max(r["ratio"] for r in out["models"].values())
+        out["max_cpu_ratio"] = max(r["cpu_ratio"] for r in out["models"].values())
     x = torch.randn(2, 8)
-    export(deep_mlp(4), x)  # warm-up
+    trace(deep_mlp(4), x)  # warm-up
     for n in scaling:
         r = phases(deep_mlp(n), x)
-        r["total_s"] = r["export_s"] + r["walk_s"] + r["assemble_s"]
+        r["total_s"] = r["record_s"] + r["walk_s"] + r["assemble_s"]
         r["ms_per_layer"] = 1e3 * r["total_s"] / n
         out["deep_mlp"][str(n)] = r
-        print(f"deep MLP {n:5d} layers: {r['total_s']:.2f} CPU s ({r['ms_per_layer']:.2f} ms/layer; export "
-              f"{r['export_s']:.2f} walk {r['walk_s']:.2f} assemble {r['assemble_s']:.2f})", flush=True)
+        print(f"deep MLP {n:5d} layers: {r['total_s']:.2f} CPU s ({r['ms_per_layer']:.2f} ms/layer; record "
+              f"{r['record_s']:.2f} walk {r['walk_s']:.2f} assemble {r['assemble_s']:.2f})", flush=True)
     out["load_after"] = os.getloadavg()
     return out
 

@@ -205,7 +205,24 @@ def test_groups_traced_in_eval_cover_the_training_only_layers():
     assert pruned.aux_conv.weight.grad is not None
 
 
-def test_other_mode_trace_failure_is_a_clear_refusal():
+def test_other_mode_traces_with_a_batch_of_one():
+    # the train-mode forward only looks for branches: BatchNorm layers stay in eval mode there
     model = WithAux().eval()
+    stats = model.aux_bn.running_mean.clone(), model.aux_bn.num_batches_tracked.clone()
+    groups = tpr.find_groups(model, torch.randn(1, 3, 8, 8))
+    assert any(s.module == "aux_conv" for g in groups for s in g.slots)
+    assert not model.training and not model.aux_bn.training
+    assert torch.equal(model.aux_bn.running_mean, stats[0]) and torch.equal(model.aux_bn.num_batches_tracked, stats[1])
+
+
+class BrokenAux(WithAux):
+    def forward(self, x):
+        if self.training:
+            x = x.view(-1, 7)  # fails: the train-only branch cannot run on these inputs
+        return super().forward(x)
+
+
+def test_other_mode_trace_failure_is_a_clear_refusal():
+    model = BrokenAux().eval()
     with pytest.raises(TraceError, match=r"(?s)aux_conv.*not used in eval mode.*also run in train mode"):
-        tpr.find_groups(model, torch.randn(1, 3, 8, 8))  # BatchNorm1d cannot train on a batch of one
+        tpr.find_groups(model, torch.randn(2, 3, 8, 8))

@@ -171,10 +171,7 @@ def _strip(sigs, prefix="inner."):
 def test_autocast_forward_gives_the_same_groups(name):
     model, x = ZOO[name]() if name in ZOO else hf_zoo.build(name)[:2]
     plain = signatures(quiet_groups(model, x))
-    if isinstance(x, dict):
-        wrapped = _strip(signatures(quiet_groups(Autocast(model), x)))
-    else:
-        wrapped = _strip(signatures(quiet_groups(Autocast(model), x)))
+    wrapped = _strip(signatures(quiet_groups(Autocast(model), x)))
     assert plain and wrapped == plain
 
 

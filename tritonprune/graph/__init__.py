@@ -25,6 +25,8 @@ __all__ = ["find_groups", "Group", "Slot", "TraceError", "resolve_ignored"]
 
 def resolve_ignored(model: nn.Module, ignored_layers: Iterable[object]) -> set[str]:
     """Qualified names of the ignored layers (modules or their names); unknown ones are an error."""
+    if not ignored_layers:
+        return set()
     names = {id(m): n for n, m in model.named_modules()}
     params = {id(p): n for n, p in model.named_parameters()}
     out: set[str] = set()

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from . import group as g
-from .channels import IdSpace
+from .channels import IdSpace, known_ids
 
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant, as a signed int64
 MAX_SLOTS_PER_TENSOR = 256  # more pieces than this in one tensor dim: treat as scattered
@@ -18,7 +18,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     labels = space.components()
     bad = torch.zeros(space.count, dtype=torch.bool)
     if space.excluded:
-        bad[labels[torch.cat(space.excluded)]] = True
+        bad[labels[known_ids(space.excluded)]] = True
     regs = list(space.registered.values())
     for reg in regs:
         if reg.role != g.IN and is_ignored(reg.module, ignored):
@@ -26,21 +26,20 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     _check_balanced(space, labels, bad)
     mixed = torch.zeros(space.count, dtype=torch.bool)
     if space.mixing:
-        mixed[labels[torch.cat(space.mixing)]] = True
+        mixed[labels[known_ids(space.mixing)]] = True
 
-    # one row per (registered dim, position) of a channel that may be pruned
-    lab_rows, reg_rows, pos_rows = [], [], []
-    for ri, reg in enumerate(regs):
-        lab = labels[reg.ids]
-        keep = ~bad[lab]
-        if keep.any():
-            pos = torch.arange(reg.size)[keep]
-            lab_rows.append(lab[keep])
-            reg_rows.append(torch.full_like(pos, ri))
-            pos_rows.append(pos)
-    if not lab_rows:
+    # one row per (registered dim, position) of a channel that may be pruned (all dims at once)
+    if not regs:
         return []
-    lab_all, reg_all, pos_all = torch.cat(lab_rows), torch.cat(reg_rows), torch.cat(pos_rows)
+    sizes = torch.tensor([reg.size for reg in regs], dtype=torch.long)
+    firsts = torch.tensor([reg.first for reg in regs], dtype=torch.long)
+    reg_all = torch.repeat_interleave(torch.arange(len(regs)), sizes)
+    pos_all = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    lab_all = labels[firsts[reg_all] + pos_all]  # a registered dim's ids are first, first + 1, ...
+    keep = ~bad[lab_all]
+    if not bool(keep.any()):
+        return []
+    lab_all, reg_all, pos_all = lab_all[keep], reg_all[keep], pos_all[keep]
 
     # footprint of a channel = which registered dims it touches and how many positions in each
     n_regs = len(regs)

@@ -82,10 +82,11 @@ class IdSpace:
         """Union ids elementwise (after broadcasting); pairs where either side is NONE are skipped."""
         a, b = torch.broadcast_tensors(a, b)
         a, b = a.reshape(-1), b.reshape(-1)
-        both = (a >= 0) & (b >= 0)
-        if both.any():
-            self.edges_a.append(a[both])
-            self.edges_b.append(b[both])
+        if a.numel() > 4096:  # big expanded values: drop the NONE pairs now (memory)
+            both = (a >= 0) & (b >= 0)
+            a, b = a[both], b[both]
+        self.edges_a.append(a)  # else the NONE pairs are dropped once for all edges, in components()
+        self.edges_b.append(b)
 
     def exclude(self, ids: torch.Tensor) -> None:
         _append_known(self.excluded, ids)
@@ -118,6 +119,8 @@ class IdSpace:
             return labels
         a = torch.cat(self.edges_a)
         b = torch.cat(self.edges_b)
+        both = (a >= 0) & (b >= 0)
+        a, b = a[both], b[both]
         while True:
             la, lb = labels[a], labels[b]
             low = torch.minimum(la, lb)
@@ -176,8 +179,14 @@ def channel_vector(ids: torch.Tensor, dim: int, size: int) -> torch.Tensor | Non
 
 
 def _append_known(to: list, ids: torch.Tensor) -> None:
-    """Append the distinct channel ids of `ids` (the -1 of id-less elements dropped), if there are any."""
+    """Append the channel ids of `ids` (read with known_ids)."""
     ids = ids.reshape(-1)
-    ids = ids[ids >= 0]
-    if ids.numel():
-        to.append(ids.unique())
+    if ids.numel() > 4096:  # big expanded values: keep the distinct ids only (memory)
+        ids = ids.unique()
+    to.append(ids)  # the NONE (-1) entries are dropped where the list is read (known_ids)
+
+
+def known_ids(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The channel ids collected by _append_known (exclude, mix), in one tensor without the NONE entries."""
+    ids = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    return ids[ids >= 0]

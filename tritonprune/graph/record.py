@@ -205,11 +205,28 @@ def _functional(func):
 _FUNCTIONAL: dict[object, tuple[object, bool]] = {}
 
 
+class _Graph(fx.Graph):
+    """An fx.Graph whose nodes are appended without fx's per-node name sanitising and SymInt checks
+    (a third of the recording time): names are n0, n1, ... and nothing else adds nodes to it."""
+
+    def add(self, op: str, target: object, args: tuple = (), kwargs: dict | None = None) -> fx.Node:
+        name = f"n{self._len}"
+        if _FAST:
+            node = fx.Node(self, name, op, target, args, kwargs or {})
+            self._insert(node)
+            self._len += 1
+            return node
+        return self.create_node(op, target, args, kwargs or {}, name=name)
+
+
+_FAST = all(hasattr(fx.Graph(), a) for a in ("_insert", "_len"))
+
+
 class Recorder:
     """Builds the graph as the ops run (used by the two modes below, one recorder per forward)."""
 
     def __init__(self, model: nn.Module):
-        self.graph = fx.Graph()
+        self.graph = _Graph()
         self.nodes: dict[int, tuple[weakref.ref, fx.Node]] = {}
         self.params: dict[int, tuple[str, bool]] = {}
         for n, p in model.named_parameters():
@@ -232,7 +249,7 @@ class Recorder:
         if entry is not None and entry[0]() is t:
             return entry[1]
         named = self.params.get(id(t))
-        node = self.graph.placeholder("p" if named else "c")
+        node = self.graph.add("placeholder", "p" if named else "c")
         node.meta["val"] = _meta(t)
         if named:
             self.tensor_names[node.name] = named
@@ -240,7 +257,7 @@ class Recorder:
         return node
 
     def add_input(self, t: torch.Tensor) -> None:
-        node = self.graph.placeholder("x")
+        node = self.graph.add("placeholder", "x")
         node.meta["val"] = _meta(t)
         self.bind(t, node)
 
@@ -259,8 +276,8 @@ class Recorder:
             self.suppress -= 1
 
     def _record(self, op: object, args: tuple, kwargs: dict, out: object, inplace: bool) -> None:
-        node = self.graph.call_function(op, tuple(self.arg(a) for a in args),
-                                        {k: self.arg(v) for k, v in kwargs.items()})
+        node = self.graph.add("call_function", op, tuple(self.arg(a) for a in args),
+                              {k: self.arg(v) for k, v in kwargs.items()} if kwargs else None)
         if self.stack:
             path = self.stack[-1]
             node.meta["nn_module_stack"] = {path: (path, None)}
@@ -274,7 +291,7 @@ class Recorder:
             node.meta["val"] = [_meta(o) if isinstance(o, torch.Tensor) else o for o in out]
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
-                    item = self.graph.call_function(operator.getitem, (node, i))
+                    item = self.graph.add("call_function", operator.getitem, (node, i))
                     item.meta["val"] = node.meta["val"][i]
                     if "nn_module_stack" in node.meta:
                         item.meta["nn_module_stack"] = node.meta["nn_module_stack"]
@@ -284,7 +301,7 @@ class Recorder:
 
     def finish(self, out: object) -> None:
         leaves = [self.node_of(t) for t in _tensors(out)]
-        self.graph.output((leaves,))
+        self.graph.add("output", "output", (leaves,))
 
     # module stack (global forward hooks, this thread only)
     def enter(self, module: nn.Module, _args: object) -> None:
@@ -297,8 +314,18 @@ class Recorder:
             self.stack.pop()
 
 
+_METAS: dict[tuple, torch.Tensor] = {}  # shape/dtype stand-ins, shared: rules only read them
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    key = (t.shape, t.dtype)
+    m = _METAS.get(key)
+    if m is None:
+        with torch._C._DisableTorchDispatch():
+            m = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        if len(_METAS) < 100_000:
+            _METAS[key] = m
+    return m
 
 
 def _tensors(obj: object, depth: int = 0) -> list[torch.Tensor]:
@@ -330,6 +357,10 @@ class _Ops(TorchDispatchMode):
     def __init__(self, rec: Recorder):
         super().__init__()
         self.rec = rec
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # torch would wrap __torch_dispatch__ in a dynamo-disable (an import and 10 us an op)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -458,7 +489,8 @@ def trace(model: nn.Module, example_inputs: object, *, train: bool | None = None
             op = f" (op {op_name(e.op)})" if e.op is not None else ""
             mode = "" if train is None else f" in {'train' if train else 'eval'} mode"
             hints = forward_hints(model, args, kwargs, err) or [
-                "Check that example_inputs are what forward() expects, on the model's device and dtype."]
+                "Check that example_inputs match what forward() expects (positional tuple or keyword dict, "
+                "on the model's device and dtype)."]
             raise TraceError(
                 f"{type(model).__name__} failed to run on the given example_inputs{mode}{where}{op}: "
                 f"{type(err).__name__}: {lines[0] if lines else ''}\n" + "\n".join(hints)

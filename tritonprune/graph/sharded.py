@@ -1,7 +1,8 @@
 """Groups of an FSDP2-sharded model: trace its unsharded meta-device skeleton (no memory, no collective).
 
-torch.export cannot run FSDP2's all-gather hooks; the skeleton has the same module classes and the full
-shapes from the DTensor metadata, so the groups are the unsharded model's, as the engine expects.
+A forward of the sharded model would run FSDP2's all-gather hooks (a collective, the full weights); the
+skeleton has the same module classes and the full shapes from the DTensor metadata, so the groups are the
+unsharded model's, as the engine expects (its forward runs on meta tensors: no memory, no compute).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ a rule excludes every channel that touches it and is named in one warning.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -55,11 +56,14 @@ class Walker:
             self._export_names(graph, model)
         else:
             self.tensor_names.update(graph.tensor_names)
-        self.modules = dict(model.named_modules())
         self.value_ranges: list[tuple[int, int]] = []  # ids of parameters/buffers used as values
         self.table_ranges: list[tuple[int, int]] = []  # ids of those spread over positions (rotary)
         self.warned: set[tuple[str, str]] = set()
         self.warnings: list[str] = []
+
+    @functools.cached_property
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.model.named_modules())
 
     def _export_names(self, ep: object, model: nn.Module) -> None:
         # tied weights (GPT-2's lm_head and wte) are one tensor: name it as named_parameters() does
