@@ -158,9 +158,6 @@ def test_nested_wrappers_and_bad_objects():
         unwrap_model("model")
 
 
-@pytest.mark.xfail(strict=False, reason="accelerate's bf16 forward runs under autocast, which torch.export's "
-                   "trace turns into a wrapped subgraph with no groups; the new tracer (issue 20) records the "
-                   "eager forward and fixes it")
 def test_accelerate_bf16_prepared_model_finds_groups_and_prunes():
     # mixed_precision="bf16" wraps the prepared model's forward in autocast: the groups must be those of
     # the plain model, and prune must work on what prepare returned

@@ -196,7 +196,6 @@ def test_tracing_imports_neither_dynamo_nor_export():
     assert _added_modules(prelude) == "[]"
 
 
-@pytest.mark.xfail(reason="regularizing/engine.py decorates with torch.compiler.disable at import", strict=False)
 def test_import_adds_neither_dynamo_nor_export():
     assert _added_modules() == "[]"
 

@@ -19,6 +19,7 @@ never import it and pay nothing for it.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,6 +53,24 @@ def _is_sharded(model: nn.Module) -> bool:
     # DTensor parameters can only exist once torch.distributed.tensor was imported: no import, no cost
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and any(isinstance(p, mod.DTensor) for p in model.parameters())
+
+
+def _not_compiled(fn: Callable) -> Callable:
+    """`torch.compiler.disable(fn)`, without importing torch._dynamo when the engine is imported (a
+    second of `import tritonprune`). The marker makes Dynamo break its graph here and call the wrapper
+    eagerly; only a process that loaded Dynamo (so may be compiling) pays for the disabled call, made once."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    wrapper._torchdynamo_disable = True  # what torch.compiler.disable sets; read by Dynamo's tracer
+    return wrapper
 
 
 class Regularization:
@@ -296,7 +315,7 @@ class Regularization:
 
     # torch.compile: a compiled training step breaks its graph only around the regularization (the
     # engine reads addresses and caches plans on the host, nothing Dynamo should trace)
-    @torch.compiler.disable
+    @_not_compiled
     @torch.no_grad()
     def apply_to_grads(self) -> None:
         """grad += term on every update slot; parameters whose .grad is None are skipped."""
@@ -305,7 +324,7 @@ class Regularization:
         if self.sharded is not None:
             self.sharded.write_back(bufs)
 
-    @torch.compiler.disable
+    @_not_compiled
     @torch.no_grad()
     def apply_decoupled(self, lr_of_param: Mapping[int, float]) -> None:
         """w -= lr * term, with lr looked up by id(param); the term is computed from w before the shrink.
