@@ -526,8 +526,12 @@ def test_meta_models_refuse_prune_but_take_a_saved_plan(tmp_path):
     assert skeleton.fc.weight.device.type == "meta"
 
 
-def test_model_that_fake_tensors_cannot_run_is_checked_by_a_real_forward_after_slicing():
+def test_model_that_fake_tensors_cannot_run_is_checked_by_a_real_forward_after_slicing(monkeypatch):
     from test_slicing import Net
+
+    from tritonprune.pruning import fake_run
+
+    monkeypatch.setattr(fake_run, "REAL_COPY_BYTES", 0)  # the fake-tensor check (large models), not a real copy
 
     class DataDependent(Net):
         def forward(self, x):
@@ -547,6 +551,12 @@ def test_model_that_fake_tensors_cannot_run_is_checked_by_a_real_forward_after_s
     with pytest.raises(ValueError, match="no longer runs its example inputs"):
         prune(model, x, ratio=0.5, groups=groups)
     assert same(model, snap)
+    # a small CPU model is checked on a real copy, which runs the branch: the broken group is left out
+    monkeypatch.setattr(fake_run, "REAL_COPY_BYTES", 2**30)
+    with pytest.warns(UserWarning, match="left these groups out"):
+        plan = prune(model, x, ratio=0.5, groups=groups)
+    assert 4 in [d["group"] for d in plan.info["dropped"]]
+    model(x)
 
 
 class TrainOnlyBranch(nn.Module):

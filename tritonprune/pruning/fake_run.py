@@ -1,10 +1,16 @@
-"""A forward of a meta-device copy of a model on fake tensors: shapes, dtypes and devices, no compute.
+"""A what-if forward of a copy of a model: shapes, dtypes and devices of its output, or where it fails.
 
-The model's module tree is copied with every parameter, buffer and tensor attribute replaced by a meta
-tensor (the copy shares no storage with the model and costs no memory); hooks are not copied (user hooks
-could write to real state); config objects are copied, since slicing writes to them. A forward-hook stack
-on the copy names the innermost module that was running when the forward failed. The run check and the
-attribute verification of slicing both stand on this.
+The model's module tree is copied (`module_copy.copy_tree`: the copy shares no storage with the model);
+hooks are not copied (user hooks could write to real state); config objects are copied, since slicing
+writes to them. A forward-hook stack on the copy names the innermost module that was running when the
+forward failed. The run check and the attribute verification of slicing both stand on this.
+
+Two kinds of copy, one answer:
+- a small model on the CPU (at most REAL_COPY_BYTES of tensors) is cloned and run for real, under no_grad,
+  with the CPU random state restored afterwards: a fake-tensor forward costs 3-10x a real one at the
+  sizes pruning is checked on;
+- anything else (large, on an accelerator, or already on meta) becomes a meta-device copy run on fake
+  tensors: no memory, no compute, and no device-side assert can reach the process.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..graph.module_copy import copy_tree
 from ..graph.trace import call_with
 
-__all__ = ["RunFailure", "meta_copy", "prepared_copy", "fake_forward"]
+__all__ = ["RunFailure", "meta_copy", "real_copy", "prepared_copy", "fake_forward"]
 
 
 @dataclass
@@ -36,6 +42,26 @@ class RunFailure:
     def __str__(self) -> str:
         where = f"in module {self.module!r}" if self.module else "in the model's own forward"
         return f"{where}: {self.error}"
+
+
+REAL_COPY_BYTES = 256 * 2**20
+
+
+def _real_copy_fits(model: nn.Module) -> bool:
+    """A CPU model whose tensors take at most REAL_COPY_BYTES (the copy's and the forward's memory)."""
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "cpu" or type(t) not in (torch.Tensor, nn.Parameter):  # meta, cuda, DTensor, fakes
+            return False
+        total += t.numel() * t.element_size()
+    return total <= REAL_COPY_BYTES
+
+
+def real_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree with every tensor cloned (`module_copy.copy_tree`), no hooks."""
+    c = copy_tree(model, lambda t: t.detach().clone())
+    object.__setattr__(c, "_tritonprune_real", True)
+    return c
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -138,12 +164,24 @@ def fake_forward(
     no_grad, in eval mode (or train mode: branches that only run in training). `context(model)`, if
     given, is a context manager entered around the forward once the copy holds its fake tensors (the
     MAC counter). Returns the output's (pytree spec, per-leaf (shape, dtype) or type name) or a
-    RunFailure. A copy can run several times (its fake tensors are made once)."""
+    RunFailure. A copy can run several times (its fake tensors are made once). A real copy runs on real
+    tensors (meta example inputs become zeros), with the CPU random state restored."""
+    if getattr(model, "_tritonprune_real", False):
+        def real(x: Any) -> Any:
+            return torch.zeros(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) and x.is_meta else x
+
+        return _forward(model, tree_map(real, example_inputs), context, train, contextlib.nullcontext(),
+                        lambda inputs: inputs)
     mode = getattr(model, "_tritonprune_mode", None)
     if mode is None:
         mode = _fake_mode()
         _fakeify(model, _devices_of_copy(model), mode)
         object.__setattr__(model, "_tritonprune_mode", mode)
+    return _forward(model, example_inputs, context, train, mode,
+                    lambda inputs: tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, inputs))
+
+
+def _forward(model: nn.Module, example_inputs: Any, context, train: bool, mode, convert) -> Any:
     extra = context(model) if context is not None else contextlib.nullcontext()
     model.train(train)
     stack = _Stack(model)
@@ -151,9 +189,9 @@ def fake_forward(
     was = quiet.disabled
     quiet.disabled = True  # fake tensors log every failing meta kernel; the failure is returned instead
     try:
-        with mode, torch.no_grad(), extra:
-            inputs = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, example_inputs)
-            out = call_with(model, inputs)
+        # the CPU random state is restored: a real copy's dropout must not move the user's random stream
+        with torch.random.fork_rng(devices=[]), mode, torch.no_grad(), extra:
+            out = call_with(model, convert(example_inputs))
         return _spec_of(out)
     except Exception as e:  # any error of the forward is the answer
         text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -169,7 +207,10 @@ def _devices_of_copy(model: nn.Module) -> dict[str, torch.device]:
 
 
 def prepared_copy(model: nn.Module) -> nn.Module:
-    """`meta_copy(model)` that remembers the devices of the model's tensors, for `fake_forward`."""
+    """The copy `fake_forward` runs: a real one for a small CPU model (a copy of a real copy is real too),
+    else `meta_copy(model)` remembering the devices of the model's tensors."""
+    if _real_copy_fits(model):
+        return real_copy(model)
     c = meta_copy(model)
     # a copy of a copy (the attribute check inside run_check) keeps the devices of the real model
     object.__setattr__(c, "_tritonprune_devices", _devices_of_copy(model) or _devices(model))
