@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ from torch import nn
 from .._gc import fewer_collections
 from . import elementwise as _elementwise  # noqa: F401  (each rules module registers its ops)
 from . import layers as _layers  # noqa: F401
+from . import matmul as _matmul  # noqa: F401
 from . import reshape as _reshape  # noqa: F401
 from .assemble import assemble
 from .experts import expert_groups
@@ -56,6 +58,16 @@ def _lazy_graph_modules() -> contextlib.AbstractContextManager:
     return _use_lazy_graph_module(True)
 
 
+def _walk(programs: list, model: nn.Module, ignored: set[str], head_pruning: str, merged_heads: set[str]):
+    # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
+    walkers = [Walker(ep, model, head_pruning) for ep in programs]
+    for walker in walkers:
+        walker.space = walkers[0].space
+        walker.merged_heads = merged_heads
+        walker.run()
+    return walkers[0].space, assemble(walkers[0].space, ignored)
+
+
 def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = (), *,
                 head_pruning: str = "heads") -> list[Group]:
     """Coupled channel groups of `model`, found from its exported ATen graph.
@@ -72,12 +84,16 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
     model = unwrap(model)
     ignored = resolve_ignored(model, ignored_layers)
     with fewer_collections(), _lazy_graph_modules():
-        # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
-        walkers = [Walker(ep, model, head_pruning) for ep in export_all_modes(model, example_inputs)]
-        for walker in walkers:
-            walker.space = walkers[0].space
-            walker.run()
-        groups = assemble(walkers[0].space, ignored)
+        programs = export_all_modes(model, example_inputs)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            space, groups = _walk(programs, model, ignored, head_pruning, set())
+        if space.split_units and head_pruning == "heads":
+            # heads whose dims fall into several groups (partial rotary): again, each such head one channel
+            space, groups = _walk(programs, model, ignored, head_pruning, space.split_units)
+        else:
+            for w in said:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     remember_inputs(model, example_inputs)  # to verify ambiguous attribute updates after slicing
     taken = {s.name for grp in groups for s in grp.slots}
     extra = expert_groups(model, ignored, taken)  # MoE experts: by module layout, see experts.py

@@ -7,6 +7,7 @@ from torch import fx
 
 from . import group as g
 from .channels import NONE, along, channel_vector, expand_dims, has_ids, none_like
+from .matmul import activation_matmul
 from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 aten = torch.ops.aten
@@ -156,7 +157,7 @@ def matmul(w: Walker, node: fx.Node) -> object:
     param = transposed_weight(w, weight)
     if param is not None:
         return _linear(w, node, x, param, None, 1, 0)  # x @ W.T with W [out, in] (Falcon's FalconLinear)
-    return unknown(w, node)
+    return activation_matmul(w, node)
 
 
 def transposed_weight(w: Walker, node: object) -> fx.Node | None:
@@ -302,7 +303,10 @@ def embedding(w: Walker, node: fx.Node) -> object:
 def sdpa(w: Walker, node: fx.Node) -> object:
     """q [.., H, T, d], k [.., Hk, S, d], v [.., Hk, S, d]: head h's dim j of q, k, v and the output is one
     channel (query heads share their key/value head under GQA). Heads are pruned whole (`unit` = d) or,
-    with head_pruning="dims", by the same count in every key/value head (`blocks` = Hk)."""
+    with head_pruning="dims", by the same count in every key/value head (`blocks` = Hk). With one key/value
+    head (multi-query, or one repeated to every query head), the query heads go whole on their own.
+    Where a head's dims fall into several groups (partial rotary: rotated and passed dims meet different
+    ops), find_groups walks again with the head as one channel (`Walker.merged_heads`)."""
     q, k, v = node.args[:3]
     ids = [w.act(t) for t in (q, k, v)]
     shapes = [w.shape(t) for t in (q, k, v)]
@@ -317,6 +321,10 @@ def sdpa(w: Walker, node: fx.Node) -> object:
     r = H // Hk
     full = [expand_dims(t, s, [1, 3]) for t, s in zip(ids, shapes)]
     qf, kf, vf = full
+    krows = qf.new_tensor(kf[0, :, 0, :])
+    if w.head_pruning == "heads" and H > 1 and (Hk == 1 or bool((krows == krows[:1]).all() and (krows >= 0).any())):
+        # one key/value head, possibly repeated to every query head (repeat_kv) before the call
+        return _query_heads(w, node, qf, kf, vf, H)
     kf, vf = kf.repeat_interleave(r, 1), vf.repeat_interleave(r, 1)
     for a, b in ((qf, kf), (qf, vf)):
         w.space.union(a, b)
@@ -326,12 +334,39 @@ def sdpa(w: Walker, node: fx.Node) -> object:
     heads = torch.where(full[1] >= 0, full[1], full[2])[0, :, 0, :]  # [Hk, d] in key/value order
     if w.head_pruning == "dims":
         w.space.require_blocks(heads, Hk)
-    else:
-        w.space.require_units(heads, d * 1)
-    scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
-    if w.head_pruning == "dims" and scale is None:
-        w.space.mix(heads)  # the default scale 1/sqrt(d) follows the pruned head dim
+        if (node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")) is None:
+            w.space.mix(heads)  # the default scale 1/sqrt(d) follows the pruned head dim
+        return torch.where(qf >= 0, qf, kf)
+    if node.name in w.merged_heads:
+        # whole heads whose dims fall into several groups (partial rotary): one channel per head
+        return _one_channel_per_head(w, torch.cat([qf.reshape(Hk, -1), kf[:, ::r].reshape(Hk, -1),
+                                                   vf[:, ::r].reshape(Hk, -1)], 1)).repeat_interleave(r).view(1, H, 1, 1)
+    w.space.require_units(heads, d, source=node.name)
     return torch.where(qf >= 0, qf, kf)
+
+
+def _one_channel_per_head(w: Walker, rows: torch.Tensor) -> torch.Tensor:
+    """Union every id of each row (one head) into one channel; the representative id per row."""
+    valid = rows >= 0
+    first = torch.where(valid.any(1), rows.gather(1, valid.float().argmax(1, keepdim=True)).squeeze(1), NONE)
+    w.space.union(rows, first[:, None].expand_as(rows))
+    return first
+
+
+def _query_heads(w: Walker, node: fx.Node, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, H: int) -> object:
+    """One key/value head shared by all query heads (multi-query): the query heads go whole on their own,
+    the key/value head stays (its dims meet every query head)."""
+    w.space.exclude(kf)
+    w.space.exclude(vf)
+    q = qf[0, :, 0, :]
+    if bool((q < 0).any()):
+        w.space.exclude(q)
+        return torch.full((1, H, 1, 1), NONE, dtype=torch.long)
+    _attention_bias(w, node, qf, H)
+    if node.name in w.merged_heads:
+        return _one_channel_per_head(w, q).view(1, H, 1, 1)
+    w.space.require_units(q, q.shape[1], source=node.name)
+    return qf
 
 
 def _attention_bias(w: Walker, node: fx.Node, qf: torch.Tensor, H: int) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .channels import IdSpace, channel_vector, expand_dims, none_like
+from .channels import IdSpace, channel_vector, expand_dims, has_ids, none_like
 from .elementwise import align, combine_all
 from .layers import transposed_weight
-from .walker import Walker, no_identity, overloads, rule, where
+from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 MATMULS = set(overloads(torch.ops.aten.mm, torch.ops.aten.matmul))
 
@@ -270,3 +270,16 @@ def pad(w: Walker, node: fx.Node) -> object:
             w.space.exclude(ids)
             return no_identity(w, node)
     return ids
+
+
+@rule(*overloads(aten.repeat_interleave))
+def repeat_interleave(w: Walker, node: fx.Node) -> object:
+    """Each index along `dim` repeated in place (GPT-J's sin/cos, a key/value head per query head)."""
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor) or node.target is not aten.repeat_interleave.self_int:
+        return no_identity(w, node) if not isinstance(ids, torch.Tensor) or not has_ids(ids) else unknown(w, node)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:
+        return unknown(w, node) if has_ids(ids) else no_identity(w, node)
+    d = dim % ids.dim()
+    return ids.repeat_interleave(int(node.args[1]), d) if ids.shape[d] > 1 else ids

@@ -45,6 +45,7 @@ class Walker:
 
     def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, head_pruning: str = "heads"):
         self.head_pruning = head_pruning
+        self.merged_heads: set[str] = set()  # attention nodes whose heads are one channel each (see layers.sdpa)
         self.ep = ep
         self.model = model
         self.space = IdSpace()

@@ -7,7 +7,8 @@ of `nn.MultiheadAttention`). These are derived here from the cuts themselves, pe
 - the q rows of a module form `H` heads of `d` rows (`d` from its head-dim attribute, or rows / heads);
   k and v rows form `Hkv` heads of `d` rows;
 - a cut that removes whole heads keeps `d` and lowers `H` (and `Hkv`; the query heads of a removed
-  key/value head must go with it, so `H / Hkv` is unchanged);
+  key/value head must go with it, so `H / Hkv` is unchanged), or removes the same number of query heads
+  under every key/value head, which all stay (multi-query: `H / Hkv` drops);
 - a cut that removes the same count from every head lowers `d` and keeps the head counts;
 - anything else is refused (the module could not reshape its q/k/v into heads).
 
@@ -194,7 +195,10 @@ def new_shape(mname: str, m: nn.Module, p: Projections, tensors, cuts) -> tuple[
     vw, vr = _head_cut(mname, "value", _removed(p.v, cuts), d)
     if not (qr == kr == vr):
         raise ValueError(f"{mname}: query, key and value lose different dims per head ({qr}, {kr}, {vr})")
-    if not torch.equal(kw, vw) or not torch.equal(qw, kw.repeat_interleave(rep)):
+    # query heads removed under kept key/value heads (multi-query): the same count from every group
+    query_only = not kw.any() and not vw.any() and qr == 0 and bool(
+        (qw.view(before.kv_heads, rep).sum(1) == qw.view(before.kv_heads, rep).sum(1)[0]).all())
+    if not query_only and (not torch.equal(kw, vw) or not torch.equal(qw, kw.repeat_interleave(rep))):
         raise ValueError(
             f"{mname}: the cut removes query heads {qw.nonzero().flatten().tolist()} and key/value heads "
             f"{kw.nonzero().flatten().tolist()}; with {rep} query heads per key/value head they must go together"
