@@ -18,6 +18,7 @@ from .assemble import assemble
 from .experts import expert_groups
 from .group import Group, Slot
 from .modes import export_all_modes
+from .outputs import normalize as normalize_outputs
 from .remembered import remember_inputs
 from .trace import TraceError, unwrap
 from .walker import Walker
@@ -58,18 +59,20 @@ def _lazy_graph_modules() -> contextlib.AbstractContextManager:
     return _use_lazy_graph_module(True)
 
 
-def _walk(programs: list, model: nn.Module, ignored: set[str], head_pruning: str, merged_heads: set[str]):
+def _walk(programs: list, model: nn.Module, ignored: set[str], head_pruning: str, merged_heads: set[str],
+          free_outputs: tuple = ()):
     # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
     walkers = [Walker(ep, model, head_pruning) for ep in programs]
     for walker in walkers:
         walker.space = walkers[0].space
         walker.merged_heads = merged_heads
+        walker.free_outputs = free_outputs
         walker.run()
     return walkers[0].space, assemble(walkers[0].space, ignored)
 
 
 def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = (), *,
-                head_pruning: str = "heads") -> list[Group]:
+                head_pruning: str = "heads", free_outputs: Iterable[object] = ()) -> list[Group]:
     """Coupled channel groups of `model`, found from its exported ATen graph.
 
     Channels reaching a model output or input, hard-coded positions (slices, fixed-size splits) and ops
@@ -78,7 +81,12 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
 
     `head_pruning` chooses how attention channels are grouped: "heads" removes whole heads (whole
     key/value groups under GQA), "dims" removes the same number of dims from every head.
+
+    `free_outputs` names model outputs whose width may change (intermediate features a model returns
+    next to its prediction, YOLO's `feats`): an output name (str, at any depth), a position (int) or a
+    pytree path (tuple); see graph/outputs.py. An entry that names no output is an error.
     """
+    free_outputs = normalize_outputs(free_outputs)
     if head_pruning not in ("heads", "dims"):
         raise ValueError(f"head_pruning must be 'heads' or 'dims', got {head_pruning!r}")
     model = unwrap(model)
@@ -87,10 +95,10 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
         programs = export_all_modes(model, example_inputs)
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
-            space, groups = _walk(programs, model, ignored, head_pruning, set())
+            space, groups = _walk(programs, model, ignored, head_pruning, set(), free_outputs)
         if space.split_units and head_pruning == "heads":
             # heads whose dims fall into several groups (partial rotary): again, each such head one channel
-            space, groups = _walk(programs, model, ignored, head_pruning, space.split_units)
+            space, groups = _walk(programs, model, ignored, head_pruning, space.split_units, free_outputs)
         else:
             for w in said:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -257,6 +257,8 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
             lab = labels[ids]
             if bad[lab].any():
                 continue
+            if kind == "blocks" and lab.numel() % nb == 0 and nb > 1 and bool((lab.reshape(nb, -1) == lab.reshape(nb, -1)[:1]).all()):
+                continue  # every part holds the same channels (q, k, v of a head as one channel): parts stay equal
             if kind == "soft":
                 rows = lab.reshape(nb, -1)
                 if bool((rows == rows[:1]).all()):
@@ -294,6 +296,9 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
                 failed[gi] = f"{nb} equal parts required by a grouped op do not line up with the group"
                 continue
             combined = g.block_count(target.get(gi, 1), nb)
+            if combined and built[gi]["order"].numel() % combined:
+                failed[gi] = f"{combined} equal parts required by a grouped op do not divide the {built[gi]['order'].numel()} channels"
+                continue
             if combined == 0:
                 failed[gi] = f"incompatible {kind} sizes {target.get(gi, 1)} and {nb}"
                 continue

@@ -280,10 +280,13 @@ def index(w: Walker, node: fx.Node) -> object:
     if isinstance(ids, torch.Tensor) and not any(
         isinstance(i, fx.Node) and ids.shape[d] > 1 for d, i in enumerate(indices)
     ) and all(not isinstance(i, fx.Node) or not has_ids(w.act(i)) for i in indices):
-        # gathering along dims without channels (tokens routed to an expert)
+        # gathering along dims without channels (tokens routed to an expert, CLIP's pooling at the end
+        # token x[arange(B), ids.argmax(-1)]): the channels of the other dims stay what they were
         out = w.out_shape(node)
-        if len(indices) == 1 and ids.shape[0] == 1:
-            return ids.reshape((1,) * (len(out) - ids.dim() + 1) + tuple(ids.shape[1:]))
+        k = len(indices)
+        if all(isinstance(i, fx.Node) for i in indices) and all(ids.shape[d] == 1 for d in range(k)):
+            rest = tuple(ids.shape[k:])
+            return ids.reshape((1,) * (len(out) - len(rest)) + rest)
     return unknown(w, node)
 
 
@@ -321,7 +324,7 @@ def sdpa(w: Walker, node: fx.Node) -> object:
     r = H // Hk
     full = [expand_dims(t, s, [1, 3]) for t, s in zip(ids, shapes)]
     qf, kf, vf = full
-    krows = qf.new_tensor(kf[0, :, 0, :])
+    krows = kf[0, :, 0, :]
     if w.head_pruning == "heads" and H > 1 and (Hk == 1 or bool((krows == krows[:1]).all() and (krows >= 0).any())):
         # one key/value head, possibly repeated to every query head (repeat_kv) before the call
         return _query_heads(w, node, qf, kf, vf, H)

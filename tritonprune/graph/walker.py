@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from . import group as g
+from . import outputs
 from .channels import IdSpace, along, has_ids, none_like
 
 aten = torch.ops.aten
@@ -45,6 +46,7 @@ class Walker:
 
     def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, head_pruning: str = "heads"):
         self.head_pruning = head_pruning
+        self.free_outputs: tuple = ()  # output entries whose width may change (see outputs.py)
         self.merged_heads: set[str] = set()  # attention nodes whose heads are one channel each (see layers.sdpa)
         self.ep = ep
         self.model = model
@@ -82,9 +84,32 @@ class Walker:
                     continue  # runtime checks without outputs
                 self.ids[node] = (fn or unknown)(self, node)
             elif node.op == "output":
-                for arg in fx.node.map_arg(node.args, lambda n: n).__iter__():
-                    self._exclude_output(arg)
+                self._outputs(node)
             # get_attr (lifted constants) carry no channel identity
+
+    def _outputs(self, node: fx.Node) -> None:
+        """Channels reaching an output keep their width, except in the outputs named by `free_outputs`."""
+        flat = list(node.args[0]) if node.args and isinstance(node.args[0], (list, tuple)) else list(node.args)
+        if not self.free_outputs:
+            for arg in flat:
+                self._exclude_output(arg)
+            return
+        user = self._user_outputs(len(flat))
+        spec = getattr(getattr(self.ep, "call_spec", None), "out_spec", None)
+        if spec is None or len(user) != spec.num_leaves:
+            raise ValueError("free_outputs: the traced graph does not say which output is which; "
+                             "leave free_outputs out for this model")
+        free = outputs.free_leaves(outputs.leaf_paths(spec), self.free_outputs)
+        for pos, arg in enumerate(flat):
+            if pos not in user or not free[user.index(pos)]:
+                self._exclude_output(arg)
+
+    def _user_outputs(self, n: int) -> list[int]:
+        """Positions of the model's own outputs among the graph's outputs (not mutated buffers)."""
+        specs = getattr(getattr(self.ep, "graph_signature", None), "output_specs", None)
+        if specs is None or len(specs) != n:
+            return list(range(n))
+        return [i for i, s in enumerate(specs) if s.kind.name == "USER_OUTPUT"]
 
     def _input_ids(self, node: fx.Node) -> object:
         val = node.meta.get("val")

@@ -115,6 +115,16 @@ def projections(name: str, m: nn.Module) -> Projections | None:
             qn = r.length - 2 * kv
             return Projections(Rows(r.name, r.dim, 0, qn), Rows(r.name, r.dim, qn, kv),
                                Rows(r.name, r.dim, qn + kv, kv), hidden)
+    fused = children.get("query_key_value")
+    d, h = _int_attr(m, ("head_dim",)), _int_attr(m, ("num_heads",))
+    if fused is not None and getattr(m, "multi_query", False) is True and not getattr(m, "new_decoder_architecture", False) \
+            and d is not None and h is not None:
+        # Falcon multi-query: query_key_value holds the query heads, then one key and one value head
+        found = _linear_rows(_q(name, "query_key_value"), fused)
+        if found is not None and found[0].length == (h + 2) * d:
+            r, hidden = found
+            return Projections(Rows(r.name, r.dim, 0, h * d), Rows(r.name, r.dim, h * d, d),
+                               Rows(r.name, r.dim, (h + 1) * d, d), hidden)
     packed = packed if packed is not None else children.get("qkv")
     if packed is not None:
         found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)

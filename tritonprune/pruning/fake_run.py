@@ -150,6 +150,10 @@ def fake_forward(
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     was = quiet.disabled
     quiet.disabled = True  # fake tensors log every failing meta kernel; the failure is returned instead
+    # as under torch.export: model code that caches tensors globally unless compiling (Hugging Face's
+    # lru-cached BEiT position index) must not keep a fake tensor for the real model's next forward
+    compiling = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True
     try:
         with mode, torch.no_grad(), extra:
             inputs = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, example_inputs)
@@ -160,6 +164,7 @@ def fake_forward(
         where = stack.path[-1] if stack.path else ""
         return RunFailure(where, text + (" (in train mode)" if train else ""))
     finally:
+        torch.compiler._is_compiling_flag = compiling
         quiet.disabled = was
         stack.remove()
 
