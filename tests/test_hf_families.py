@@ -266,3 +266,20 @@ def test_auto_class_dtype_and_errors(tmp_path):
     tpr.prune(m, x, ratio=0.5, groups=tpr.find_groups(m, x))
     tpr.save_pretrained(m, tmp_path / "b")
     assert torch.equal(hf_zoo.output(tpr.from_pretrained(AutoModelForCausalLM, tmp_path / "b"), x), hf_zoo.output(m, x))
+
+
+@quiet
+def test_eager_experts_recorded_for_a_plain_load(tmp_path):
+    # 61 channels per expert: rows not 16-byte aligned for grouped matmul, so pruning switched to the eager
+    # experts; config.json must say so, or a plain from_pretrained picks grouped_mm and fails its forward
+    m, x, _ = hf_zoo.build("mixtral")
+    gs = [g for g in groups_of("mixtral") if g.origin.endswith(".experts")]
+    plan = tpr.prune(copy.deepcopy(m), x, ratio=0.3, groups=gs, dry_run=True)
+    plan = PrunePlan(plan.model_class, plan.groups, [[b * 64 + j for b in range(4) for j in range(3)] for _ in gs],
+                     plan.shapes)
+    plan.apply(m)
+    assert m.config._experts_implementation == "eager"
+    y = hf_zoo.output(m, x)
+    tpr.save_pretrained(m, tmp_path)
+    plain = type(m).from_pretrained(tmp_path)
+    assert plain.config._experts_implementation == "eager" and torch.equal(hf_zoo.output(plain, x), y)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -313,8 +315,21 @@ def sdpa(w: Walker, node: fx.Node) -> object:
     q, k, v = node.args[:3]
     ids = [w.act(t) for t in (q, k, v)]
     shapes = [w.shape(t) for t in (q, k, v)]
-    if not all(isinstance(t, torch.Tensor) for t in ids) or any(len(s) != 4 for s in shapes):
+    if not all(isinstance(t, torch.Tensor) for t in ids) or any(s is None for s in shapes):
         return unknown(w, node)
+    nd = len(shapes[0])
+    if nd > 4 and all(len(s) == nd for s in shapes) and all(t.dim() == nd and all(n == 1 for n in t.shape[:-3]) for t in ids):
+        # windows or other batch dims before the heads (Twins, windowed attention): one batch dim
+        ids = [t.reshape(1, *t.shape[-3:]) for t in ids]
+        shapes = [(math.prod(s[:-3]), *s[-3:]) for s in shapes]
+        out = _sdpa(w, node, ids, shapes)
+        return out.reshape((1,) * (nd - 4) + tuple(out.shape)) if isinstance(out, torch.Tensor) and out.dim() == 4 else out
+    if any(len(s) != 4 for s in shapes):
+        return unknown(w, node)
+    return _sdpa(w, node, ids, shapes)
+
+
+def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> object:
     (_, H, _, d), (_, Hk, _, dk), (_, Hv, _, dv) = shapes
     if not (d == dk == dv and Hk == Hv and H % Hk == 0):
         return unknown(w, node)

@@ -109,6 +109,21 @@ def plain_load_problem(model: nn.Module) -> str | None:
 # ------------------------------------------------------------------------------ save / load
 
 
+def _set_config_field(file: str, key: str, value: Any) -> None:
+    """One field of a saved config.json, rewritten atomically (temp file in the same folder, fsync, replace)."""
+    if os.path.islink(file):
+        raise ValueError(f"{file} is a symbolic link; refusing to write through it")
+    with open(file) as f:
+        data = json.load(f)
+    data[key] = value
+    tmp = f"{file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None, **kwargs: Any) -> None:
     """Write the HF checkpoint of a pruned model plus `tritonprune.json` (original config and plans).
 
@@ -148,6 +163,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None,
         model.save_pretrained(path, **kwargs)
     finally:
         model.config = pruned_config
+    if problem is None and getattr(pruned_config, "_experts_implementation", None) == "eager":
+        # pruning chose the eager experts (rows no longer aligned for grouped matmul): say so in config.json,
+        # which transformers reads back as `experts_implementation`, so a plain load does not pick another
+        _set_config_field(os.path.join(path, "config.json"), "experts_implementation", "eager")
     meta = {
         "format": FORMAT,
         "version": VERSION,
