@@ -75,6 +75,7 @@ def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> Non
             if isinstance(t, nn.Parameter):
                 f = nn.Parameter(f, requires_grad=t.requires_grad)
             done[id(t)] = f
+            done[id(f)] = f  # a module shared by several parents is visited again with its fake tensors
         return done[id(t)]
 
     def is_meta(v: Any) -> bool:
