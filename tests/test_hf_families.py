@@ -3,8 +3,9 @@
 - qwen3: QK-norm (q_norm/k_norm of size head_dim, shared by every head): heads pruned, the norms untouched;
 - gpt_bigcode: multi-query c_attn split by sizes from attributes: query heads go, the key/value head stays,
   the split sizes follow;
-- phi, stablelm, gptj, gpt_neox, falcon, gemma (one KV head), gemma2, beit, mobilevit: every attention module
-  loses whole heads (partial rotary, q/k/v chunked per head, multi-query, manual q @ k^T, per-head bias);
+- phi, stablelm, gptj, gpt_neox, falcon, gemma (one KV head), gemma2, beit, mobilevit, deberta_v2: every
+  attention module loses whole heads (partial rotary, q/k/v chunked per head, multi-query, manual q @ k^T,
+  per-head bias, relative-position terms repeated per batch item and gathered by position);
 - t5: relative position bias table indexed by head, shared by all layers: heads and table pruned together;
 - swin: window attention with a per-head bias table gathered by an index buffer;
 - falcon: FalconLinear computes x @ W.T, parallel attention + MLP: groups found (MLP, residual stream);
@@ -112,7 +113,7 @@ def test_multi_query_packed_projection_loses_query_heads():
 # every attention module of these loses whole heads at ratio=0.3 (tiny configs of tests/hf_zoo.py)
 HEADS = {"phi": "self_attn", "stablelm": "self_attn", "gptj": "attn", "gpt_neox": "attention",
          "falcon": "self_attention", "gpt_bigcode": "attn", "gemma_mqa": "self_attn", "gemma2": "self_attn",
-         "beit": "attention", "mobilevit": "attention.attention"}
+         "beit": "attention", "mobilevit": "attention.attention", "deberta_v2": "attention.self"}
 
 
 def _heads(m: torch.nn.Module, suffix: str) -> list[int]:

@@ -292,6 +292,21 @@ def index(w: Walker, node: fx.Node) -> object:
     return unknown(w, node)
 
 
+@rule(*overloads(aten.gather))
+def gather(w: Walker, node: fx.Node) -> object:
+    """x.gather(dim, index) along a dim without channels (DeBERTa's relative positions per head): the
+    channels of the other dims stay, where the index covers them whole."""
+    x, index = node.args[0], node.args[2]
+    ids, xs, idx_shape = w.act(x), w.shape(x), w.shape(index)
+    if not isinstance(ids, torch.Tensor) or xs is None or idx_shape is None:
+        return no_identity(w, node)
+    d = node.args[1] % ids.dim()
+    if has_ids(w.act(index)) or ids.shape[d] > 1 or any(
+            ids.shape[k] > 1 and idx_shape[k] != xs[k] for k in range(ids.dim())):
+        return unknown(w, node)
+    return ids
+
+
 @rule(*overloads(aten.embedding))
 def embedding(w: Walker, node: fx.Node) -> object:
     weight = node.args[0]

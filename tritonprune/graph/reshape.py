@@ -123,9 +123,9 @@ def expand(w: Walker, node: fx.Node) -> object:
     if node.target in overloads(aten.repeat) and any(
         ids.shape[d] > 1 and out[d] != src[d] for d in range(len(out))
     ):
-        w.warn(node, "repeat along a channel dim")
-        w.space.exclude(ids)
-        return no_identity(w, node)
+        # tiles of a channel dim (DeBERTa's per-head position terms repeated for every batch item): tile
+        # i holds the same channels, so the ids repeat; the count of tiles stays whatever pruning does
+        return ids.repeat(*[out[d] // src[d] if ids.shape[d] > 1 else 1 for d in range(len(out))])
     return ids
 
 

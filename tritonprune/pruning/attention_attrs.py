@@ -100,7 +100,8 @@ def projections(name: str, m: nn.Module) -> Projections | None:
         rows = [Rows(_q(name, f"{x}_proj_weight"), 0, 0, getattr(m, f"{x}_proj_weight").shape[0]) for x in "qkv"]
         return Projections(*rows, (_q(name, "q_proj_weight"), 1))
     children = dict(m.named_children())
-    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v")):
+    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
+                  ("query_proj", "key_proj", "value_proj")):
         if all(n in children for n in names):
             found = [_linear_rows(_q(name, n), children[n]) for n in names]
             if all(f is not None for f in found):
