@@ -44,6 +44,8 @@ TIMM = {  # name -> (input size, pass img_size)
     "cspresnet50": (64, False), "res2net50_14w_8s": (64, False), "resnest14d": (64, False),
     "sebotnet33ts_256": (64, True), "nfnet_l0": (64, False), "hiera_tiny_224": (64, True),
     "vitamin_small_224": (64, True), "fastvit_sa12": (64, False),
+    "pvt_v2_b0": (64, False), "davit_tiny": (64, False), "twins_pcpvt_small": (64, True),
+    "coat_lite_tiny": (64, True),
 }
 
 

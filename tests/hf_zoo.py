@@ -114,6 +114,28 @@ BUILDERS = {
         max_source_positions=8, max_target_positions=16, decoder_start_token_id=0, pad_token_id=0,
         bos_token_id=0, eos_token_id=0, use_cache=False)),
         {"input_features": torch.randn(2, 8, 16), "decoder_input_ids": _ids(5)}, "seq2seq"),
+    "gemma_mqa": lambda: _causal(T.GemmaForCausalLM, T.GemmaConfig(**DEC, num_key_value_heads=1, head_dim=8)),
+    "gemma2": lambda: _causal(T.Gemma2ForCausalLM, T.Gemma2Config(**DEC, num_key_value_heads=2, head_dim=8,
+                                                                  sliding_window=4)),
+    "stablelm": lambda: _causal(T.StableLmForCausalLM, T.StableLmConfig(**DEC, num_key_value_heads=2)),
+    "gptj": lambda: _causal(T.GPTJForCausalLM, T.GPTJConfig(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32, rotary_dim=4, use_cache=False,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)),
+    "bloom": lambda: _causal(T.BloomForCausalLM, T.BloomConfig(
+        vocab_size=V, hidden_size=32, n_layer=2, n_head=4, use_cache=False, bos_token_id=0, eos_token_id=0)),
+    "deberta_v2": lambda: _enc(T.DebertaV2ForSequenceClassification, T.DebertaV2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, relative_attention=True, position_buckets=8, max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"])),
+    "beit": lambda: _image(T.BeitForImageClassification, T.BeitConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=3, use_relative_position_bias=True)),
+    "mobilevit": lambda: _image(T.MobileViTForImageClassification, T.MobileViTConfig(
+        image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+        num_attention_heads=2, num_labels=3), size=32),
+    "siglip_vision": lambda: (T.SiglipVisionModel(T.SiglipVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4)), {"pixel_values": torch.randn(2, 3, 16, 16)}, "base"),
 }
 NAMES = list(BUILDERS)
 

@@ -1,7 +1,11 @@
 """Hugging Face families, one per class of rule, built from tiny configs (tests/hf_zoo.py, no downloads):
 
 - qwen3: QK-norm (q_norm/k_norm of size head_dim, shared by every head): heads pruned, the norms untouched;
-- gpt_bigcode: multi-query c_attn split by sizes from attributes: the attribute stays the attention width;
+- gpt_bigcode: multi-query c_attn split by sizes from attributes: query heads go, the key/value head stays,
+  the split sizes follow;
+- phi, stablelm, gptj, gpt_neox, falcon, gemma (one KV head), gemma2, beit, mobilevit, deberta_v2: every
+  attention module loses whole heads (partial rotary, q/k/v chunked per head, multi-query, manual q @ k^T,
+  per-head bias, relative-position terms repeated per batch item and gathered by position);
 - t5: relative position bias table indexed by head, shared by all layers: heads and table pruned together;
 - swin: window attention with a per-head bias table gathered by an index buffer;
 - falcon: FalconLinear computes x @ W.T, parallel attention + MLP: groups found (MLP, residual stream);
@@ -93,14 +97,48 @@ def test_layernorm_over_the_head_dim_keeps_whole_heads_exact():
     assert (a(x) - z(x)).abs().max() < 1e-6
 
 
-def test_multi_query_packed_projection_left_out_and_the_rest_pruned():
+def test_multi_query_packed_projection_loses_query_heads():
     gs = groups_of("gpt_bigcode")
-    assert not [s for _, s in slots_named(gs, "attn.c_attn") if s.dim == 0]  # q + one k,v by fixed sizes
+    q = [(i, s) for i, s in slots_named(gs, "attn.c_attn.weight") if s.dim == 0]
+    assert len(q) == 2 and all(s.start == 0 and s.length == 32 for _, s in q)  # the q rows; k, v stay
+    assert all(gs[i].unit == 8 for i, _ in q)  # whole query heads
     assert sum(g.size == 128 for g in gs) == 2  # the MLPs
     m, x, _ = hf_zoo.build("gpt_bigcode")
-    tpr.prune(m, x, ratio=0.25, groups=list(gs))
+    tpr.prune(m, x, ratio=0.5, groups=list(gs))
     attn = m.transformer.h[0].attn
-    assert attn.embed_dim == 32 and attn.kv_dim == 8 and attn.c_attn.in_features == 24  # split sizes add up
+    assert attn.num_heads == 2 and attn.embed_dim == 16 and attn.kv_dim == 8  # split sizes follow
+    assert attn.c_attn.out_features == 16 + 2 * 8
+
+
+# every attention module of these loses whole heads at ratio=0.3 (tiny configs of tests/hf_zoo.py)
+HEADS = {"phi": "self_attn", "stablelm": "self_attn", "gptj": "attn", "gpt_neox": "attention",
+         "falcon": "self_attention", "gpt_bigcode": "attn", "gemma_mqa": "self_attn", "gemma2": "self_attn",
+         "beit": "attention", "mobilevit": "attention.attention", "deberta_v2": "attention.self"}
+
+
+def _heads(m: torch.nn.Module, suffix: str) -> list[int]:
+    out = []
+    for name, mod in m.named_modules():
+        if name.endswith("." + suffix):
+            n = next((getattr(mod, a) for a in ("num_heads", "num_attention_heads", "n_head")
+                      if isinstance(getattr(mod, a, None), int)), None)
+            if n is None and hasattr(mod, "q_proj"):  # modules reading the count from the config (Gemma)
+                n = mod.q_proj.out_features // mod.head_dim
+            elif n is None:  # GPT-NeoX: q, k, v interleaved per head in query_key_value
+                n = mod.query_key_value.out_features // (3 * mod.head_size)
+            out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+@quiet
+def test_every_attention_module_loses_heads(name):
+    m, x, _ = hf_zoo.build(name)
+    before = _heads(m, HEADS[name])
+    tpr.prune(m, x, ratio=0.3)
+    after = _heads(m, HEADS[name])
+    assert before and all(a < b for a, b in zip(after, before)), (before, after)
+    assert torch.isfinite(hf_zoo.output(m, x)).all()
 
 
 def test_t5_bias_table_goes_with_its_heads_in_every_layer():
@@ -165,7 +203,8 @@ def test_dims_mode_keeps_the_scale_and_plain_load_refuses(tmp_path):
 
 
 UNIFORM = {"qwen3", "mixtral", "qwen2_moe", "gpt2", "llama", "vit", "bert", "t5"}
-FAMILIES = ["qwen3", "gpt_bigcode", "t5", "swin", "falcon", "mixtral", "qwen2_moe", "vit", "bert", "gpt2", "llama"]
+FAMILIES = ["qwen3", "gpt_bigcode", "t5", "swin", "falcon", "mixtral", "qwen2_moe", "vit", "bert", "gpt2", "llama",
+            "phi", "gemma_mqa", "gpt_neox", "beit"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -228,3 +267,20 @@ def test_auto_class_dtype_and_errors(tmp_path):
     tpr.prune(m, x, ratio=0.5, groups=tpr.find_groups(m, x))
     tpr.save_pretrained(m, tmp_path / "b")
     assert torch.equal(hf_zoo.output(tpr.from_pretrained(AutoModelForCausalLM, tmp_path / "b"), x), hf_zoo.output(m, x))
+
+
+@quiet
+def test_eager_experts_recorded_for_a_plain_load(tmp_path):
+    # 61 channels per expert: rows not 16-byte aligned for grouped matmul, so pruning switched to the eager
+    # experts; config.json must say so, or a plain from_pretrained picks grouped_mm and fails its forward
+    m, x, _ = hf_zoo.build("mixtral")
+    gs = [g for g in groups_of("mixtral") if g.origin.endswith(".experts")]
+    plan = tpr.prune(copy.deepcopy(m), x, ratio=0.3, groups=gs, dry_run=True)
+    plan = PrunePlan(plan.model_class, plan.groups, [[b * 64 + j for b in range(4) for j in range(3)] for _ in gs],
+                     plan.shapes)
+    plan.apply(m)
+    assert m.config._experts_implementation == "eager"
+    y = hf_zoo.output(m, x)
+    tpr.save_pretrained(m, tmp_path)
+    plain = type(m).from_pretrained(tmp_path)
+    assert plain.config._experts_implementation == "eager" and torch.equal(hf_zoo.output(plain, x), y)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -11,11 +12,13 @@ from torch import nn
 from .._gc import fewer_collections
 from . import elementwise as _elementwise  # noqa: F401  (each rules module registers its ops)
 from . import layers as _layers  # noqa: F401
+from . import matmul as _matmul  # noqa: F401
 from . import reshape as _reshape  # noqa: F401
 from .assemble import assemble
 from .experts import expert_groups
 from .group import Group, Slot
 from .modes import trace_all_modes
+from .outputs import normalize as normalize_outputs
 from .remembered import remember_inputs
 from .trace import TraceError, unwrap
 from .walker import Walker
@@ -58,8 +61,21 @@ def _lazy_graph_modules() -> contextlib.AbstractContextManager:
     return _use_lazy_graph_module(True)
 
 
+def _walk(programs: list, model: nn.Module, ignored: set[str], head_pruning: str, merged_heads: set[str],
+          free_outputs: tuple = ()):
+    # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
+    walkers = [Walker(ep, model, head_pruning) for ep in programs]
+    for walker in walkers:
+        walker.space = walkers[0].space
+        walker.merged_heads = merged_heads
+        walker.free_outputs = free_outputs
+        walker.run()
+    return walkers[0].space, assemble(walkers[0].space, ignored)
+
+
 def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = (), *,
-                head_pruning: str = "heads", tracer: str | None = None) -> list[Group]:
+                head_pruning: str = "heads", free_outputs: Iterable[object] = (), tracer: str | None = None
+                ) -> list[Group]:
     """Coupled channel groups of `model`, found from the ATen ops of one real forward on `example_inputs`.
 
     Channels reaching a model output or input, hard-coded positions (slices, fixed-size splits) and ops
@@ -71,18 +87,27 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
     `tracer`: "record" (default: the model runs once as the user runs it, under no_grad, training flags
     and buffers restored) or "export" (the opt-in fallback: non-strict torch.export on fake tensors);
     the TRITONPRUNE_TRACER environment variable sets the default.
+
+    `free_outputs` names model outputs whose width may change (intermediate features a model returns
+    next to its prediction, YOLO's `feats`): an output name (str, at any depth), a position (int) or a
+    pytree path (tuple); see graph/outputs.py. An entry that names no output is an error.
     """
+    free_outputs = normalize_outputs(free_outputs)
     if head_pruning not in ("heads", "dims"):
         raise ValueError(f"head_pruning must be 'heads' or 'dims', got {head_pruning!r}")
     model = unwrap(model)
     ignored = resolve_ignored(model, ignored_layers)
     with fewer_collections(), _lazy_graph_modules():
-        # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
-        walkers = [Walker(gr, model, head_pruning) for gr in trace_all_modes(model, example_inputs, tracer)]
-        for walker in walkers:
-            walker.space = walkers[0].space
-            walker.run()
-        groups = assemble(walkers[0].space, ignored)
+        programs = trace_all_modes(model, example_inputs, tracer)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            space, groups = _walk(programs, model, ignored, head_pruning, set(), free_outputs)
+        if space.split_units and head_pruning == "heads":
+            # heads whose dims fall into several groups (partial rotary): again, each such head one channel
+            space, groups = _walk(programs, model, ignored, head_pruning, space.split_units, free_outputs)
+        else:
+            for w in said:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     remember_inputs(model, example_inputs)  # to verify ambiguous attribute updates after slicing
     taken = {s.name for grp in groups for s in grp.slots}
     extra = expert_groups(model, ignored, taken)  # MoE experts: by module layout, see experts.py

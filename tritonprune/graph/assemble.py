@@ -252,14 +252,18 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
 
     for kind, reqs in (("blocks", space.requirements), ("unit", space.units), ("soft", space.soft_requirements)):
         target = units if kind == "unit" else blocks
-        for ids, nb in reqs:
+        for ri, (ids, nb) in enumerate(reqs):
             lab = labels[ids]
             if bad[lab].any():
                 continue
+            if kind == "blocks" and lab.numel() % nb == 0 and nb > 1 and bool((lab.reshape(nb, -1) == lab.reshape(nb, -1)[:1]).all()):
+                continue  # every part holds the same channels (q, k, v of a head as one channel): parts stay equal
             if kind == "soft":
                 rows = lab.reshape(nb, -1)
                 if bool((rows == rows[:1]).all()):
                     continue  # the parts are copies of one channel set (packed q/k/v): sizes stay equal
+                if bool((rows == rows[:, :1]).all()):
+                    continue  # each part is one channel (a whole head): removing it removes the part
                 gi = int(group_of_label[lab[0]])
                 if gi in units or gi in failed or gi not in built:
                     continue  # attention heads state their own structure
@@ -272,6 +276,7 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
                 if kind != "unit":
                     spanning.append((lab, nb, runs, run_len.tolist()))
                 else:
+                    space.split_units.add(space.unit_sources[ri] if ri < len(space.unit_sources) else "")
                     for gi in runs:
                         failed[gi] = "attention heads are split over several groups"
                 continue
@@ -290,6 +295,9 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
                 failed[gi] = f"{nb} equal parts required by a grouped op do not line up with the group"
                 continue
             combined = g.block_count(target.get(gi, 1), nb)
+            if combined and built[gi]["order"].numel() % combined:
+                failed[gi] = f"{combined} equal parts required by a grouped op do not divide the {built[gi]['order'].numel()} channels"
+                continue
             if combined == 0:
                 failed[gi] = f"incompatible {kind} sizes {target.get(gi, 1)} and {nb}"
                 continue
@@ -349,8 +357,9 @@ def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, unit
             unit = units.get(gi, 0)
             uniq = _first_appearance(line)
             idx = index_of[uniq]
-            whole = (unit and uniq.numel() == unit and int(idx[0]) % unit == 0
-                     and torch.equal(idx, idx[0] + torch.arange(unit)))
+            # a line that is one channel (a whole head) goes whole or stays whole
+            whole = uniq.numel() == 1 or (unit and uniq.numel() == unit and int(idx[0]) % unit == 0
+                                          and torch.equal(idx, idx[0] + torch.arange(unit)))
             if not whole:
                 hint = " (prune whole heads: head_pruning='heads')" if gi in units or gi in blocks else ""
                 failed.setdefault(gi, why + hint)

@@ -47,6 +47,8 @@ class IdSpace:
         # the blocks and units an op states, which override them
         self.soft_requirements: list[tuple[torch.Tensor, int]] = []
         self.units: list[tuple[torch.Tensor, int]] = []  # (ids in order, unit): remove whole runs only
+        self.unit_sources: list[str] = []  # the node that stated each unit requirement
+        self.split_units: set[str] = set()  # those whose units fell into several groups (see assemble)
         self.mixing: list[torch.Tensor] = []  # ids an op mixes (norms, means over channels)
         # (ids [parts, n], why): every channel must own as many elements in each part (select/split)
         self.balanced: list[tuple[torch.Tensor, str]] = []
@@ -95,9 +97,10 @@ class IdSpace:
         if blocks > 1:
             self.requirements.append((ids.reshape(-1).clone(), blocks))
 
-    def require_units(self, ids: torch.Tensor, unit: int) -> None:
+    def require_units(self, ids: torch.Tensor, unit: int, source: str = "") -> None:
         if unit > 1:
             self.units.append((ids.reshape(-1).clone(), unit))
+            self.unit_sources.append(source)
 
     def fix_dim(self, ids: torch.Tensor, dim: int, why: str) -> None:
         lines = ids.movedim(dim, -1).reshape(-1, ids.shape[dim])

@@ -52,11 +52,11 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
             w.space.exclude(ids)
             acc_ids = none_like(out)
         elif acc_spread:
-            _note_table(w, ids, shape, acc_ids, acc_shape)
+            _note_table(w, node, ids, shape, acc_ids, acc_shape)
             _shared(w, node, ids, acc_ids)
             acc_ids = ids
         elif op_spread:
-            _note_table(w, acc_ids, acc_shape, ids, shape)
+            _note_table(w, node, acc_ids, acc_shape, ids, shape)
             _shared(w, node, acc_ids, ids)
         else:
             acc_ids = couple(w, node, acc_ids, acc_shape, ids, shape)
@@ -64,11 +64,13 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
     return _read_tables(w, node, acc_ids, tables, out)
 
 
-def _note_table(w: Walker, ids: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor,
+def _note_table(w: Walker, node: fx.Node, ids: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor,
                 other_shape: tuple[int, ...]) -> None:
     """A parameter or buffer used as a value, spread by a value without identity along a dim it does not
     have: an outer product with positions (rotary inv_freq x position ids, before cos/sin). The result is
     a table that every head of every layer reads at the same positions; see `_read_tables`."""
+    if getattr(node.target, "overloadpacket", None) in (aten.add, aten.sub, aten.add_, aten.sub_):
+        return  # a mask added to a per-head bias table (BEiT) shifts it, the channels stay the table's own
     if not has_ids(other) and w.is_param_value(ids) and any(s == 1 and o > 1 for s, o in zip(shape, other_shape)):
         w.mark_table(ids)
         w.space.exclude(ids)  # never pruned: its columns are read by every head, whole heads go without it

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
 from . import group as g
 from .channels import NONE, along, channel_vector, expand_dims, has_ids, none_like
+from .matmul import activation_matmul
 from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 aten = torch.ops.aten
@@ -156,7 +159,7 @@ def matmul(w: Walker, node: fx.Node) -> object:
     param = transposed_weight(w, weight)
     if param is not None:
         return _linear(w, node, x, param, None, 1, 0)  # x @ W.T with W [out, in] (Falcon's FalconLinear)
-    return unknown(w, node)
+    return activation_matmul(w, node)
 
 
 def transposed_weight(w: Walker, node: object) -> fx.Node | None:
@@ -279,11 +282,29 @@ def index(w: Walker, node: fx.Node) -> object:
     if isinstance(ids, torch.Tensor) and not any(
         isinstance(i, fx.Node) and ids.shape[d] > 1 for d, i in enumerate(indices)
     ) and all(not isinstance(i, fx.Node) or not has_ids(w.act(i)) for i in indices):
-        # gathering along dims without channels (tokens routed to an expert)
+        # gathering along dims without channels (tokens routed to an expert, CLIP's pooling at the end
+        # token x[arange(B), ids.argmax(-1)]): the channels of the other dims stay what they were
         out = w.out_shape(node)
-        if len(indices) == 1 and ids.shape[0] == 1:
-            return ids.reshape((1,) * (len(out) - ids.dim() + 1) + tuple(ids.shape[1:]))
+        k = len(indices)
+        if all(isinstance(i, fx.Node) for i in indices) and all(ids.shape[d] == 1 for d in range(k)):
+            rest = tuple(ids.shape[k:])
+            return ids.reshape((1,) * (len(out) - len(rest)) + rest)
     return unknown(w, node)
+
+
+@rule(*overloads(aten.gather))
+def gather(w: Walker, node: fx.Node) -> object:
+    """x.gather(dim, index) along a dim without channels (DeBERTa's relative positions per head): the
+    channels of the other dims stay, where the index covers them whole."""
+    x, index = node.args[0], node.args[2]
+    ids, xs, idx_shape = w.act(x), w.shape(x), w.shape(index)
+    if not isinstance(ids, torch.Tensor) or xs is None or idx_shape is None:
+        return no_identity(w, node)
+    d = node.args[1] % ids.dim()
+    if has_ids(w.act(index)) or ids.shape[d] > 1 or any(
+            ids.shape[k] > 1 and idx_shape[k] != xs[k] for k in range(ids.dim())):
+        return unknown(w, node)
+    return ids
 
 
 @rule(*overloads(aten.embedding))
@@ -302,12 +323,28 @@ def embedding(w: Walker, node: fx.Node) -> object:
 def sdpa(w: Walker, node: fx.Node) -> object:
     """q [.., H, T, d], k [.., Hk, S, d], v [.., Hk, S, d]: head h's dim j of q, k, v and the output is one
     channel (query heads share their key/value head under GQA). Heads are pruned whole (`unit` = d) or,
-    with head_pruning="dims", by the same count in every key/value head (`blocks` = Hk)."""
+    with head_pruning="dims", by the same count in every key/value head (`blocks` = Hk). With one key/value
+    head (multi-query, or one repeated to every query head), the query heads go whole on their own.
+    Where a head's dims fall into several groups (partial rotary: rotated and passed dims meet different
+    ops), find_groups walks again with the head as one channel (`Walker.merged_heads`)."""
     q, k, v = node.args[:3]
     ids = [w.act(t) for t in (q, k, v)]
     shapes = [w.shape(t) for t in (q, k, v)]
-    if not all(isinstance(t, torch.Tensor) for t in ids) or any(len(s) != 4 for s in shapes):
+    if not all(isinstance(t, torch.Tensor) for t in ids) or any(s is None for s in shapes):
         return unknown(w, node)
+    nd = len(shapes[0])
+    if nd > 4 and all(len(s) == nd for s in shapes) and all(t.dim() == nd and all(n == 1 for n in t.shape[:-3]) for t in ids):
+        # windows or other batch dims before the heads (Twins, windowed attention): one batch dim
+        ids = [t.reshape(1, *t.shape[-3:]) for t in ids]
+        shapes = [(math.prod(s[:-3]), *s[-3:]) for s in shapes]
+        out = _sdpa(w, node, ids, shapes)
+        return out.reshape((1,) * (nd - 4) + tuple(out.shape)) if isinstance(out, torch.Tensor) and out.dim() == 4 else out
+    if any(len(s) != 4 for s in shapes):
+        return unknown(w, node)
+    return _sdpa(w, node, ids, shapes)
+
+
+def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> object:
     (_, H, _, d), (_, Hk, _, dk), (_, Hv, _, dv) = shapes
     if not (d == dk == dv and Hk == Hv and H % Hk == 0):
         return unknown(w, node)
@@ -317,6 +354,10 @@ def sdpa(w: Walker, node: fx.Node) -> object:
     r = H // Hk
     full = [expand_dims(t, s, [1, 3]) for t, s in zip(ids, shapes)]
     qf, kf, vf = full
+    krows = kf[0, :, 0, :]
+    if w.head_pruning == "heads" and H > 1 and (Hk == 1 or bool((krows == krows[:1]).all() and (krows >= 0).any())):
+        # one key/value head, possibly repeated to every query head (repeat_kv) before the call
+        return _query_heads(w, node, qf, kf, vf, H)
     kf, vf = kf.repeat_interleave(r, 1), vf.repeat_interleave(r, 1)
     for a, b in ((qf, kf), (qf, vf)):
         w.space.union(a, b)
@@ -326,12 +367,39 @@ def sdpa(w: Walker, node: fx.Node) -> object:
     heads = torch.where(full[1] >= 0, full[1], full[2])[0, :, 0, :]  # [Hk, d] in key/value order
     if w.head_pruning == "dims":
         w.space.require_blocks(heads, Hk)
-    else:
-        w.space.require_units(heads, d * 1)
-    scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
-    if w.head_pruning == "dims" and scale is None:
-        w.space.mix(heads)  # the default scale 1/sqrt(d) follows the pruned head dim
+        if (node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")) is None:
+            w.space.mix(heads)  # the default scale 1/sqrt(d) follows the pruned head dim
+        return torch.where(qf >= 0, qf, kf)
+    if node.name in w.merged_heads:
+        # whole heads whose dims fall into several groups (partial rotary): one channel per head
+        return _one_channel_per_head(w, torch.cat([qf.reshape(Hk, -1), kf[:, ::r].reshape(Hk, -1),
+                                                   vf[:, ::r].reshape(Hk, -1)], 1)).repeat_interleave(r).view(1, H, 1, 1)
+    w.space.require_units(heads, d, source=node.name)
     return torch.where(qf >= 0, qf, kf)
+
+
+def _one_channel_per_head(w: Walker, rows: torch.Tensor) -> torch.Tensor:
+    """Union every id of each row (one head) into one channel; the representative id per row."""
+    valid = rows >= 0
+    first = torch.where(valid.any(1), rows.gather(1, valid.float().argmax(1, keepdim=True)).squeeze(1), NONE)
+    w.space.union(rows, first[:, None].expand_as(rows))
+    return first
+
+
+def _query_heads(w: Walker, node: fx.Node, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, H: int) -> object:
+    """One key/value head shared by all query heads (multi-query): the query heads go whole on their own,
+    the key/value head stays (its dims meet every query head)."""
+    w.space.exclude(kf)
+    w.space.exclude(vf)
+    q = qf[0, :, 0, :]
+    if bool((q < 0).any()):
+        w.space.exclude(q)
+        return torch.full((1, H, 1, 1), NONE, dtype=torch.long)
+    _attention_bias(w, node, qf, H)
+    if node.name in w.merged_heads:
+        return _one_channel_per_head(w, q).view(1, H, 1, 1)
+    w.space.require_units(q, q.shape[1], source=node.name)
+    return qf
 
 
 def _attention_bias(w: Walker, node: fx.Node, qf: torch.Tensor, H: int) -> None:

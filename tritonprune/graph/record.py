@@ -41,6 +41,7 @@ class Trace:
 
     graph: fx.Graph
     tensor_names: dict[str, tuple[str, bool]] = field(default_factory=dict)  # placeholder -> (name, buffer)
+    out_paths: list[tuple] = field(default_factory=list)  # per output leaf: its keys/indices (free_outputs)
 
 
 # ---- composite ops recorded whole (as torch.export shows them) -----------------------------------
@@ -300,8 +301,9 @@ class Recorder:
             node.meta["val"] = out
 
     def finish(self, out: object) -> None:
-        leaves = [self.node_of(t) for t in _tensors(out)]
-        self.graph.add("output", "output", (leaves,))
+        found = _tensors_with_paths(out)
+        self.out_paths = [p for p, _ in found]
+        self.graph.add("output", "output", ([self.node_of(t) for _, t in found],))
 
     # module stack (global forward hooks, this thread only)
     def enter(self, module: nn.Module, _args: object) -> None:
@@ -328,20 +330,26 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _tensors(obj: object, depth: int = 0) -> list[torch.Tensor]:
-    """Tensors in a forward's output: tensors, tuples, lists, dicts and mappings (Hugging Face outputs),
-    dataclasses."""
+def _tensors(obj: object) -> list[torch.Tensor]:
+    return [t for _, t in _tensors_with_paths(obj)]
+
+
+def _tensors_with_paths(obj: object, path: tuple = (), depth: int = 0) -> list[tuple[tuple, torch.Tensor]]:
+    """Tensors in a forward's output, each with its path of keys and indices: tensors, tuples, lists,
+    dicts and mappings (Hugging Face outputs), dataclasses."""
     if isinstance(obj, torch.Tensor):
-        return [obj]
+        return [(path, obj)]
     if depth > 20:
         return []
     if isinstance(obj, Mapping):
-        obj = list(obj.values())
+        items = list(obj.items())
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-    if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in _tensors(x, depth + 1)]
-    return []
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+    else:
+        return []
+    return [found for k, x in items for found in _tensors_with_paths(x, (*path, k), depth + 1)]
 
 
 _TO_COPY = aten._to_copy.default
@@ -450,7 +458,7 @@ def record_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Trace, 
         pre.remove()
         post.remove()
     rec.finish(out)
-    return Trace(rec.graph, rec.tensor_names), out
+    return Trace(rec.graph, rec.tensor_names, rec.out_paths), out
 
 
 def op_name(op: object) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .channels import IdSpace, channel_vector, expand_dims, none_like
+from .channels import IdSpace, channel_vector, expand_dims, has_ids, none_like
 from .elementwise import align, combine_all
 from .layers import transposed_weight
-from .walker import Walker, no_identity, overloads, rule, where
+from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 MATMULS = set(overloads(torch.ops.aten.mm, torch.ops.aten.matmul))
 
@@ -63,7 +63,16 @@ def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
     new = full.reshape(target)
     if space is not None and sum(varying) == 1:
         _split_structure(space, new, runs, varying, dst)
-    return new
+    return compact(new)
+
+
+def compact(ids: torch.Tensor) -> torch.Tensor:
+    """Ids that are the same all along a dim kept as size 1 there (a view back from (G, C/G*H*W) to
+    (C, H, W) leaves the channels on C alone)."""
+    for d in range(ids.dim()):
+        if ids.shape[d] > 1 and bool((ids == ids.narrow(d, 0, 1)).all()):
+            ids = ids.narrow(d, 0, 1)
+    return ids
 
 
 def _split_structure(space: IdSpace, new: torch.Tensor, runs, varying, dst) -> None:
@@ -75,6 +84,12 @@ def _split_structure(space: IdSpace, new: torch.Tensor, runs, varying, dst) -> N
         return
     sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
     sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
+    if sub.shape[1] > 1:
+        # a channel repeated along the inner dim (GroupNorm's view of (C/G, H, W) as one dim): once each
+        new_run = torch.ones_like(sub, dtype=torch.bool)
+        new_run[:, 1:] = sub[:, 1:] != sub[:, :-1]
+        if bool((new_run == new_run[:1]).all()):
+            sub = sub[:, new_run[0]]
     rows = torch.unique_consecutive(sub, dim=0) if sub.shape[0] > 1 else sub
     rows = torch.unique(rows, dim=0, sorted=False) if rows.shape[0] > 1 else rows
     flat = rows.reshape(-1)
@@ -108,9 +123,9 @@ def expand(w: Walker, node: fx.Node) -> object:
     if node.target in overloads(aten.repeat) and any(
         ids.shape[d] > 1 and out[d] != src[d] for d in range(len(out))
     ):
-        w.warn(node, "repeat along a channel dim")
-        w.space.exclude(ids)
-        return no_identity(w, node)
+        # tiles of a channel dim (DeBERTa's per-head position terms repeated for every batch item): tile
+        # i holds the same channels, so the ids repeat; the count of tiles stays whatever pruning does
+        return ids.repeat(*[out[d] // src[d] if ids.shape[d] > 1 else 1 for d in range(len(out))])
     return ids
 
 
@@ -187,6 +202,13 @@ def chunk(w: Walker, node: fx.Node) -> object:
     if ids.shape[d] == 1:
         return [ids] * n_out
     vec = channel_vector(ids, d, src[d])
+    if vec is None and not src[d] % n_out:
+        # channels along other dims too (GPT-NeoX's q/k/v chunked out of each head): fine while every
+        # channel owns as many elements in each part, as for an equal split
+        full = expand_dims(ids, src, [d])
+        parts = full.movedim(d, 0).reshape(n_out, src[d] // n_out, -1).flatten(1)
+        w.space.require_balanced(parts, where(w, node, "chunk along a channel dim into parts that pruning would make unequal"))
+        return list(full.chunk(n_out, d))
     if vec is None or src[d] % n_out:
         w.warn(node, "chunk into unequal parts along a channel dim")
         w.space.exclude(ids)
@@ -213,12 +235,24 @@ def split(w: Walker, node: fx.Node) -> object:
         # elements in each part, so the parts stay equal after pruning
         parts = full.movedim(d, 0).reshape(len(sizes), sizes[0], -1).flatten(1)
         w.space.require_balanced(parts, where(w, node, "split along a channel dim into parts that pruning would make unequal"))
+    elif _sizes_are_attributes(w, node, sizes):
+        # unequal parts whose sizes the module keeps as attributes (multi-query q | k | v by embed_dim,
+        # kv_dim or num_heads): each part keeps its own channels, slicing updates the attributes, and
+        # where it cannot, the run check sees the split fail and leaves those groups out, naming them
+        pass
     else:
         w.warn(node, "split with fixed unequal sizes along a channel dim (use chunk for an equal, prunable split)")
         w.space.exclude(ids)
     ids = full
     parts = list(ids.split(sizes, d))
     return [p.squeeze(d) for p in parts] if node.target.overloadpacket is aten.unbind else parts
+
+
+def _sizes_are_attributes(w: Walker, node: fx.Node, sizes: list[int]) -> bool:
+    """Every part size above 1 is an integer attribute of the module running the split."""
+    module = w.modules.get(w.module_of(node).replace("<root>", ""))
+    values = {v for v in vars(module).values() if isinstance(v, int) and not isinstance(v, bool)} if module else set()
+    return all(n in values for n in sizes if n > 1)
 
 
 @rule(*overloads(aten.cat, aten.concat, aten.concatenate))
@@ -270,3 +304,16 @@ def pad(w: Walker, node: fx.Node) -> object:
             w.space.exclude(ids)
             return no_identity(w, node)
     return ids
+
+
+@rule(*overloads(aten.repeat_interleave))
+def repeat_interleave(w: Walker, node: fx.Node) -> object:
+    """Each index along `dim` repeated in place (GPT-J's sin/cos, a key/value head per query head)."""
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor) or node.target is not aten.repeat_interleave.self_int:
+        return no_identity(w, node) if not isinstance(ids, torch.Tensor) or not has_ids(ids) else unknown(w, node)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:
+        return unknown(w, node) if has_ids(ids) else no_identity(w, node)
+    d = dim % ids.dim()
+    return ids.repeat_interleave(int(node.args[1]), d) if ids.shape[d] > 1 else ids

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from . import group as g
+from . import outputs
 from .channels import IdSpace, along, has_ids, none_like
 
 aten = torch.ops.aten
@@ -47,6 +48,9 @@ class Walker:
     def __init__(self, graph: object, model: nn.Module, head_pruning: str = "heads"):
         """`graph`: a record.Trace (the default tracer) or a torch.export ExportedProgram (the fallback)."""
         self.head_pruning = head_pruning
+        self.free_outputs: tuple = ()  # output entries whose width may change (see outputs.py)
+        self.merged_heads: set[str] = set()  # attention nodes whose heads are one channel each (see layers.sdpa)
+        self.ep = graph
         self.model = model
         self.space = IdSpace()
         self.ids: dict[fx.Node, object] = {}
@@ -91,9 +95,35 @@ class Walker:
                     continue  # runtime checks without outputs
                 self.ids[node] = (fn or unknown)(self, node)
             elif node.op == "output":
-                for arg in fx.node.map_arg(node.args, lambda n: n).__iter__():
-                    self._exclude_output(arg)
+                self._outputs(node)
             # get_attr (lifted constants) carry no channel identity
+
+    def _outputs(self, node: fx.Node) -> None:
+        """Channels reaching an output keep their width, except in the outputs named by `free_outputs`."""
+        flat = list(node.args[0]) if node.args and isinstance(node.args[0], (list, tuple)) else list(node.args)
+        if not self.free_outputs:
+            for arg in flat:
+                self._exclude_output(arg)
+            return
+        user = self._user_outputs(len(flat))
+        paths = getattr(self.ep, "out_paths", None)  # the recorded forward's output leaves
+        if paths is None:  # the export fallback: its output spec
+            spec = getattr(getattr(self.ep, "call_spec", None), "out_spec", None)
+            paths = outputs.leaf_paths(spec) if spec is not None else None
+        if paths is None or len(user) != len(paths):
+            raise ValueError("free_outputs: the traced graph does not say which output is which; "
+                             "leave free_outputs out for this model")
+        free = outputs.free_leaves(paths, self.free_outputs)
+        for pos, arg in enumerate(flat):
+            if pos not in user or not free[user.index(pos)]:
+                self._exclude_output(arg)
+
+    def _user_outputs(self, n: int) -> list[int]:
+        """Positions of the model's own outputs among the graph's outputs (not mutated buffers)."""
+        specs = getattr(getattr(self.ep, "graph_signature", None), "output_specs", None)
+        if specs is None or len(specs) != n:
+            return list(range(n))
+        return [i for i, s in enumerate(specs) if s.kind.name == "USER_OUTPUT"]
 
     def _input_ids(self, node: fx.Node) -> object:
         val = node.meta.get("val")

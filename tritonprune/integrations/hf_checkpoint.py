@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._files import read_json, require_object, to_json, write_text
+from .._files import read_json, require_object, to_json, write_json, write_text
 from ..pruning.history import ORIGINAL_CONFIG, applied_plans, config_snapshot
 
 FILE = "tritonprune.json"
@@ -112,6 +112,13 @@ def plain_load_problem(model: nn.Module) -> str | None:
 # ------------------------------------------------------------------------------ save / load
 
 
+def _set_config_field(file: str, key: str, value: Any) -> None:
+    """One field of a saved config.json, rewritten atomically (tritonprune._files)."""
+    data = require_object(read_json(file), file)
+    data[key] = value
+    write_json(file, data)
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, plan: Any = None, **kwargs: Any) -> None:
     """Write the HF checkpoint of a pruned model plus `tritonprune.json` (original config and plans).
 
@@ -173,6 +180,11 @@ def save_with_plans(model: nn.Module, path: str | os.PathLike, plans: list, save
             save(staging, **kwargs)
         finally:
             model.config = pruned_config
+        if problem is None and getattr(pruned_config, "_experts_implementation", None) == "eager":
+            # pruning chose the eager experts (rows no longer aligned for grouped matmul): say so in
+            # config.json, which transformers reads back as `experts_implementation`, so a plain load
+            # does not pick another
+            _set_config_field(os.path.join(staging, "config.json"), "experts_implementation", "eager")
         written = sorted(os.listdir(staging))
         for name in written:
             os.replace(os.path.join(staging, name), os.path.join(path, name))

@@ -7,7 +7,8 @@ of `nn.MultiheadAttention`). These are derived here from the cuts themselves, pe
 - the q rows of a module form `H` heads of `d` rows (`d` from its head-dim attribute, or rows / heads);
   k and v rows form `Hkv` heads of `d` rows;
 - a cut that removes whole heads keeps `d` and lowers `H` (and `Hkv`; the query heads of a removed
-  key/value head must go with it, so `H / Hkv` is unchanged);
+  key/value head must go with it, so `H / Hkv` is unchanged), or removes the same number of query heads
+  under every key/value head, which all stay (multi-query: `H / Hkv` drops);
 - a cut that removes the same count from every head lowers `d` and keeps the head counts;
 - anything else is refused (the module could not reshape its q/k/v into heads).
 
@@ -99,7 +100,8 @@ def projections(name: str, m: nn.Module) -> Projections | None:
         rows = [Rows(_q(name, f"{x}_proj_weight"), 0, 0, getattr(m, f"{x}_proj_weight").shape[0]) for x in "qkv"]
         return Projections(*rows, (_q(name, "q_proj_weight"), 1))
     children = dict(m.named_children())
-    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v")):
+    for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
+                  ("query_proj", "key_proj", "value_proj")):
         if all(n in children for n in names):
             found = [_linear_rows(_q(name, n), children[n]) for n in names]
             if all(f is not None for f in found):
@@ -114,6 +116,16 @@ def projections(name: str, m: nn.Module) -> Projections | None:
             qn = r.length - 2 * kv
             return Projections(Rows(r.name, r.dim, 0, qn), Rows(r.name, r.dim, qn, kv),
                                Rows(r.name, r.dim, qn + kv, kv), hidden)
+    fused = children.get("query_key_value")
+    d, h = _int_attr(m, ("head_dim",)), _int_attr(m, ("num_heads",))
+    if fused is not None and getattr(m, "multi_query", False) is True and not getattr(m, "new_decoder_architecture", False) \
+            and d is not None and h is not None:
+        # Falcon multi-query: query_key_value holds the query heads, then one key and one value head
+        found = _linear_rows(_q(name, "query_key_value"), fused)
+        if found is not None and found[0].length == (h + 2) * d:
+            r, hidden = found
+            return Projections(Rows(r.name, r.dim, 0, h * d), Rows(r.name, r.dim, h * d, d),
+                               Rows(r.name, r.dim, (h + 1) * d, d), hidden)
     packed = packed if packed is not None else children.get("qkv")
     if packed is not None:
         found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)
@@ -194,7 +206,10 @@ def new_shape(mname: str, m: nn.Module, p: Projections, tensors, cuts) -> tuple[
     vw, vr = _head_cut(mname, "value", _removed(p.v, cuts), d)
     if not (qr == kr == vr):
         raise ValueError(f"{mname}: query, key and value lose different dims per head ({qr}, {kr}, {vr})")
-    if not torch.equal(kw, vw) or not torch.equal(qw, kw.repeat_interleave(rep)):
+    # query heads removed under kept key/value heads (multi-query): the same count from every group
+    query_only = not kw.any() and not vw.any() and qr == 0 and bool(
+        (qw.view(before.kv_heads, rep).sum(1) == qw.view(before.kv_heads, rep).sum(1)[0]).all())
+    if not query_only and (not torch.equal(kw, vw) or not torch.equal(qw, kw.repeat_interleave(rep))):
         raise ValueError(
             f"{mname}: the cut removes query heads {qw.nonzero().flatten().tolist()} and key/value heads "
             f"{kw.nonzero().flatten().tolist()}; with {rep} query heads per key/value head they must go together"

@@ -101,6 +101,7 @@ def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> Non
             if isinstance(t, nn.Parameter):
                 f = nn.Parameter(f, requires_grad=t.requires_grad)
             done[id(t)] = f
+            done[id(f)] = f  # a module shared by several parents is visited again with its fake tensors
         return done[id(t)]
 
     def is_meta(v: Any) -> bool:
@@ -188,6 +189,9 @@ def _forward(model: nn.Module, example_inputs: Any, context, train: bool, mode, 
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     was = quiet.disabled
     quiet.disabled = True  # fake tensors log every failing meta kernel; the failure is returned instead
+    # model code that caches tensors in an lru cache (Hugging Face's BEiT position index) must not keep a
+    # fake tensor for the real model's next forward: caches the fake forward filled are emptied after it
+    caches = [(c, c.cache_info().currsize) for c in _lru_caches(model)]
     try:
         # the CPU random state is restored: a real copy's dropout must not move the user's random stream
         with torch.random.fork_rng(devices=[]), mode, torch.no_grad(), extra:
@@ -198,8 +202,35 @@ def _forward(model: nn.Module, example_inputs: Any, context, train: bool, mode, 
         where = stack.path[-1] if stack.path else ""
         return RunFailure(where, text + (" (in train mode)" if train else ""))
     finally:
+        for c, size in caches:
+            if c.cache_info().currsize != size:
+                c.cache_clear()
         quiet.disabled = was
         stack.remove()
+
+
+def _lru_caches(model: nn.Module) -> list[Any]:
+    """functools lru caches on the model's classes (methods, static methods, and the caches they wrap)."""
+    found: dict[int, Any] = {}
+    for cls in {type(m) for m in model.modules()}:
+        for c in cls.__mro__:
+            if c.__module__.startswith("torch.") or c is object:
+                continue
+            for f in vars(c).values():
+                f = getattr(f, "__func__", f)
+                cells = [cell.cell_contents for cell in (getattr(f, "__closure__", None) or ()) if _is_cell_set(cell)]
+                for obj in (f, *cells):
+                    if callable(getattr(obj, "cache_clear", None)) and callable(getattr(obj, "cache_info", None)):
+                        found[id(obj)] = obj
+    return list(found.values())
+
+
+def _is_cell_set(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
 
 
 def _devices_of_copy(model: nn.Module) -> dict[str, torch.device]:

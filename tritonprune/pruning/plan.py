@@ -150,7 +150,8 @@ class PrunePlan:
 
     def _refuse_if_broken(self, model: nn.Module, inputs: Any) -> None:
         try:
-            ref = reference_output(model, inputs)
+            free = [tuple(e) if isinstance(e, list) else e for e in self.info.get("free_outputs", ())]
+            ref = reference_output(model, inputs, free_outputs=free)
         except RunCheckUnavailable as e:
             warnings.warn(f"tritonprune: the pruned model could not be checked before slicing: {e}", stacklevel=3)
             return

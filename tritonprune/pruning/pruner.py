@@ -217,6 +217,7 @@ def prune(
     seed: int | None = None,
     allocation: str = "uniform",
     kind_ratios: Mapping[str, float] | None = None,
+    free_outputs: Iterable[Any] = (),
 ) -> PrunePlan:
     """Choose channels to remove and (unless `dry_run`) remove them; returns the PrunePlan.
 
@@ -233,6 +234,8 @@ def prune(
     (channels ranked only against structurally identical groups, each kind at its own ratio:
     `kind_ratios={"residual": 0.0, "heads": 0.5, "mlp": 0.75, "conv": ...}`, unnamed kinds at `ratio`,
     or at the searched ratio with a target). See tritonprune/graph/allocation.py.
+    free_outputs: model outputs whose width may change (YOLO's `feats`), as in `find_groups`; the run
+    check then accepts new sizes for them.
 
     All or nothing: arguments and every round's target are validated first, and if a round fails the
     model and optimizer are restored. With `example_inputs`, each round's plan is first run on fake
@@ -266,6 +269,7 @@ def prune(
     layer_ratios = _check_layer_ratios(model, dict(layer_ratios or {}))
     ignored_layers = list(ignored_layers)
     ignored = sorted(resolve_ignored(model, ignored_layers))
+    free_outputs = tuple(free_outputs or ())
 
     if groups is None and not ignored_layers and hasattr(optimizer, "reset_groups"):
         recorded = getattr(optimizer, "groups_fingerprint", None)
@@ -278,7 +282,7 @@ def prune(
             )
         groups = list(optimizer.groups)  # prune what the RegularizedOptimizer regularized; no new trace
     elif groups is None:
-        groups = find_groups(model, example_inputs, ignored_layers=ignored_layers)
+        groups = find_groups(model, example_inputs, ignored_layers=ignored_layers, free_outputs=free_outputs)
     else:
         groups = [g for g in groups if not _touches(g, ignored)]
     groups = list(groups)
@@ -298,7 +302,7 @@ def prune(
     if example_inputs is not None:
         counting, counted = mac_counting()  # MACs are counted in the run check's reference pass
         try:
-            ref = reference_output(model, example_inputs, context=counting)
+            ref = reference_output(model, example_inputs, context=counting, free_outputs=free_outputs)
             macs0 = counted()
         except RunCheckUnavailable as e:
             ref = e  # checked by a real forward after slicing instead; MACs unknown
@@ -434,6 +438,8 @@ def prune(
         plan.info["searched_ratio"] = searched[0]  # the ratio the target gave (for GrowingReg(ratio=...))
     if excluded:
         plan.info["dropped"] = list(excluded.values())
+    if free_outputs:
+        plan.info["free_outputs"] = [list(e) if isinstance(e, tuple) else e for e in free_outputs]
     spec = input_spec(example_inputs) if example_inputs is not None else None
     if spec is not None:
         plan.info["example_inputs"] = spec

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from ..graph.group import Group
+from ..graph.outputs import free_leaves, leaf_paths
+from ..graph.outputs import normalize as normalize_outputs
 from .fake_run import RunFailure, fake_forward, prepared_copy
 from .slicing import apply_cuts, build_cuts, model_tensors
 
@@ -39,6 +41,7 @@ class Reference:
 
     eval: tuple[Any, list[Any]]
     train: tuple[Any, list[Any]] | None = None
+    free_outputs: tuple[Any, ...] = ()  # output entries whose width may change (graph/outputs.py)
 
 
 def run_check(
@@ -72,7 +75,7 @@ def run_check(
         got = fake_forward(c, example_inputs, train=train)
         if isinstance(got, RunFailure):
             return got
-        diff = _compare(expected, got)
+        diff = _compare(expected, got, ref.free_outputs)
         if diff is not None:
             return diff
     return None
@@ -83,10 +86,12 @@ class RunCheckUnavailable(RuntimeError):
 
 
 def reference_output(
-    model: nn.Module, example_inputs: Any, *, context: Callable[[nn.Module], Any] | None = None
+    model: nn.Module, example_inputs: Any, *, context: Callable[[nn.Module], Any] | None = None,
+    free_outputs: Any = (),
 ) -> Reference:
     """Output structure of the unpruned model on fake tensors; raises RunCheckUnavailable if it does
-    not run in eval mode. `context` as in `fake_forward`, for the eval pass (prune counts MACs in it)."""
+    not run in eval mode. `context` as in `fake_forward`, for the eval pass (prune counts MACs in it).
+    The leaves named by `free_outputs` may change their sizes (not their dtype or number of dims)."""
     c = prepared_copy(model)
     got = fake_forward(c, example_inputs, context=context)
     if isinstance(got, RunFailure):
@@ -95,14 +100,17 @@ def reference_output(
     if model.training:
         t = fake_forward(c, example_inputs, train=True)
         train = None if isinstance(t, RunFailure) else t
-    return Reference(got, train)
+    return Reference(got, train, normalize_outputs(free_outputs))
 
 
-def _compare(ref: tuple[Any, list[Any]], got: tuple[Any, list[Any]]) -> RunFailure | None:
+def _compare(ref: tuple[Any, list[Any]], got: tuple[Any, list[Any]], free_outputs: tuple = ()) -> RunFailure | None:
     (spec0, sig0), (spec1, sig1) = ref, got
     if spec0 != spec1:
         return RunFailure("", f"the output structure changed: {spec0} -> {spec1}")
+    free = free_leaves(leaf_paths(spec0), free_outputs) if free_outputs else [False] * len(sig0)
     for i, (a, b) in enumerate(zip(sig0, sig1)):
+        if free[i] and isinstance(a, tuple) and isinstance(b, tuple) and len(a[0]) == len(b[0]) and a[1] == b[1]:
+            continue  # a free output: its sizes may change
         if a != b:
             return RunFailure("", f"output leaf {i} changed from {a} to {b}")
     return None

@@ -1,0 +1,210 @@
+"""Stand-ins for the structures of issue 22, each a few lines of the real thing (no downloads):
+
+- free outputs: a detector returning its neck's feature maps next to its prediction (Ultralytics YOLO's
+  `feats`): kept by default, pruned when named in `free_outputs`;
+- manual attention (q @ k^T per head, then @ v, as torch.matmul / einsum / bmm): whole heads go;
+- multi-query attention: query heads go, the one key/value head stays;
+- GroupNorm written as a reshape into (G, C/G): channels go evenly per group;
+- index pooling `x[arange, ids.argmax(-1)]` (CLIP's text pooling): the width stays prunable.
+
+Each checks that the pruned model computes what the soft-pruned (zeroed) one does, where that is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tritonprune as tpr
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.neck = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        f = F.relu(self.neck(F.relu(self.stem(x))))
+        return self.head(f), {"feats": [f]}
+
+
+def test_free_outputs_let_returned_features_shrink():
+    torch.manual_seed(0)
+    m, x = Detector().eval(), torch.randn(2, 3, 8, 8)
+    kept = tpr.find_groups(m, x)
+    assert not any(s.module == "neck" and s.role == "out" for g in kept for s in g.slots)  # reaches the feats
+    freed = tpr.find_groups(m, x, free_outputs=["feats"])
+    assert any(s.module == "neck" and s.role == "out" for g in freed for s in g.slots)
+    assert tpr.find_groups(m, x, free_outputs=[(1, "feats")]) == freed  # by path
+    with pytest.raises(ValueError, match="names no output"):
+        tpr.find_groups(m, x, free_outputs=["nope"])
+    plan = tpr.prune(m, x, ratio=0.5, free_outputs=["feats"])
+    assert m.neck.out_channels == 8 and not plan.info.get("dropped")
+    y, extra = m(x)
+    assert y.shape == (2, 5, 8, 8) and extra["feats"][0].shape == (2, 8, 8, 8)
+
+
+class ManualAttention(nn.Module):
+    """Heads reshaped into a batch dim; scores by matmul, einsum or bmm."""
+
+    def __init__(self, how: str, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.how, self.heads, self.head_dim = how, heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.how == "matmul":
+            a = (q @ k.transpose(-2, -1)).softmax(-1)
+            o = a @ v
+        elif self.how == "einsum":
+            a = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+            o = torch.einsum("bhij,bhjd->bhid", a, v)
+        else:
+            qb, kb, vb = (t.reshape(B * self.heads, N, -1) for t in (q, k, v))
+            a = torch.bmm(qb, kb.transpose(1, 2)).softmax(-1)
+            o = torch.bmm(a, vb).reshape(B, self.heads, N, -1)
+        return self.proj(o.transpose(1, 2).reshape(B, N, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.attn = ManualAttention(how)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.out(self.attn(x) + x).mean(1)
+
+
+def _zeroed(m, x, plan):
+    z = copy.deepcopy(m)
+    plan.zero_(z)
+    return z
+
+
+@pytest.mark.parametrize("how", ["matmul", "einsum", "bmm"])
+def test_manual_attention_loses_whole_heads(how):
+    torch.manual_seed(0)
+    m, x = Block(how).eval(), torch.randn(2, 5, 32)
+    gs = tpr.find_groups(m, x)
+    (g,) = [g for g in gs if any(s.module == "attn.qkv" for s in g.slots)]
+    assert g.size == 4 and {s.repeat for s in g.slots if s.module == "attn.qkv"} == {8}  # 4 heads of 8 rows
+    plan = tpr.prune(copy.deepcopy(m), x, ratio=0.5, groups=gs, dry_run=True)
+    z = _zeroed(m, x, plan)
+    plan.apply(m)
+    m.attn.heads = 2  # the stand-in's own head count (the real layers' attributes follow by themselves)
+    assert m.attn.qkv.out_features == 48
+    assert torch.allclose(m(x), z(x), atol=1e-5)
+
+
+class MultiQuery(nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, self.head_dim)
+        self.v_proj, self.o_proj = nn.Linear(dim, self.head_dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, 1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, 1, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q))
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1)).sum(-1)
+
+
+def test_multi_query_prunes_query_heads_and_keeps_the_kv_head():
+    torch.manual_seed(0)
+    m, x = MultiQuery().eval(), torch.randn(2, 5, 32)
+    gs = tpr.find_groups(m, x)
+    (g,) = [g for g in gs if any(s.module == "q_proj" and s.role == "out" for s in g.slots)]
+    assert g.unit == 8 and g.size == 32 and not any(s.module in ("k_proj", "v_proj") and s.role == "out" for s in g.slots)
+    plan = tpr.prune(copy.deepcopy(m), x, ratio=0.5, groups=[g], dry_run=True)
+    z = _zeroed(m, x, plan)
+    plan.apply(m)
+    assert m.q_proj.out_features == 16 and m.k_proj.out_features == 8
+    assert torch.allclose(m(x), z(x), atol=1e-5)
+
+
+class ReshapeGroupNorm(nn.Module):
+    """GroupNorm as model code writes it by hand: view C channels as (G, C/G), normalize each group."""
+
+    def __init__(self, c=16, groups=4):
+        super().__init__()
+        self.groups = groups
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.weight = nn.Parameter(torch.ones(c))
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        B, C, H, W = y.shape
+        g = y.view(B, self.groups, -1)
+        g = (g - g.mean(-1, keepdim=True)) / (g.var(-1, keepdim=True) + 1e-5).sqrt()
+        return self.out(g.view(B, C, H, W) * self.weight.view(1, -1, 1, 1))
+
+
+def test_groupnorm_by_reshape_prunes_evenly_per_group():
+    torch.manual_seed(0)
+    m, x = ReshapeGroupNorm().eval(), torch.randn(2, 3, 6, 6)
+    (g,) = [g for g in tpr.find_groups(m, x) if any(s.module == "conv" for s in g.slots)]
+    assert g.size == 16 and g.blocks == 4 and not g.exact
+    tpr.prune(m, x, ratio=0.5, groups=[g])
+    assert m.conv.out_channels == 8 and torch.isfinite(m(x)).all()
+
+
+class IndexPool(nn.Module):
+    """CLIP's text pooling: the features at each sequence's highest token id."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 32)
+        self.proj = nn.Linear(32, 8, bias=False)
+
+    def forward(self, ids):
+        x = F.gelu(self.fc(self.emb(ids)))
+        return self.proj(x[torch.arange(x.shape[0]), ids.argmax(-1)])
+
+
+def test_index_pooling_keeps_channels_prunable():
+    torch.manual_seed(0)
+    m, ids = IndexPool().eval(), torch.randint(0, 50, (2, 7))
+    gs = tpr.find_groups(m, ids)
+    assert any(s.module == "fc" and s.role == "out" for g in gs for s in g.slots)
+    plan = tpr.prune(copy.deepcopy(m), ids, ratio=0.5, groups=gs, dry_run=True)
+    z = _zeroed(m, ids, plan)
+    plan.apply(m)
+    assert m.fc.out_features == 16 and torch.allclose(m(ids), z(ids), atol=1e-5)
+
+
+class SharedBetweenBlocks(nn.Module):
+    """One module held by two parents (timm CoaT's shared conv position encoding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        cpe = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.a, self.b = nn.Sequential(cpe, nn.ReLU()), nn.Sequential(cpe, nn.ReLU())
+        self.fc = nn.Conv2d(8, 16, 1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = self.b(self.a(y) + y)
+        return self.head(F.relu(self.fc(y))).mean((2, 3))
+
+
+def test_module_shared_between_parents_runs_the_check():
+    m = SharedBetweenBlocks().eval()
+    tpr.prune(m, torch.randn(1, 3, 8, 8), ratio=0.5)  # used to fail inside the run check's fake copy
+    assert m.fc.out_channels == 8 and m(torch.randn(1, 3, 8, 8)).shape == (1, 2)
