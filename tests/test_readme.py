@@ -58,6 +58,7 @@ SECTIONS = {
     "FSDP2 (`fully_shard`)": DISTRIBUTED,
     "Pruning under distribution": DISTRIBUTED,
     "Hugging Face `Trainer`": LLAMA,
+    "What sparse training buys, and the tuning (honest version)": LLAMA + "import tritonprune as tpr\nx = ids\n",
     "accelerate": VISION,
     "PyTorch Lightning": VISION,
     "Lightning Fabric": VISION,

@@ -29,3 +29,11 @@ def record_plan(model: nn.Module, plan: Any, config_before: dict[str, Any] | Non
 
 def applied_plans(model: nn.Module) -> list:
     return list(model.__dict__.get(PLANS, []))
+
+
+def replace_since(model: nn.Module, start: int, plan: Any) -> None:
+    """The plans recorded from position `start` on (one call's rounds) replaced by `plan`, their composition
+    on the model as it was, which carries the call's info (what a checkpoint must say about it)."""
+    plans = model.__dict__.get(PLANS, [])
+    if len(plans) > start:
+        model.__dict__[PLANS] = [*plans[:start], plan]

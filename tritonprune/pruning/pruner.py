@@ -39,6 +39,7 @@ from ..graph.group import IN, Group
 from ..graph.trace import call_with, unwrap
 from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .counting import MacCount, count_macs, count_params, estimate_macs, mac_counting
+from .history import applied_plans, replace_since
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
 from .runcheck import RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
@@ -328,6 +329,7 @@ def prune(
     cur_groups = groups
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     txn = Transaction(model, optimizer) if not dry_run else None
+    recorded = len(applied_plans(unwrap(model)))
     notes: list = []  # rounding of the last local selection (heads, round_to), warned about once
     found_ratio: list = []  # (ratio, selection) of each evaluated ratio of a target search
     removed_last = None
@@ -456,4 +458,6 @@ def prune(
         elif any(removed_all) and macs0.unattributed:
             plan.info["macs_after_is_estimate"] = True  # dry run: attention products counted unpruned
         plan.info["macs_by_weight"] = dict(macs0.by_weight)
+    if not dry_run:
+        replace_since(unwrap(model), recorded, plan)  # save_pretrained writes this plan, info included
     return plan
