@@ -21,7 +21,7 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`, parameters are DTensors placed `Sha
 
 Pruning (`prune_distributed`): rank `src` plans, the plan is broadcast as plain data
 (`PrunePlan.to_dict`), every rank applies the same plan. Wrappers must be rebuilt afterwards, see the
-function's docstring and the README's "Distributed training" section for the DDP and FSDP2 recipes.
+function's docstring and docs/distributed.md for the DDP and FSDP2 recipes.
 """
 
 from .graph.sharded import find_groups, is_sharded, unsharded_copy, unsharded_skeleton
