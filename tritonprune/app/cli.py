@@ -20,6 +20,7 @@ import sys
 import warnings
 
 from .._files import write_json
+from .demo_config import at_least_one  # torch-free, like this module
 
 # torch is imported by the commands, not here: the arguments are parsed (and bad ones refused, exit 2)
 # first. --input-dtype names -> torch dtype attribute names
@@ -94,16 +95,6 @@ def _ints(text: str) -> list[int]:
     if not vals or any(v < 1 for v in vals):
         raise argparse.ArgumentTypeError(f"expected positive ints like 16,32,64, got {text!r}")
     return vals
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return v
 
 
 def _seconds(text: str) -> float:
@@ -286,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmallResNet widths, comma-separated (default 16,32,64; 128 and 256 are ResNet-18 sized)")
     p.add_argument("--backends", default=None, help="comma-separated: torch, triton (CUDA), reference (slow)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=at_least_one, default=1,
                    help="torch CPU threads (default 1, like the demo: on a busy machine several threads are "
                         "much slower and noisier; the count is printed)")
     p.add_argument("--min-time", type=_seconds, default=0.3, help="seconds of timing per method (default 0.3)")

@@ -41,7 +41,7 @@ class DemoConfig:
         return cls(**base)
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -83,9 +83,9 @@ def _learning_rate(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
-    p.add_argument("--epochs", type=_at_least_one, default=d.epochs,
+    p.add_argument("--epochs", type=at_least_one, default=d.epochs,
                    help=f"dense and sparse training epochs (default {d.epochs})")
-    p.add_argument("--finetune-epochs", type=_at_least_one, default=d.finetune_epochs,
+    p.add_argument("--finetune-epochs", type=at_least_one, default=d.finetune_epochs,
                    help=f"fine-tune epochs after pruning (default {d.finetune_epochs})")
     p.add_argument("--ratio", type=_open_fraction, default=d.ratio,
                    help="fraction of each group's channels to remove (0.5)")
@@ -95,11 +95,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_learning_rate, default=d.lr, help=f"training learning rate (default {d.lr})")
     p.add_argument("--finetune-lr", type=_learning_rate, default=d.finetune_lr,
                    help=f"fine-tune learning rate, both pruned models (default {d.finetune_lr})")
-    p.add_argument("--width", type=_at_least_one, default=d.width, help=f"SmallResNet base width (default {d.width})")
+    p.add_argument("--width", type=at_least_one, default=d.width, help=f"SmallResNet base width (default {d.width})")
     p.add_argument("--device", default=d.device, help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help=f"output folder for demo.png and results.json (default {d.out})")
-    p.add_argument("--threads", type=_at_least_one, default=1,
+    p.add_argument("--threads", type=at_least_one, default=1,
                    help="torch CPU threads (default 1: small convolutions gain little from more, and a busy "
                         "machine makes several threads much slower)")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
