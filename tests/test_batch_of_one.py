@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
+from tv import timm, torchvision
 
 import tritonprune as tpr
-from tv import timm, torchvision
 
 
 def _inception():
