@@ -208,3 +208,64 @@ def test_module_shared_between_parents_runs_the_check():
     m = SharedBetweenBlocks().eval()
     tpr.prune(m, torch.randn(1, 3, 8, 8), ratio=0.5)  # used to fail inside the run check's fake copy
     assert m.fc.out_channels == 8 and m(torch.randn(1, 3, 8, 8)).shape == (1, 2)
+
+
+class NamedHeads(nn.Module):
+    """Attention keeping its head count as `heads` (no known head-count or head-dim attribute)."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+
+
+class NamedHeadsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.out = nn.Linear(8, 32), NamedHeads(), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.out(h + self.attn(h))
+
+
+def test_head_count_under_an_unknown_name_follows_the_cut():
+    # before: the module kept heads=4 and split its 16 rows into 4 heads of 4 dims, silently
+    torch.manual_seed(0)
+    model, x = NamedHeadsNet().eval(), torch.randn(2, 6, 8)
+    heads = [g for g in tpr.find_groups(model, x) if g.unit > 1]
+    plan = tpr.prune(copy.deepcopy(model), x, groups=heads, ratio=0.5, dry_run=True)
+    pruned, zeroed = copy.deepcopy(model), copy.deepcopy(model)
+    plan.apply(pruned)
+    plan.zero_(zeroed)
+    assert pruned.attn.heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_head_count_that_several_attributes_could_hold_is_refused():
+    from tritonprune.pruning import attention_attrs as aa
+    from tritonprune.pruning.slicing import Cut
+
+    class TwoCandidates(NamedHeads):
+        def __init__(self):
+            super().__init__()
+            self.blocks_out = 4  # also read by the forward, also equal to the head count
+
+        def forward(self, x):
+            return super().forward(x).repeat(1, 1, self.blocks_out // 4)
+
+    m = TwoCandidates()
+    p = aa.projections("attn", m)
+    removed = torch.zeros(1, 96, dtype=torch.bool)
+    removed[0, 16:32] = True  # query heads 2 and 3 of 4 (head dim 8)
+    cut = Cut("attn.qkv.weight", 0, removed, {8})
+    with pytest.raises(ValueError, match=r"'attn'.*several attributes could be it \(heads, blocks_out\)"):
+        aa._unnamed_head_count("attn", m, p, {("attn.qkv.weight", 0): cut})

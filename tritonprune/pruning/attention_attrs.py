@@ -185,12 +185,14 @@ def _head_cut(mname: str, what: str, removed: torch.Tensor, d: int) -> tuple[tor
     )
 
 
-def new_shape(mname: str, m: nn.Module, p: Projections, tensors, cuts) -> tuple[Shape, Shape] | None:
-    """(before, after) head counts, head dim and hidden size of one attention module, or None if unknown."""
+def new_shape(mname: str, m: nn.Module, p: Projections, tensors, cuts,
+              heads: int | None = None) -> tuple[Shape, Shape] | None:
+    """(before, after) head counts, head dim and hidden size of one attention module, or None if unknown.
+    `heads`: the head count where the module keeps it under another name (see _unnamed_head_count)."""
     q_rows, k_rows = p.q.length, p.k.length
     d = _int_attr(m, HEAD_DIM)
     if d is None:
-        h = _int_attr(m, HEAD_COUNT)
+        h = _int_attr(m, HEAD_COUNT) or heads
         if h is None or q_rows % h:
             return None
         d = q_rows // h
@@ -355,6 +357,41 @@ def _hf_updates(m: nn.Module, after: Shape) -> list[Update]:
     return ups
 
 
+def _unnamed_head_count(name: str, m: nn.Module, p: Projections, cuts) -> str | None:
+    """The attribute holding the head count of a module that keeps it under a name not in HEAD_COUNT
+    (`heads`, `nh`) and stores no head dim either, where the cut removes whole heads; None where none do.
+
+    Its forward then reads the count from that attribute (`view(B, T, self.heads, -1)`): left alone, the
+    module would split its fewer rows into the old number of narrower heads and compute something else
+    without any error. Candidates are the integer attributes its code reads that split the query rows
+    into heads the cut removes whole; with several, the cut is refused (ValueError: prune leaves those
+    heads out, naming the module)."""
+    if _int_attr(m, HEAD_COUNT + HEAD_DIM) is not None:
+        return None
+    removed = _removed(p.q, cuts)
+    cut = cuts.get((p.q.name, p.q.dim))
+    if not removed.any() or cut is None or not cut.units:
+        return None
+    from .module_attrs import reads
+
+    found = []  # the head dims of the groups that cut these rows say how many heads the rows hold
+    for k, v in vars(m).items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 2 or p.q.length % v or not reads(m, k):
+            continue
+        if p.q.length // v in cut.units and bool(
+            (lambda h: (h.all(1) | ~h.any(1)).all())(removed.view(v, -1))  # every head kept or removed whole
+        ):
+            found.append(k)
+    if len(found) <= 1:
+        return found[0] if found else None
+    raise ValueError(
+        f"attention module {name!r} ({type(m).__name__}): the cut removes whole heads, but its head count is "
+        f"not stored under a known name ({', '.join(HEAD_COUNT)}) nor its head dim ({', '.join(HEAD_DIM)}), and "
+        f"several attributes could be it ({', '.join(found)}); rename the attribute, put the module in "
+        "ignored_layers, or prune with head_pruning='dims'"
+    )
+
+
 _MLP_FIRST = ("up_proj", "fc1", "c_fc", "dense", "w1", "wi", "wi_0")
 
 
@@ -448,13 +485,22 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
         if p is None:
             continue
         s = new_shape(name, m, p, tensors, cuts)
+        unnamed = None
+        if s is None:
+            unnamed = _unnamed_head_count(name, m, p, cuts)
+            s = new_shape(name, m, p, tensors, cuts, heads=getattr(m, unnamed)) if unnamed else None
         if s is None:
             continue
         shapes.append(s)
         before, after = s
         if before == after:
             continue
-        ups += _mha_updates(m, after) if isinstance(m, nn.MultiheadAttention) else _hf_updates(m, after)
+        if isinstance(m, nn.MultiheadAttention):
+            ups += _mha_updates(m, after)
+        else:
+            ups += _hf_updates(m, after)
+            if unnamed is not None and before.heads != after.heads:
+                ups.append((m, unnamed, after.heads))
     hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
     mlps = _intermediate_sizes(model, tensors, cuts)
     for name, m in model.named_modules():

@@ -18,7 +18,7 @@ their forward reads (see module_attrs).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ class Cut:
     name: str
     dim: int
     removed: torch.Tensor  # bool [blocks, size]
+    units: set[int] = field(default_factory=set)  # run lengths of whole-unit groups cut here (head dims)
 
     @property
     def blocks(self) -> int:
@@ -179,6 +180,8 @@ def build_cuts(
                 idx = sub.nonzero()[:, 0]
                 idx = (slot.start + idx[:, None] * slot.repeat + torch.arange(slot.repeat)).flatten()
                 cut.removed[0, idx] = True
+                if group.unit > 1:
+                    cut.units.add(group.unit * slot.repeat)
     # same count in every block, and conv-group rows cut evenly where columns are cut per conv group
     for (name, _), cut in cuts.items():
         cut.keep()
