@@ -20,7 +20,7 @@ import sys
 import warnings
 
 from .._files import write_json
-from .demo_config import at_least_one  # torch-free, like this module
+from .demo_config import at_least_one, number  # torch-free, like this module
 
 # torch is imported by the commands, not here: the arguments are parsed (and bad ones refused, exit 2)
 # first. --input-dtype names -> torch dtype attribute names
@@ -97,24 +97,9 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
-    return v
-
-
-def _ratio(text: str) -> float:
-    try:
-        r = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= r < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return r
+_seconds = number(float, lambda v: math.isfinite(v) and v >= 0, "expected a finite number of seconds >= 0",
+                  "expected a finite number of seconds >= 0")
+_ratio = number(float, lambda r: 0 <= r < 1, "expected a number in [0, 1)", "expected a number in [0, 1)")
 
 
 def group_table(groups) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,44 +42,28 @@ class DemoConfig:
         return cls(**base)
 
 
-def at_least_one(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return v
+def number(cast: Callable[[str], Any], ok: Callable[[Any], bool], unparsed: str, bad: str) -> Callable[[str], Any]:
+    """An argparse type: `cast(text)`, refused (a usage error, exit 2) with `unparsed` where the text does
+    not parse and with `bad` where `ok(value)` is false; both messages end with the text given."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{unparsed}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{bad}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _open_fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
-    return v
-
-
-def _strength(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return v
-
-
-def _learning_rate(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return v
+at_least_one = number(int, lambda v: v >= 1, "expected an int >= 1", "must be >= 1")
+_open_fraction = number(float, lambda v: 0 < v < 1, "expected a number in (0, 1)", "must be in (0, 1)")
+_strength = number(float, lambda v: v >= 0 and math.isfinite(v), "expected a finite number >= 0",
+                   "must be a finite number >= 0")
+_learning_rate = number(float, lambda v: v > 0 and math.isfinite(v), "expected a positive number",
+                        "must be a finite number > 0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
