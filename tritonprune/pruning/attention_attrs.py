@@ -378,9 +378,8 @@ def _unnamed_head_count(name: str, m: nn.Module, p: Projections, cuts) -> str | 
     for k, v in vars(m).items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 2 or p.q.length % v or not reads(m, k):
             continue
-        if p.q.length // v in cut.units and bool(
-            (lambda h: (h.all(1) | ~h.any(1)).all())(removed.view(v, -1))  # every head kept or removed whole
-        ):
+        heads = removed.view(v, -1)
+        if p.q.length // v in cut.units and bool((heads.all(1) | ~heads.any(1)).all()):  # heads kept or gone whole
             found.append(k)
     if len(found) <= 1:
         return found[0] if found else None
