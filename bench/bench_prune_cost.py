@@ -24,13 +24,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_find_groups import build  # noqa: E402  (the same models and inputs)
+from bench_find_groups import _torchvision  # noqa: E402
+from bench_find_groups import build as build_sweep  # noqa: E402  (the same models and inputs)
 
 import tritonprune as tpr  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu_prune_cost.json"
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16", "hf_bert", "hf_gpt2",
-          "hf_llama")
+          "hf_llama", "diffusers_unet")
+
+
+def diffusers_unet() -> tuple[torch.nn.Module, dict]:
+    """diffusers' small test UNet2DConditionModel, built from its config (no weights): block_out_channels
+    (32, 64), one layer per block, cross-attention width 32, a 32x32 latent and 8 text tokens."""
+    _torchvision()  # diffusers imports transformers, which imports torchvision where installed
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    x = {"sample": torch.randn(1, 4, 32, 32), "timestep": torch.tensor([10]),
+         "encoder_hidden_states": torch.randn(1, 8, 32)}
+    return model.eval(), x
+
+
+def build(name: str) -> tuple[torch.nn.Module, object]:
+    return diffusers_unet() if name == "diffusers_unet" else build_sweep(name)
 
 
 def _median_time(fn, rounds: int) -> float:
