@@ -84,8 +84,8 @@ def magnitude(
     )
     scores = []
     for s in slots:
-        v = _view(tensors[s.name].detach(), s).float().abs()
-        scores.append((s, _per_channel(v if p == 1 else v.pow(p))))
+        v = _view(tensors[s.name].detach(), s).float()
+        scores.append((s, _per_channel(v.square() if p == 2 else v.abs() if p == 1 else v.abs().pow(p))))
     imp = _reduce(group, scores)
     return None if imp is None else normalize(imp, normalizer)
 

@@ -26,10 +26,18 @@ such attributes per class does not scale; this module finds them from evidence i
   each choice (one per attribute and class, e.g. every block's `attn_dim` together) is tried by a
   forward on fake tensors (no compute), the old value first, and the first that runs is kept. Without inputs, or where
   none runs, the attribute is left unchanged and named in a warning.
+
+Verifying costs forwards, so two shortcuts keep it to what is needed (`Choices`): a caller that runs the
+sliced model on those very inputs anyway (the run check) may take the sure updates unverified and
+verify them by its own forward (if that forward fails, it slices again with the full verification);
+and the values one slicing settled on are reused by an identical slicing of an identical model (the
+real `apply` after the run check on a copy), proven by a digest of the tensors' names and shapes, the
+cuts, every candidate with its old value and options, and the verification inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import re
@@ -79,7 +87,12 @@ def _class_source(cls: type) -> str | None:
 
 def reads(m: nn.Module, attr: str) -> bool:
     """Whether the code of `m`'s class reads `attr` (True where its source is unavailable)."""
-    src = _class_source(type(m))
+    return _reads(type(m), attr)
+
+
+@cache
+def _reads(cls: type, attr: str) -> bool:
+    src = _class_source(cls)
     if src is None:
         return True
     return re.search(rf"\.{re.escape(attr)}\b|['\"]{re.escape(attr)}['\"]", src) is not None
@@ -145,28 +158,105 @@ class Unclear:
 
 
 @dataclass
+class Settled:
+    """The values one slicing's attributes ended with, and the digest of what decided them."""
+
+    basis: str
+    values: list[tuple[str, str, Any]]  # (qualified module name, attribute, value)
+    unresolved: list[Unclear]  # left unchanged and warned about
+
+
+@dataclass
+class Choices:
+    """How a slicing settles its attributes (see the module docstring). In: `reuse`, values settled by an
+    identical slicing; `defer`, the input spec of the forward the caller runs next on the sliced model.
+    Out: `settled`, and `deferred` when the sure updates were set unverified."""
+
+    reuse: Settled | None = None
+    defer: Any = None
+    settled: Settled | None = None
+    deferred: bool = False
+
+
+@dataclass
 class ModuleAttrs:
     """The attribute updates of one slicing: `updates` (sure) and `unclear` (to verify after commit)."""
 
     updates: list[Update] = field(default_factory=list)
     unclear: list[Unclear] = field(default_factory=list)
     sure: list[Unclear] = field(default_factory=list)  # the updates as choices (new value first)
+    digest: str = ""  # of the tensors' names and shapes and of the cuts (module_updates)
 
-    def commit(self, model: nn.Module) -> None:
+    def basis(self, specs: Any) -> str:
+        h = hashlib.sha256(self.digest.encode())
+        for u in (*self.sure, *self.unclear):
+            h.update(f"{u.name}|{u.attr}|{u.old!r}|{u.options!r}\n".encode())
+        h.update(repr(specs).encode())
+        return h.hexdigest()
+
+    def commit(self, model: nn.Module, choices: Choices | None = None) -> None:
+        specs = remembered_inputs(type(model))
+        if choices is not None and choices.reuse is not None and choices.reuse.basis == self.basis(specs):
+            # the same cuts of the same tensors and candidates were verified already (on a copy)
+            for name, attr, value in choices.reuse.values:
+                setattr(model.get_submodule(name), attr, value)
+            if choices.reuse.unresolved:
+                _warn_unclear(choices.reuse.unresolved, specs)
+            choices.settled = choices.reuse
+            return
+        unresolved = self._commit(model, specs, choices)
+        if choices is not None:
+            choices.settled = Settled(
+                self.basis(specs),
+                [("" if u.name == "<root>" else u.name, u.attr, getattr(u.module, u.attr))
+                 for u in (*self.sure, *self.unclear)],
+                unresolved,
+            )
+
+    def _commit(self, model: nn.Module, specs: Any, choices: Choices | None) -> list[Unclear]:
         for obj, attr, value in self.updates:
             setattr(obj, attr, value)
-        specs = remembered_inputs(type(model))
         if self.unclear and resolve(model, self.unclear, specs):
-            return
+            return []
+        if specs is not None and self.sure and not self.unclear and choices is not None and choices.defer is not None \
+                and _same_spec(choices.defer, specs):
+            choices.deferred = True  # the caller's forward on these inputs verifies them
+            return []
         if specs is not None and self.sure and not runs(model, specs):
             # a width matched by coincidence (timm BoT's dim_out_qk equal to the block width): the sure
             # updates become choices too (new value first), the unclear ones keep old-first
             if resolve(model, self.sure + self.unclear, specs):
-                return
+                return []
             for u in self.sure:
                 setattr(u.module, u.attr, u.options[0])
         if self.unclear:
             _warn_unclear(self.unclear, specs)
+        return list(self.unclear)
+
+
+def input_spec(example_inputs: Any) -> Any:
+    """The spec `remembered_inputs` keeps for these inputs (shapes, dtypes, devices; other leaves as they are)."""
+    from ..graph.remembered import _spec
+
+    return pytree.tree_map(_spec, example_inputs)
+
+
+def _same_spec(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and repr(a) == repr(b)
+    except Exception:  # a leaf whose == is not a plain answer: not provably the same
+        return False
+
+
+def _digest(tensors: Mapping[str, torch.Tensor], cuts: Mapping[tuple[str, int], Any]) -> str:
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        h.update(f"{name}:{tuple(t.shape)}\n".encode())
+    for (name, dim), cut in sorted(cuts.items(), key=lambda kv: kv[0]):
+        if cut.removed.any():
+            h.update(f"{name}:{dim}:{cut.name}:".encode())
+            h.update(cut.removed.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _options(value: Any, sizes: Mapping[int, set[int]]) -> list[Any] | None:
@@ -188,12 +278,10 @@ def module_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cuts: 
     set until `commit`. `taken`: updates made elsewhere (attention_attrs), not touched again."""
     done = {(id(o), a) for o, a, _ in taken}
     out = ModuleAttrs()
+    modules = dict(model.named_modules(remove_duplicate=False))
     for mname, sizes in _resized(tensors, cuts).items():
-        try:
-            m = model.get_submodule(mname)
-        except AttributeError:
-            continue
-        if _is_torch_module(m):
+        m = modules.get(mname)
+        if m is None or _is_torch_module(m):
             continue
         for attr, value in _candidates(m):
             if (id(m), attr) in done or not reads(m, attr):
@@ -209,6 +297,8 @@ def module_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cuts: 
             elif options:
                 out.unclear.append(Unclear(m, mname or "<root>", attr, value, options))
             done.add((id(m), attr))
+    if out.sure or out.unclear:
+        out.digest = _digest(tensors, cuts)
     return out
 
 

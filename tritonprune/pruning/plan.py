@@ -36,8 +36,16 @@ from ..graph.group import (
 from ..graph.trace import unwrap
 from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .history import config_snapshot, record_plan
+from .module_attrs import Choices
 from .plan_schema import FORMAT, VERSION, PlanError, check_groups, parse
-from .runcheck import RunCheckUnavailable, find_breaking_groups, inputs_from_spec, reference_output, run_check
+from .runcheck import (
+    Checked,
+    RunCheckUnavailable,
+    find_breaking_groups,
+    inputs_from_spec,
+    reference_output,
+    run_check,
+)
 from .slicing import Cut, apply_cuts, build_cuts, model_tensors, prepare_cuts, remap_groups, zero_channels
 from .transaction import Transaction
 
@@ -124,14 +132,16 @@ class PrunePlan:
         return model
 
     def apply(
-        self, model: nn.Module, optimizer: Any = None, *, example_inputs: Any = None, check_run: bool = True
+        self, model: nn.Module, optimizer: Any = None, *, example_inputs: Any = None, check_run: bool = True,
+        _checked: Checked | None = None,
     ) -> nn.Module:
         """Physically remove the channels; slice `optimizer`'s state and hand it the new parameters.
 
         Everything is validated first. Unless `check_run=False`, the pruned model is first run on fake
         tensors (no compute) with `example_inputs`, or with the example-input shapes `prune` recorded in
         the plan; if it would not run, ValueError names the module whose shapes break and the groups to
-        leave out, and nothing is changed. On any error the model and optimizer are left as they were."""
+        leave out, and nothing is changed. On any error the model and optimizer are left as they were.
+        (`_checked`: what `prune`'s run check of these very cuts on a copy of this model learned.)"""
         cuts = self.check(model)
         inner = unwrap(model)
         optimizer = resolve_optimizer(optimizer)  # through accelerate/Lightning wrappers
@@ -141,22 +151,26 @@ class PrunePlan:
             if inputs is None and self.info.get("example_inputs") is not None:
                 inputs = inputs_from_spec(self.info["example_inputs"], _device_of(inner))
             if inputs is not None:
-                self._refuse_if_broken(inner, inputs)
+                _checked = self._refuse_if_broken(inner, inputs)
+        # the attribute values the check settled on a copy are reused where module_attrs proves the
+        # slicing identical (same tensors, cuts, candidates and inputs); otherwise verified again here
+        choices = Choices(reuse=_checked.attrs if _checked is not None else None)
         before = config_snapshot(inner)
         with Transaction(inner, optimizer):
-            apply_cuts(inner, cuts, optimizer)
+            apply_cuts(inner, cuts, optimizer, choices)
             record_plan(inner, self, before)  # for tritonprune.save_pretrained
         return model
 
-    def _refuse_if_broken(self, model: nn.Module, inputs: Any) -> None:
+    def _refuse_if_broken(self, model: nn.Module, inputs: Any) -> Checked | None:
         try:
             free = [tuple(e) if isinstance(e, list) else e for e in self.info.get("free_outputs", ())]
             ref = reference_output(model, inputs, free_outputs=free)
         except RunCheckUnavailable as e:
             warnings.warn(f"tritonprune: the pruned model could not be checked before slicing: {e}", stacklevel=3)
-            return
-        if run_check(model, inputs, self._removals(), reference=ref) is None:
-            return
+            return None
+        learned = Checked()
+        if run_check(model, inputs, self._removals(), reference=ref, learned=learned) is None:
+            return learned
         _, dropped = find_breaking_groups(model, inputs, list(self.groups), list(self.removed), ref)
         lines = [
             f"group {d['group']} ({d['origin']!r}) breaks {_where(model, d['module'])}: {d['error']}" for d in dropped

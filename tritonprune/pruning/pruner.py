@@ -42,7 +42,7 @@ from .counting import MacCount, count_macs, count_params, estimate_macs, mac_cou
 from .history import applied_plans, replace_since
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
-from .runcheck import RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
+from .runcheck import Checked, RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
 from .selection import _ratio_of, _search, iterative_ratios, kind_key, select
 from .slicing import model_tensors
 from .transaction import Transaction
@@ -170,11 +170,12 @@ def _check_layer_ratios_match(groups: Sequence[Group], layer_ratios: Mapping[str
             )
 
 
-def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect):
+def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect, learned):
     """Select, check on fake tensors, drop the groups that break the model, select again without
-    them; returns the final removed lists. `excluded` collects the dropped groups' records."""
+    them; returns the final removed lists. `excluded` collects the dropped groups' records; `learned`
+    is filled by the check of the lists returned (runcheck.Checked)."""
     while True:
-        _, dropped = find_breaking_groups(work, example_inputs, groups, removed, ref)
+        _, dropped = find_breaking_groups(work, example_inputs, groups, removed, ref, learned)
         if not dropped:
             return removed
         for d in dropped:
@@ -377,8 +378,10 @@ def prune(
 
             found_ratio.clear()
             removed = reselect()
+            checked = None  # what the run check of this round's cuts learned on its copy
             if ref is not None and not isinstance(ref, Exception) and any(removed):
-                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect)
+                checked = Checked()
+                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect, checked)
             removed_last = removed
             step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
             for a, rem in zip(alive, removed):
@@ -387,7 +390,7 @@ def prune(
             if steps > 1 or not dry_run:
                 if step < steps:
                     cur_groups = step_plan.remap(cur_groups, work)
-                step_plan.apply(work, optimizer if work is model else None, check_run=False)
+                step_plan.apply(work, optimizer if work is model else None, check_run=False, _checked=checked)
                 if isinstance(ref, Exception) and any(removed):
                     err = _real_forward_failure(work, example_inputs)
                     if err is not None:
@@ -450,11 +453,16 @@ def prune(
         plan.info["macs_after"] = _macs_after(shapes0, shapes0, macs0, cuts)
         if not dry_run and any(removed_all):
             # the estimate keeps activation-activation products (attention scores) at their old size:
-            # count the pruned model itself (a fake-tensor forward), so the plan reports what it made
-            try:
-                plan.info["macs_after"] = count_macs(model, example_inputs, real_fallback=False).total
-            except Exception:  # the estimate stays; counting must never fail a prune that succeeded
-                plan.info["macs_after_is_estimate"] = True
+            # count the pruned model itself, so the plan reports what it made: the last round's run check
+            # counted it on its copy (sliced by the same cuts, attributes as the model got them), else a
+            # forward of a copy of the model now
+            if checked is not None and checked.macs is not None:
+                plan.info["macs_after"] = checked.macs.total
+            else:
+                try:
+                    plan.info["macs_after"] = count_macs(model, example_inputs, real_fallback=False).total
+                except Exception:  # the estimate stays; counting must never fail a prune that succeeded
+                    plan.info["macs_after_is_estimate"] = True
         elif any(removed_all) and macs0.unattributed:
             plan.info["macs_after_is_estimate"] = True  # dry run: attention products counted unpruned
         plan.info["macs_by_weight"] = dict(macs0.by_weight)

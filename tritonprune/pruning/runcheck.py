@@ -27,11 +27,14 @@ import torch.nn as nn
 from ..graph.group import Group
 from ..graph.outputs import free_leaves, leaf_paths
 from ..graph.outputs import normalize as normalize_outputs
+from .counting import MacCount, mac_counting
 from .fake_run import RunFailure, fake_forward, prepared_copy
+from .module_attrs import Choices, Settled
+from .module_attrs import input_spec as attr_input_spec
 from .slicing import apply_cuts, build_cuts, model_tensors
 
-__all__ = ["RunCheckUnavailable", "reference_output", "Reference", "run_check", "input_spec", "inputs_from_spec",
-           "find_breaking_groups"]
+__all__ = ["RunCheckUnavailable", "reference_output", "Reference", "Checked", "run_check", "input_spec",
+           "inputs_from_spec", "find_breaking_groups"]
 
 
 @dataclass
@@ -44,41 +47,65 @@ class Reference:
     free_outputs: tuple[Any, ...] = ()  # output entries whose width may change (graph/outputs.py)
 
 
+@dataclass
+class Checked:
+    """What a passing run check learned about the pruned copy it ran, for the real slicing to reuse: the
+    attribute values slicing settled on (module_attrs.Settled) and the MACs of its eval forward."""
+
+    attrs: Settled | None = None
+    macs: MacCount | None = None
+
+
 def run_check(
     model: nn.Module,
     example_inputs: Any,
     removals: Iterable[tuple[Any, Any]] | Any = None,
     *,
     reference: Reference | None = None,
+    learned: Checked | None = None,
 ) -> RunFailure | None:
     """None if `model` with `removals` (a PrunePlan, or (group, removed channels) pairs)
     sliced off still runs `example_inputs` with the same output structure as the unpruned model (in
     eval mode, and in train mode too when the model is training); else where and why it does not.
     `model` is not touched. `reference` (from `reference_output`) saves the unpruned forwards when
-    checking many plans of one model.
+    checking many plans of one model. `learned`, if given, is filled when the check passes (`Checked`).
 
     Raises ValueError if the removals do not fit the model (validation, as `apply` does), and
     RunCheckUnavailable if even the unpruned model cannot run on fake tensors (the check cannot
     tell anything then)."""
     ref = reference_output(model, example_inputs) if reference is None else reference
-    c = prepared_copy(model)
     removals = list(removals._removals() if hasattr(removals, "_removals") else removals or ())
+    # model-code attributes slicing is sure of are verified by this check's own forward; if it fails, the
+    # copy is sliced again with slicing's own verification, so the answer is the one that verification gives
+    got, deferred = _check(model, example_inputs, removals, ref, learned, defer=True)
+    if got is not None and deferred:
+        got, _ = _check(model, example_inputs, removals, ref, learned, defer=False)
+    return got
+
+
+def _check(model, example_inputs, removals, ref: Reference, learned: Checked | None, defer: bool):
+    c = prepared_copy(model)
+    choices = Choices(defer=attr_input_spec(example_inputs) if defer else None)
     if removals:
         cuts = build_cuts(removals, model_tensors(c))
         try:
-            apply_cuts(c, cuts)
+            apply_cuts(c, cuts, choices=choices)
         except ValueError as e:
-            return RunFailure("", f"slicing refused: {e}")
+            return RunFailure("", f"slicing refused: {e}"), False
+    counting, counted = mac_counting()
     for train, expected in ((False, ref.eval), (True, ref.train)):
         if expected is None:
             continue
-        got = fake_forward(c, example_inputs, train=train)
+        got = fake_forward(c, example_inputs, train=train, context=None if train or learned is None else counting)
         if isinstance(got, RunFailure):
-            return got
+            return got, choices.deferred
         diff = _compare(expected, got, ref.free_outputs)
         if diff is not None:
-            return diff
-    return None
+            return diff, choices.deferred
+    if learned is not None:
+        learned.attrs = choices.settled
+        learned.macs = counted()
+    return None, choices.deferred
 
 
 class RunCheckUnavailable(RuntimeError):
@@ -122,6 +149,7 @@ def find_breaking_groups(
     groups: Sequence[Group],
     removed: Sequence[Sequence[int]],
     reference: Any = None,
+    learned: Checked | None = None,
 ) -> tuple[list[list[int]], list[dict[str, Any]]]:
     """Drop the groups whose pruning stops `model` from running `example_inputs` (checked on fake
     tensors, see run_check): returns the removed lists with those groups emptied, and one
@@ -130,13 +158,17 @@ def find_breaking_groups(
     While the planned model fails: every group touching the failing module (or a module inside or
     around it) is tried alone, and those that fail alone are dropped; if none does (the failure needs
     several groups together), the shortest failing prefix of the remaining groups is found by bisection
-    and its last group is dropped. Each round drops at least one group, so it ends."""
+    and its last group is dropped. Each round drops at least one group, so it ends. `learned`: filled
+    by the check of the removed lists returned (run_check), when they run."""
     ref = reference_output(model, example_inputs) if reference is None else reference
+    if learned is not None:
+        learned.attrs = learned.macs = None
     removed = [list(r) for r in removed]
     active = [i for i, r in enumerate(removed) if r]
 
-    def check(idx: Sequence[int]):
-        return run_check(model, example_inputs, [(groups[i], removed[i]) for i in idx], reference=ref)
+    def check(idx: Sequence[int], learn: Checked | None = None):
+        return run_check(model, example_inputs, [(groups[i], removed[i]) for i in idx], reference=ref,
+                         learned=learn)
 
     dropped: list[dict[str, Any]] = []
 
@@ -145,7 +177,7 @@ def find_breaking_groups(
         removed[i] = []
         active.remove(i)
 
-    failure = check(active)
+    failure = check(active, learned)
     while failure is not None and active:
         near = [i for i in active if _near(groups[i], failure.module)]
         found = False
@@ -163,7 +195,7 @@ def find_breaking_groups(
                 else:
                     hi = mid
             drop(active[hi - 1], check(active[:hi]) or failure)
-        failure = check(active)
+        failure = check(active, learned)
     return removed, dropped
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..graph.geometry import slot_geometry, slot_view
 from ..graph.group import Group, Slot
 from .attention_attrs import attention_updates, commit, conv1d_attributes
-from .module_attrs import module_updates
+from .module_attrs import Choices, module_updates
 
 
 @dataclass
@@ -184,7 +184,8 @@ def build_cuts(
                     cut.units.add(group.unit * slot.repeat)
     # same count in every block, and conv-group rows cut evenly where columns are cut per conv group
     for (name, _), cut in cuts.items():
-        cut.keep()
+        if cut.blocks > 1:  # one block keeps one count
+            cut.keep()
         if cut.blocks > 1 and (name, 0) in cuts:
             rows = cuts[(name, 0)].removed[0].view(cut.blocks, -1).sum(1)
             if (rows != rows[0]).any():
@@ -292,11 +293,6 @@ def _new_attributes(
     return conv1d_attributes(m, w)
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
-    mname, _, local = name.rpartition(".")
-    return model.get_submodule(mname), mname, local
-
-
 def _slice_state(state: Mapping[str, Any], like: torch.Tensor, cuts: Mapping[int, Cut], name: str) -> dict[str, Any]:
     """Optimizer state of one parameter: tensors shaped like it are cut the same way, factored ones (the
     parameter's shape with some dims reduced to 1: Adafactor's row_var / col_var) along the dims they
@@ -321,15 +317,21 @@ def _slice_state(state: Mapping[str, Any], like: torch.Tensor, cuts: Mapping[int
     return out
 
 
-def apply_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> None:
-    """Slice the model (and the optimizer state) by `cuts`. Validates and computes everything first."""
-    prepare_cuts(model, cuts, optimizer)()
+def apply_cuts(
+    model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None, choices: Choices | None = None
+) -> None:
+    """Slice the model (and the optimizer state) by `cuts`. Validates and computes everything first.
+    `choices`: how model-code attributes are settled (module_attrs.Choices: reused, or verified later)."""
+    prepare_cuts(model, cuts, optimizer, choices)()
 
 
-def prepare_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None) -> Callable[[], None]:
+def prepare_cuts(
+    model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimizer: Any = None, choices: Choices | None = None
+) -> Callable[[], None]:
     """Validate `cuts` against the model and compute every new tensor and attribute, modifying nothing;
     returns the function that commits them (`zero_` validates through this too, then discards it)."""
     tensors = model_tensors(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
     names = _aliases(tensors)
     by_tensor: dict[str, dict[int, Cut]] = {}
     for (name, dim), cut in cuts.items():
@@ -353,15 +355,15 @@ def prepare_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimize
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in new.items():
         for alias in names.get(name, [name]):  # every module holding a tied tensor gets new attributes
-            _, mname, local = _owner(model, alias)
+            mname, _, local = alias.rpartition(".")
             per_module.setdefault(mname, {})[local] = t
     attrs = {
-        mname: _new_attributes(model.get_submodule(mname), locals_, conv_groups.get(mname))
+        mname: _new_attributes(modules[mname], locals_, conv_groups.get(mname))
         for mname, locals_ in per_module.items()
     }
     # head counts, head dims, hidden sizes and config fields of attention layers (raises if a cut splits a head)
     attention = attention_updates(model, tensors, cuts)
-    set_here = [(model.get_submodule(m), k, v) for m, a in attrs.items() for k, v in a.items()]
+    set_here = [(modules[m], k, v) for m, a in attrs.items() for k, v in a.items()]
     others = module_updates(model, tensors, cuts, attention + set_here)  # model-code integers (ViT's hidden_dim)
     params = dict(model.named_parameters())
     old_to_new: dict[int, nn.Parameter] = {}
@@ -385,20 +387,20 @@ def prepare_cuts(model: nn.Module, cuts: Mapping[tuple[str, int], Cut], optimize
         new_groups = remap_groups(list(optimizer.groups), cuts)
 
     def commit_all() -> None:
-        _commit(model, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer, states,
-                new_groups)
+        _commit(model, modules, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer,
+                states, new_groups, choices)
 
     return commit_all
 
 
-def _commit(model, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer, states,
-            new_groups) -> None:
+def _commit(model, modules, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer, states,
+            new_groups, choices) -> None:
     """Step 2 of apply_cuts: install what prepare_cuts computed."""
     for name, t in new.items():
         if name in params:
             continue
-        owner, _, local = _owner(model, name)
-        owner._buffers[local] = t.to(tensors[name].dtype)
+        mname, _, local = name.rpartition(".")
+        modules[mname]._buffers[local] = t.to(tensors[name].dtype)
     for m in model.modules():
         for local, p in list(m._parameters.items()):
             if p is not None and id(p) in old_to_new:
@@ -406,11 +408,11 @@ def _commit(model, params, new, tensors, old_to_new, grads, attrs, attention, ot
                 np_.grad = grads[id(p)]
                 m._parameters[local] = np_
     for mname, a in attrs.items():
-        mod = model.get_submodule(mname)
+        mod = modules[mname]
         for k, v in a.items():
             setattr(mod, k, v)
     commit(attention)
-    others.commit(model)
+    others.commit(model, choices)
     if optimizer is not None:
         state = optimizer.state
         for group in optimizer.param_groups:
