@@ -1,11 +1,12 @@
 """What `prune` costs against `find_groups` on the same model and inputs, in the same run.
 
     python bench/bench_prune_cost.py                     # JSON in bench/results/cpu_prune_cost.json
-    TRITONPRUNE_BENCH_MODELS=resnet18,hf_bert python bench/bench_prune_cost.py
+    TRITONPRUNE_BENCH_MODELS=resnet18,hf_bert TRITONPRUNE_BENCH_ROUNDS=3 python bench/bench_prune_cost.py
 
-Per model (1 thread, after one warm-up call of each): the median wall time of `find_groups`, of
-`prune(ratio=0.3)` on a fresh copy, and of `prune(ratio=0.3, dry_run=True)`, reported as ratios to
-find_groups. prune traces once, ranks, checks the planned model on a copy (a real clone for models up
+Per model (1 thread, after one warm-up call of each, `rounds` interleaved rounds): the median wall and
+CPU (process) time of `find_groups`, of `prune(ratio=0.3)` on a fresh copy, of `prune(ratio=0.3,
+dry_run=True)` and of `prune(ratio=0.3, steps=3)` on a fresh copy, reported as ratios to find_groups
+(CPU time is the steadier figure on a shared machine; the load average is recorded). prune traces once, ranks, checks the planned model on a copy (a real clone for models up
 to 256 MiB of tensors on the CPU, fake tensors otherwise), slices and verifies attributes.
 """
 
@@ -55,41 +56,67 @@ def build(name: str) -> tuple[torch.nn.Module, object]:
     return diffusers_unet() if name == "diffusers_unet" else build_sweep(name)
 
 
-def _median_time(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call; CPU (process) time is the steadier figure on a shared machine."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+STEPS = 3
 
 
 def measure(name: str, rounds: int) -> dict:
     model, x = build(name)
+    # each call gets the model to work on: prune a fresh copy (made before the clock starts), the rest the model
+    calls = {
+        "find_groups": (False, lambda m: tpr.find_groups(m, x)),
+        "prune": (True, lambda m: tpr.prune(m, x, ratio=0.3)),
+        "prune_dry_run": (False, lambda m: tpr.prune(m, x, ratio=0.3, dry_run=True)),
+        f"prune_steps{STEPS}": (True, lambda m: tpr.prune(m, x, ratio=0.3, steps=STEPS)),
+    }
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tpr.find_groups(model, x)
-        tpr.prune(copy.deepcopy(model), x, ratio=0.3)
-        fg = _median_time(lambda: tpr.find_groups(model, x), rounds)
-        copies = [copy.deepcopy(model) for _ in range(rounds)]
-        pr = _median_time(lambda: tpr.prune(copies.pop(), x, ratio=0.3), rounds)
-        dry = _median_time(lambda: tpr.prune(model, x, ratio=0.3, dry_run=True), rounds)
-    return {"find_groups_s": fg, "prune_s": pr, "prune_dry_run_s": dry,
-            "prune_x": pr / fg, "prune_dry_run_x": dry / fg}
+        for fresh, fn in calls.values():
+            fn(copy.deepcopy(model) if fresh else model)  # warm-up
+        for _ in range(rounds):  # interleaved, so load swings hit every call alike
+            for k, (fresh, fn) in calls.items():
+                m = copy.deepcopy(model) if fresh else model
+                w, c = _timed(lambda fn=fn, m=m: fn(m))
+                wall[k].append(w)
+                cpu[k].append(c)
+    out: dict = {}
+    for k in calls:
+        out[f"{k}_s"] = statistics.median(wall[k])
+        out[f"{k}_cpu_s"] = statistics.median(cpu[k])
+    for k in calls:
+        if k != "find_groups":
+            out[f"{k}_x"] = out[f"{k}_s"] / out["find_groups_s"]
+            out[f"{k}_cpu_x"] = out[f"{k}_cpu_s"] / out["find_groups_cpu_s"]
+    return out
 
 
 def main() -> None:
     torch.set_num_threads(1)
     names = os.environ.get("TRITONPRUNE_BENCH_MODELS", ",".join(MODELS)).split(",")
-    out = {"torch": torch.__version__, "threads": 1, "load": os.getloadavg()[0], "models": {}}
+    rounds = int(os.environ.get("TRITONPRUNE_BENCH_ROUNDS", "5"))
+    out = {"torch": torch.__version__, "threads": 1, "rounds": rounds, "load_before": os.getloadavg()[0],
+           "models": {}}
     for name in names:
-        out["models"][name] = r = measure(name, rounds=3)
-        print(f"{name:20s} find_groups {r['find_groups_s']:.3f}s  prune {r['prune_x']:.1f}x  "
-              f"dry_run {r['prune_dry_run_x']:.1f}x", flush=True)
-    ratios = [r["prune_x"] for r in out["models"].values()]
-    out["median_prune_x"] = statistics.median(ratios)
-    out["max_prune_x"] = max(ratios)
-    print(f"median prune / find_groups {out['median_prune_x']:.1f}x, max {out['max_prune_x']:.1f}x")
+        out["models"][name] = r = measure(name, rounds)
+        print(f"{name:20s} find_groups {r['find_groups_s']:.3f}s (cpu {r['find_groups_cpu_s']:.3f}s)  "
+              f"prune {r['prune_x']:.1f}x (cpu {r['prune_cpu_x']:.1f}x)  dry_run {r['prune_dry_run_x']:.1f}x "
+              f"(cpu {r['prune_dry_run_cpu_x']:.1f}x)  steps={STEPS} {r[f'prune_steps{STEPS}_x']:.1f}x "
+              f"(cpu {r[f'prune_steps{STEPS}_cpu_x']:.1f}x)  load {os.getloadavg()[0]:.1f}", flush=True)
+    out["load_after"] = os.getloadavg()[0]
+    for key in ("prune_x", "prune_cpu_x", "prune_dry_run_x", f"prune_steps{STEPS}_x"):
+        ratios = [r[key] for r in out["models"].values()]
+        out[f"median_{key}"] = statistics.median(ratios)
+        out[f"max_{key}"] = max(ratios)
+    print(f"prune / find_groups: median {out['median_prune_x']:.1f}x, max {out['max_prune_x']:.1f}x (wall); "
+          f"cpu median {out['median_prune_cpu_x']:.1f}x, max {out['max_prune_cpu_x']:.1f}x")
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
 
 

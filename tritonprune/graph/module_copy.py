@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -30,11 +30,14 @@ def is_config(v: Any) -> bool:
     return hasattr(v, "to_dict") and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type))
 
 
-def copy_tree(model: nn.Module, tensor_of: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+def copy_tree(
+    model: nn.Module, tensor_of: Callable[[torch.Tensor], torch.Tensor], leave_out: Collection[str] = ()
+) -> nn.Module:
     """A copy of the module tree: the user's classes and attributes, no hooks, every parameter / buffer /
     tensor attribute replaced by `tensor_of(t)` (called once per tensor, so tied tensors stay tied;
     parameters stay parameters with their requires_grad), config objects deep-copied, plain containers
-    copied. Nothing of `model` is modified or shared mutably."""
+    copied. Nothing of `model` is modified or shared mutably. `leave_out`: attribute names the copy does
+    without (bookkeeping no forward reads, such as the plans pruning recorded)."""
     modules: dict[int, nn.Module] = {}
     tensors: dict[int, torch.Tensor] = {}
     configs: dict[int, Any] = {}
@@ -76,8 +79,8 @@ def copy_tree(model: nn.Module, tensor_of: Callable[[torch.Tensor], torch.Tensor
         modules[id(m)] = c
         d = {}
         for k, v in m.__dict__.items():
-            if k.startswith("__composable_api"):  # fully_shard's registry stays: the copy can be sharded again
-                continue
+            if k.startswith("__composable_api") or k in leave_out:  # fully_shard's registry stays: the copy
+                continue  # can be sharded again
             if "hook" in k and isinstance(v, dict):  # FSDP's all-gather hooks, and any other hooks
                 d[k] = OrderedDict()
             elif k in ("_parameters", "_buffers"):

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..graph.module_copy import copy_tree
 from ..graph.trace import call_with
+from .history import PLANS
 
 __all__ = ["RunFailure", "meta_copy", "real_copy", "prepared_copy", "fake_forward"]
 
@@ -45,6 +46,7 @@ class RunFailure:
 
 
 REAL_COPY_BYTES = 256 * 2**20
+_BOOKKEEPING = (PLANS,)  # the plans applied to the model (history.py): a what-if copy has no use for them
 
 
 def _real_copy_fits(model: nn.Module) -> bool:
@@ -59,7 +61,7 @@ def _real_copy_fits(model: nn.Module) -> bool:
 
 def real_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree with every tensor cloned (`module_copy.copy_tree`), no hooks."""
-    c = copy_tree(model, lambda t: t.detach().clone())
+    c = copy_tree(model, lambda t: t.detach().clone(), leave_out=_BOOKKEEPING)
     object.__setattr__(c, "_tritonprune_real", True)
     return c
 
@@ -67,7 +69,8 @@ def real_copy(model: nn.Module) -> nn.Module:
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree on the meta device (`module_copy.copy_tree`): same classes and
     attributes, no hooks, every tensor a meta tensor of the same shape, strides, dtype and requires_grad."""
-    return copy_tree(model, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"))
+    return copy_tree(model, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"),
+                     leave_out=_BOOKKEEPING)
 
 
 def _fake_mode():

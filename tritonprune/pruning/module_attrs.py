@@ -112,7 +112,8 @@ def _resized(tensors: Mapping[str, torch.Tensor], cuts: Mapping[tuple[str, int],
     for (name, dim), cut in cuts.items():
         if name != cut.name or not cut.removed.any() or name not in tensors:
             continue  # aliases of tied tensors carry the same cut
-        old, new = tensors[name].shape[dim], cut.keep().shape[1]
+        old = tensors[name].shape[dim]
+        new = old - int(cut.removed[0].sum())  # kept per block (build_cuts checked the blocks agree)
         if new != old:
             for s in _scopes(name):
                 seen.setdefault(s, {}).setdefault(old, set()).add(new)
