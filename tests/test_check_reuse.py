@@ -111,3 +111,28 @@ def test_macs_after_is_the_count_of_the_pruned_model_with_attention():
     assert plan.info["macs_after"] == count_macs(model, x).total < plan.info["macs_before"]
     plan3 = tpr.prune(TinyViT().eval(), x, ratio=0.5, steps=3)
     assert plan3.info["macs_after"] < plan3.info["macs_before"]
+
+
+def test_the_reference_clone_serves_one_check_of_the_unchanged_model_only(monkeypatch):
+    from tritonprune.pruning import fake_run, runcheck
+
+    torch.manual_seed(0)
+    model, x = Stored().eval(), torch.randn(2, 5, 4)
+    groups = tpr.find_groups(model, x)
+    removals = [(g, [0, 1]) for g in groups if g.origin == "fc"]
+    made = []
+    real = fake_run.prepared_copy
+    monkeypatch.setattr(runcheck, "prepared_copy", lambda m: made.append(m) or real(m))
+    ref = runcheck.reference_output(model, x)
+    assert len(made) == 1 and ref.spare is not None
+    assert runcheck.run_check(model, x, removals, reference=ref) is None
+    assert len(made) == 1 and ref.spare is None  # the check sliced the reference's clone
+    assert runcheck.run_check(model, x, removals, reference=ref) is None
+    assert len(made) == 2  # a fresh clone: the spare is handed out once
+    ref = runcheck.reference_output(model, x)
+    tpr.prune(model, x, ratio=0.5)  # the model changes shape: the clone no longer stands for it
+    made.clear()
+    assert runcheck.run_check(model, x, reference=ref) is None
+    assert made == [model] and ref.spare is None  # the check ran on a clone of the pruned model
+    train = Stored().train()
+    assert runcheck.reference_output(train, x).spare is None  # its train pass moved the clone's statistics

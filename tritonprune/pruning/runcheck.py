@@ -18,12 +18,13 @@ and dtype for every tensor leaf.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..graph.fingerprint import fingerprint
 from ..graph.group import Group
 from ..graph.outputs import free_leaves, leaf_paths
 from ..graph.outputs import normalize as normalize_outputs
@@ -45,6 +46,17 @@ class Reference:
     eval: tuple[Any, list[Any]]
     train: tuple[Any, list[Any]] | None = None
     free_outputs: tuple[Any, ...] = ()  # output entries whose width may change (graph/outputs.py)
+    # the real clone the eval pass ran on, handed once to the first check of the same, unchanged model
+    # (a clone costs as much memory traffic as the model's size); see `_spare_copy`
+    spare: tuple[int, str, nn.Module] | None = field(default=None, repr=False, compare=False)
+
+    def _spare_copy(self, model: nn.Module) -> nn.Module | None:
+        """The unsliced clone of `model` the reference ran on, once, if `model` is the model it was made
+        from with the same tensor names and shapes (a `Reference` is reused across prune's rounds)."""
+        spare, self.spare = self.spare, None
+        if spare is not None and spare[0] == id(model) and spare[1] == fingerprint(model):
+            return spare[2]
+        return None
 
 
 @dataclass
@@ -84,7 +96,7 @@ def run_check(
 
 
 def _check(model, example_inputs, removals, ref: Reference, learned: Checked | None, defer: bool):
-    c = prepared_copy(model)
+    c = ref._spare_copy(model) or prepared_copy(model)
     choices = Choices(defer=attr_input_spec(example_inputs) if defer else None)
     if removals:
         cuts = build_cuts(removals, model_tensors(c))
@@ -127,7 +139,11 @@ def reference_output(
     if model.training:
         t = fake_forward(c, example_inputs, train=True)
         train = None if isinstance(t, RunFailure) else t
-    return Reference(got, train, normalize_outputs(free_outputs))
+    # a real clone that ran in eval mode only (no statistics moved) serves the first check as its copy;
+    # a meta copy holds fake tensors once run and is cheap to make again
+    spare = (id(model), fingerprint(model), c) if getattr(c, "_tritonprune_real", False) and not model.training \
+        else None
+    return Reference(got, train, normalize_outputs(free_outputs), spare)
 
 
 def _compare(ref: tuple[Any, list[Any]], got: tuple[Any, list[Any]], free_outputs: tuple = ()) -> RunFailure | None:
