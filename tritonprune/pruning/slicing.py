@@ -65,15 +65,27 @@ Removal = tuple[Group, Sequence[int]]
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers by qualified name. A shared tensor (tied embeddings) comes first under its
     canonical name (the one `named_parameters()` gives), then under its other names."""
-    out: dict[str, torch.Tensor] = dict(model.named_parameters())
-    for name, b in model.named_buffers():
-        if b is not None:
-            out.setdefault(name, b)
-    for name, t in model.named_parameters(remove_duplicate=False):
-        out.setdefault(name, t)
-    for name, b in model.named_buffers(remove_duplicate=False):
-        if b is not None:
-            out.setdefault(name, b)
+    # one walk of the module tree (as named_parameters / named_buffers make it, duplicates kept), in their order:
+    # first names of parameters, then of buffers, then the other names of each
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    more_params: dict[str, torch.Tensor] = {}
+    more_buffers: dict[str, torch.Tensor] = {}
+    seen_p: set[int] = set()
+    seen_b: set[int] = set()
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        pre = f"{prefix}." if prefix else ""
+        for store, first, more, seen in ((m._parameters, params, more_params, seen_p),
+                                         (m._buffers, buffers, more_buffers, seen_b)):
+            for n, t in store.items():
+                if t is None:
+                    continue
+                (more if id(t) in seen else first)[pre + n] = t
+                seen.add(id(t))
+    out = params
+    for d in (buffers, more_params, more_buffers):
+        for name, t in d.items():
+            out.setdefault(name, t)
     return out
 
 
@@ -177,9 +189,9 @@ def build_cuts(
                 per = slot.length // G
                 cut.removed[:, slot.start : slot.start + per] |= sub.view(G, per)
             else:
-                idx = sub.nonzero()[:, 0]
-                idx = (slot.start + idx[:, None] * slot.repeat + torch.arange(slot.repeat)).flatten()
-                cut.removed[0, idx] = True
+                # channel i of the slot is indices start + i * repeat + (0 .. repeat-1) of the dim
+                span = cut.removed[0, slot.start : slot.start + slot.length * slot.repeat]
+                span.view(slot.length, slot.repeat).logical_or_(sub[:, None])
                 if group.unit > 1:
                     cut.units.add(group.unit * slot.repeat)
     # same count in every block, and conv-group rows cut evenly where columns are cut per conv group
