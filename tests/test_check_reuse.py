@@ -136,3 +136,22 @@ def test_the_reference_clone_serves_one_check_of_the_unchanged_model_only(monkey
     assert made == [model] and ref.spare is None  # the check ran on a clone of the pruned model
     train = Stored().train()
     assert runcheck.reference_output(train, x).spare is None  # its train pass moved the clone's statistics
+
+
+def test_rounds_check_the_previous_rounds_clone_and_prune_as_zero_does(monkeypatch):
+    from tritonprune.pruning import fake_run, runcheck
+
+    made = []
+    real = fake_run.prepared_copy
+    monkeypatch.setattr(runcheck, "prepared_copy", lambda m: made.append(m) or real(m))
+    torch.manual_seed(0)
+    model, x = Stored().eval(), torch.randn(2, 5, 4)
+    pruned = copy.deepcopy(model)
+    plan = tpr.prune(pruned, x, ratio=0.75, steps=3)
+    assert pruned.fc.out_features == pruned.width == 2
+    assert len(made) == 1  # the reference's clone, sliced round after round
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), plan.zero_(copy.deepcopy(model))(x), rtol=1e-5, atol=1e-6)
+    made.clear()
+    tpr.prune(copy.deepcopy(model).train(), x, ratio=0.75, steps=3)
+    assert len(made) == 4  # training mode: every check on a fresh clone (train passes move statistics)

@@ -391,6 +391,10 @@ def prune(
                 if step < steps:
                     cur_groups = step_plan.remap(cur_groups, work)
                 step_plan.apply(work, optimizer if work is model else None, check_run=False, _checked=checked)
+                if step < steps and checked is not None and checked.clone is not None:
+                    # the check's clone, sliced by the same cuts, is the model as it is now: the next
+                    # round's check slices it further instead of cloning the model again
+                    ref.offer(work, checked.clone)
                 if isinstance(ref, Exception) and any(removed):
                     err = _real_forward_failure(work, example_inputs)
                     if err is not None:

@@ -50,6 +50,11 @@ class Reference:
     # (a clone costs as much memory traffic as the model's size); see `_spare_copy`
     spare: tuple[int, str, nn.Module] | None = field(default=None, repr=False, compare=False)
 
+    def offer(self, model: nn.Module, clone: nn.Module) -> None:
+        """`clone` (a real clone that ran in eval mode only) stands for `model` as it is now: the next
+        check of `model`, if it is still unchanged, slices it instead of cloning again (prune's rounds)."""
+        self.spare = (id(model), fingerprint(model), clone)
+
     def _spare_copy(self, model: nn.Module) -> nn.Module | None:
         """The unsliced clone of `model` the reference ran on, once, if `model` is the model it was made
         from with the same tensor names and shapes (a `Reference` is reused across prune's rounds)."""
@@ -66,6 +71,7 @@ class Checked:
 
     attrs: Settled | None = None
     macs: MacCount | None = None
+    clone: nn.Module | None = None  # the sliced real clone it ran, if it ran in eval mode only
 
 
 def run_check(
@@ -117,6 +123,7 @@ def _check(model, example_inputs, removals, ref: Reference, learned: Checked | N
     if learned is not None:
         learned.attrs = choices.settled
         learned.macs = counted()
+        learned.clone = c if getattr(c, "_tritonprune_real", False) and ref.train is None else None
     return None, choices.deferred
 
 
@@ -178,7 +185,7 @@ def find_breaking_groups(
     by the check of the removed lists returned (run_check), when they run."""
     ref = reference_output(model, example_inputs) if reference is None else reference
     if learned is not None:
-        learned.attrs = learned.macs = None
+        learned.attrs = learned.macs = learned.clone = None
     removed = [list(r) for r in removed]
     active = [i for i, r in enumerate(removed) if r]
 
