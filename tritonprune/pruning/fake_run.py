@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -124,24 +126,25 @@ def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> Non
 
 
 class _Stack:
-    """Forward hooks on every module of the copy: the path of modules running right now. A failing
-    forward never reaches the post-hooks, so the path then ends at the innermost failing module."""
+    """The path of the copy's modules running right now, kept by two global forward hooks (one
+    registration each, not two per module) that act only on this thread and on the copy's modules.
+    A failing forward never reaches the post-hooks, so the path then ends at the innermost failing module."""
 
     def __init__(self, model: nn.Module):
         self.path: list[str] = []
-        self.handles = []
-        for name, m in model.named_modules():
-            self.handles.append(m.register_forward_pre_hook(self._enter(name)))
-            self.handles.append(m.register_forward_hook(self._leave))
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.thread = threading.get_ident()
+        self.handles = [nn.modules.module.register_module_forward_pre_hook(self._enter),
+                        nn.modules.module.register_module_forward_hook(self._leave)]
 
-    def _enter(self, name: str) -> Callable:
-        def hook(_m, _args):
-            self.path.append(name)
+    def _enter(self, m, _args):
+        if threading.get_ident() == self.thread:
+            name = self.names.get(id(m))
+            if name is not None:
+                self.path.append(name)
 
-        return hook
-
-    def _leave(self, _m, _args, _out):
-        if self.path:
+    def _leave(self, m, _args, _out):
+        if threading.get_ident() == self.thread and self.path and id(m) in self.names:
             self.path.pop()
 
     def remove(self) -> None:
@@ -216,16 +219,29 @@ def _lru_caches(model: nn.Module) -> list[Any]:
     """functools lru caches on the model's classes (methods, static methods, and the caches they wrap)."""
     found: dict[int, Any] = {}
     for cls in {type(m) for m in model.modules()}:
-        for c in cls.__mro__:
-            if c.__module__.startswith("torch.") or c is object:
-                continue
-            for f in vars(c).values():
-                f = getattr(f, "__func__", f)
-                cells = [cell.cell_contents for cell in (getattr(f, "__closure__", None) or ()) if _is_cell_set(cell)]
-                for obj in (f, *cells):
-                    if callable(getattr(obj, "cache_clear", None)) and callable(getattr(obj, "cache_info", None)):
-                        found[id(obj)] = obj
+        caches = _CLASS_CACHES.get(cls)
+        if caches is None:
+            caches = _CLASS_CACHES[cls] = _class_caches(cls)
+        for obj in caches:
+            found[id(obj)] = obj
     return list(found.values())
+
+
+_CLASS_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # class -> its caches, found once
+
+
+def _class_caches(cls: type) -> tuple[Any, ...]:
+    found: dict[int, Any] = {}
+    for c in cls.__mro__:
+        if c.__module__.startswith("torch.") or c is object:
+            continue
+        for f in vars(c).values():
+            f = getattr(f, "__func__", f)
+            cells = [cell.cell_contents for cell in (getattr(f, "__closure__", None) or ()) if _is_cell_set(cell)]
+            for obj in (f, *cells):
+                if callable(getattr(obj, "cache_clear", None)) and callable(getattr(obj, "cache_info", None)):
+                    found[id(obj)] = obj
+    return tuple(found.values())
 
 
 def _is_cell_set(cell: Any) -> bool:
