@@ -133,9 +133,20 @@ UNARY = overloads(
 
 @rule(*ELEMENTWISE)
 def elementwise(w: Walker, node: fx.Node) -> object:
+    if node.target is aten.copy_.default and _fresh(w, node.args[0]) and isinstance(w.act(node.args[1]), torch.Tensor):
+        return w.act(node.args[1])  # written into a fresh tensor: only the values written carry channels
     operands = [a for a in node.args if isinstance(a, fx.Node)]
     operands += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
     return combine(w, node, operands)
+
+
+def _fresh(w: Walker, node: object) -> bool:
+    """`node` is a fresh tensor (`new_empty`, `new_zeros`), or a slice of one, that holds no channels."""
+    while isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", None) is aten.slice:
+        node = node.args[0]
+    ids = w.act(node)
+    return isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", None) in (
+        aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full) and isinstance(ids, torch.Tensor) and not has_ids(ids)
 
 
 @rule(*UNARY)
