@@ -40,6 +40,8 @@ def _query_rows(model) -> dict[str, int]:
             out[n] = g[0].length
         elif isinstance(q := getattr(m, "q_b_proj", None) or getattr(m, "q_proj", None), torch.nn.Linear):
             out[n] = q.out_features
+        elif isinstance(getattr(m, "query_key_value", None), torch.nn.Linear):  # q, k, v interleaved per head
+            out[n] = m.query_key_value.out_features
     return out
 
 
@@ -75,17 +77,14 @@ def kinds(plan, attention: set[str]) -> list[str]:
 
 def one(name: str) -> dict:
     m, x, _ = hf_zoo.build(name)
-    rows0 = {n: r for n, r in _query_rows(m).items()}
-    if name == "gpt_neox":  # q, k, v interleaved per head in query_key_value
-        rows0 = {n: mod.query_key_value.out_features for n, mod in m.named_modules() if hasattr(mod, "query_key_value")}
+    rows0 = _query_rows(m)
     p0 = sum(p.numel() for p in m.parameters())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = tpr.prune(m, x, ratio=0.3)
-    mods = dict(m.named_modules())
     pruned = kinds(plan, set(rows0))
-    rows1 = {n: (mods[n].query_key_value.out_features if name == "gpt_neox" else _query_rows(m).get(n, rows0[n]))
-             for n in rows0}
+    rows1 = _query_rows(m)
+    rows1 = {n: rows1.get(n, rows0[n]) for n in rows0}
     with torch.no_grad():
         ok = bool(torch.isfinite(hf_zoo.output(m, x)).all())
     return {"model": name, "param_ratio": round(sum(p.numel() for p in m.parameters()) / p0, 4),

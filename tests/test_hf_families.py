@@ -158,14 +158,22 @@ def test_bloom_alibi_heads_stay_with_a_warning_naming_op_and_module():
     assert torch.isfinite(hf_zoo.output(m, x)).all()
 
 
-def test_phi3_heads_of_one_layer_only_are_left_out_by_name():
-    """Phi-3 reads the query width from the config shared by all layers: a cut in one layer only cannot
-    follow, and the run check leaves it out, naming the module (never a silently shifted q | k | v)."""
+@quiet
+def test_phi3_heads_of_one_layer_only_get_a_layer_config(tmp_path):
+    """Phi-3 reads its query width from the config shared by all layers: a layer pruned on its own gets
+    a LayerConfig (its own head counts, the rest read through), so q | k | v are sliced where they are."""
     heads = [g for g in groups_of("phi3") if g.unit > 1]
     m, x, _ = hf_zoo.build("phi3")
-    with pytest.warns(UserWarning, match=r"'model\.layers\.0\.self_attn"):
-        tpr.prune(m, x, ratio=0.5, groups=heads[:1])
-    assert m.model.layers[0].self_attn.qkv_proj.out_features == 64 and m.config.num_attention_heads == 4
+    ref = copy.deepcopy(m)
+    plan = tpr.prune(m, x, ratio=0.5, groups=heads[:1])
+    a0, a1 = (layer.self_attn for layer in m.model.layers)
+    assert a0.qkv_proj.out_features == 32 and a1.qkv_proj.out_features == 64 and m.config.num_attention_heads == 4
+    assert (a0.config.num_attention_heads, a0.config.num_key_value_heads) == (2, 1) and a1.config is m.config
+    assert a0.config._attn_implementation == m.config._attn_implementation
+    plan.zero_(ref)
+    assert (hf_zoo.output(m, x) - hf_zoo.output(ref, x)).abs().max() < 1e-6
+    tpr.save_pretrained(m, tmp_path)
+    assert torch.equal(hf_zoo.output(tpr.from_pretrained(type(m), tmp_path), x), hf_zoo.output(m, x))
 
 
 def test_t5_bias_table_goes_with_its_heads_in_every_layer():

@@ -141,12 +141,15 @@ def elementwise(w: Walker, node: fx.Node) -> object:
 
 
 def _fresh(w: Walker, node: object) -> bool:
-    """`node` is a fresh tensor (`new_empty`, `new_zeros`), or a slice of one, that holds no channels."""
-    while isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", None) is aten.slice:
-        node = node.args[0]
+    """`node` is a slice without channels of a fresh tensor (`new_empty`, `new_zeros`), possibly already
+    written into elsewhere (a slice_scatter recorded for an earlier in-place write)."""
     ids = w.act(node)
+    if not isinstance(ids, torch.Tensor) or has_ids(ids):
+        return False
+    while isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", None) in (aten.slice, aten.slice_scatter):
+        node = node.args[0]
     return isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", None) in (
-        aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full) and isinstance(ids, torch.Tensor) and not has_ids(ids)
+        aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full)
 
 
 @rule(*UNARY)

@@ -28,6 +28,7 @@ kept scale, so a rebuild from the config must fail on the shapes rather than com
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -558,6 +559,7 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
     leaves an attention layer unable to split its q/k/v rows into heads."""
     ups: list[Update] = []
     shapes: list[tuple[Shape, Shape]] = []
+    own: list[tuple[nn.Module, Shape]] = []  # modules whose forward reads head counts from the config
     for name, m in model.named_modules():
         p = projections(name, m)
         grouped = grouped_rows(name, m) if p is None else None
@@ -582,6 +584,8 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             ups += _mha_updates(m, after)
         else:
             ups += _hf_updates(m, after)
+            if _reads_config_counts(m):
+                own.append((m, after))
             if unnamed is not None and before.heads != after.heads:
                 ups.append((m, unnamed, after.heads))
     hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
@@ -610,7 +614,58 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
     experts = intermediate_updates(model, new_shapes)
     sizes = [(int(tensors[f"{n}.down_proj"].shape[2]), int(new_shapes.get(f"{n}.down_proj", tensors[f"{n}.down_proj"].shape)[2]))
              for n in expert_modules(model)]
-    return ups + experts + _config_updates(model, shapes, mlps, sizes)
+    config = _config_updates(model, shapes, mlps, sizes)
+    return ups + experts + config + _layer_configs(own, config)
+
+
+_COUNTS = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads"}
+
+
+def _reads_config_counts(m: nn.Module) -> bool:
+    """The forward of `m` reads a head count from its config (Phi-3: `self.config.num_attention_heads`)."""
+    from .module_attrs import _class_source
+
+    src = _class_source(type(m))
+    return src is not None and re.search(r"config\.(num_attention_heads|num_key_value_heads)\b", src) is not None
+
+
+def _layer_configs(own: list[tuple[nn.Module, Shape]], config_updates: list[Update]) -> list[Update]:
+    """A `LayerConfig` for each module that reads its head counts from the shared config where pruning
+    left it with other counts than that config says (layers pruned unevenly)."""
+    ups: list[Update] = []
+    for m, after in own:
+        config = getattr(m, "config", None)
+        if config is None:
+            continue
+        base = config.__dict__["_base"] if isinstance(config, LayerConfig) else config
+        new = {a: v for obj, a, v in config_updates if obj is base}
+        counts = {k: getattr(after, f) for k, f in _COUNTS.items() if isinstance(getattr(base, k, None), int)}
+        if any(new.get(k, getattr(base, k)) != v for k, v in counts.items()) or isinstance(config, LayerConfig):
+            ups.append((m, "config", LayerConfig(base, **counts)))
+    return ups
+
+
+class LayerConfig:
+    """One layer's view of the model's config: its own head counts (what pruning left this layer with),
+    everything else read from, and written to, the shared config (`_attn_implementation` included)."""
+
+    def __init__(self, base: Any, **own: int):
+        self.__dict__.update(_base=base, _own=dict(own))
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        if name.startswith("__") or "_base" not in d:  # copy/pickle probing an object not yet filled
+            raise AttributeError(name)
+        return d["_own"][name] if name in d["_own"] else getattr(d["_base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__["_own"]:
+            self.__dict__["_own"][name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self.__dict__['_own']}, base={type(self.__dict__['_base']).__name__})"
 
 
 def commit(updates: list[Update]) -> None:
