@@ -64,8 +64,6 @@ def kinds(plan, attention: set[str]) -> list[str]:
             out.add("heads")
         elif any(s.kind == "embedding" for s in g.slots) or len(layers) > 1:
             out.add("residual")
-        elif heads:
-            out.add("heads")
         elif g.blocks > 1 and any(s.kind == "groupnorm" for s in g.slots):
             out.add("norm groups")
         elif MLP.search(g.origin):

@@ -28,9 +28,9 @@ NOTES = {
     "gemma_mqa": ("Gemma, one KV head", "query heads within the KV group, the one KV head stays"),
     "gemma2": ("Gemma-2", "whole KV groups; plain load refused"),
     "phi": ("Phi", "partial rotary: a head's rotated and passed dims as one channel; plain load ok"),
-    "phi3": ("Phi-3", "packed `qkv_proj` sliced at positions from the config: the slices are read as a split, "
-             "the head counts follow (config `num_attention_heads` only when every layer agrees, else the run "
-             "check leaves the heads out, named); fused `gate_up_proj` as two equal blocks"),
+    "phi3": ("Phi-3", "packed `qkv_proj` sliced at positions from the config: the slices are read as a split; "
+             "the config's head counts follow where every layer agrees, a layer pruned unlike the others gets "
+             "its own `LayerConfig`; fused `gate_up_proj` as two equal blocks"),
     "stablelm": ("StableLM", "partial rotary, whole KV groups"),
     "gptj": ("GPT-J", "partial rotary; plain load ok"),
     "gpt_neox": ("GPT-NeoX", "q/k/v chunked out of each head"),
@@ -39,12 +39,14 @@ NOTES = {
     "falcon": ("Falcon-7B (multi-query)", "query heads; parallel attention + MLP"),
     "falcon_new": ("Falcon, new architecture", "q/k/v laid out per KV group: whole groups, or the same count of "
                    "query heads from every group (`num_kv_heads`, `num_heads` follow)"),
-    "bloom": ("Bloom", "**heads not pruned** (warns, naming the module): the ALiBi slopes are computed in "
+    "bloom": ("Bloom", "**heads not pruned** (warns, naming `aten.baddbmm` and the module): the ALiBi slopes are computed in "
               "`BloomModel.forward` from the model's head count and shared by every layer, so no cut can keep "
               "the kept heads' slopes"),
     "deepseek_v2": ("DeepSeek-V2 (latent attention)", "heads carried through `q_b_proj` / `kv_b_proj` (nope, "
-                    "rope and value dims of a head as one channel); the shared rotary key and the latent ranks "
-                    "stay with the heads; an odd latent rank is left out by the run check (complex rotary)"),
+                    "rope and value dims of a head as one channel); the rotary key shared by all heads stays; "
+                    "the low-rank latents (`q_lora_rank`, `kv_lora_rank`) are groups of their own (inexact: "
+                    "RMSNorm), an odd key/value latent rank left out by the run check (complex rotary needs even "
+                    "strides); residual stream no (routing)"),
     "deepseek_v3": ("DeepSeek-V3 (latent attention)", "as DeepSeek-V2; routed experts per expert"),
     "mixtral": ("Mixtral", "whole KV groups; residual stream no (routing ops carry no channels); config.json "
                 "records the eager experts where pruning chose them"),
