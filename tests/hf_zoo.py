@@ -136,6 +136,14 @@ BUILDERS = {
     "siglip_vision": lambda: (T.SiglipVisionModel(T.SiglipVisionConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
         patch_size=4)), {"pixel_values": torch.randn(2, 3, 16, 16)}, "base"),
+    "deepseek_v2": lambda: _causal(T.DeepseekV2ForCausalLM, T.DeepseekV2Config(
+        **DEC, num_key_value_heads=4, q_lora_rank=20, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+        first_k_dense_replace=1)),
+    "deepseek_v3": lambda: _causal(T.DeepseekV3ForCausalLM, T.DeepseekV3Config(
+        **DEC, num_key_value_heads=4, q_lora_rank=20, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+        first_k_dense_replace=1, n_group=1, topk_group=1)),
 }
 NAMES = list(BUILDERS)
 
@@ -161,9 +169,12 @@ def labels_for(kind: str, m, x) -> dict:
 
 
 def output(m, x) -> torch.Tensor:
+    """The model's main output; with a pooled output too (CLIP, SigLIP's attention-pooling head), both
+    flattened into one vector."""
     with torch.no_grad():
         y = m(**x)
     for k in ("logits", "last_hidden_state"):
         if getattr(y, k, None) is not None:
-            return getattr(y, k)
+            pooled = getattr(y, "pooler_output", None)
+            return getattr(y, k) if pooled is None else torch.cat([getattr(y, k).flatten(), pooled.flatten()])
     return y[0]

@@ -3,9 +3,12 @@
 - qwen3: QK-norm (q_norm/k_norm of size head_dim, shared by every head): heads pruned, the norms untouched;
 - gpt_bigcode: multi-query c_attn split by sizes from attributes: query heads go, the key/value head stays,
   the split sizes follow;
-- phi, stablelm, gptj, gpt_neox, falcon, gemma (one KV head), gemma2, beit, mobilevit, deberta_v2: every
-  attention module loses whole heads (partial rotary, q/k/v chunked per head, multi-query, manual q @ k^T,
-  per-head bias, relative-position terms repeated per batch item and gathered by position);
+- phi, stablelm, gptj, gpt_neox, falcon, gemma (one KV head), gemma2, beit, mobilevit, deberta_v2, phi3,
+  falcon_new: every attention module loses whole heads (partial rotary, q/k/v chunked per head, multi-query,
+  manual q @ k^T, per-head bias, relative-position terms repeated per batch item and gathered by position,
+  q | k | v sliced at positions from the config, q/k/v laid out per key/value group); siglip_vision's
+  pooling head too (nn.MultiheadAttention with a learned probe as query); deepseek_v2/v3 (multi-head
+  latent attention: heads carried through q_b_proj / kv_b_proj, the shared rotary key stays);
 - t5: relative position bias table indexed by head, shared by all layers: heads and table pruned together;
 - swin: window attention with a per-head bias table gathered by an index buffer;
 - falcon: FalconLinear computes x @ W.T, parallel attention + MLP: groups found (MLP, residual stream);
@@ -113,17 +116,21 @@ def test_multi_query_packed_projection_loses_query_heads():
 # every attention module of these loses whole heads at ratio=0.3 (tiny configs of tests/hf_zoo.py)
 HEADS = {"phi": "self_attn", "stablelm": "self_attn", "gptj": "attn", "gpt_neox": "attention",
          "falcon": "self_attention", "gpt_bigcode": "attn", "gemma_mqa": "self_attn", "gemma2": "self_attn",
-         "beit": "attention", "mobilevit": "attention.attention", "deberta_v2": "attention.self"}
+         "beit": "attention", "mobilevit": "attention.attention", "deberta_v2": "attention.self",
+         "phi3": "self_attn", "falcon_new": "self_attention", "siglip_vision": "self_attn|head.attention",
+         "deepseek_v2": "self_attn", "deepseek_v3": "self_attn"}
 
 
 def _heads(m: torch.nn.Module, suffix: str) -> list[int]:
     out = []
     for name, mod in m.named_modules():
-        if name.endswith("." + suffix):
+        if any(name.endswith("." + s) for s in suffix.split("|")):
             n = next((getattr(mod, a) for a in ("num_heads", "num_attention_heads", "n_head")
                       if isinstance(getattr(mod, a, None), int)), None)
             if n is None and hasattr(mod, "q_proj"):  # modules reading the count from the config (Gemma)
                 n = mod.q_proj.out_features // mod.head_dim
+            elif n is None and hasattr(mod, "qkv_proj"):  # Phi-3: q | k | v rows, the query heads first
+                n = mod.qkv_proj.out_features // mod.head_dim - 2 * mod.num_key_value_heads
             elif n is None:  # GPT-NeoX: q, k, v interleaved per head in query_key_value
                 n = mod.query_key_value.out_features // (3 * mod.head_size)
             out.append(n)
@@ -139,6 +146,34 @@ def test_every_attention_module_loses_heads(name):
     after = _heads(m, HEADS[name])
     assert before and all(a < b for a, b in zip(after, before)), (before, after)
     assert torch.isfinite(hf_zoo.output(m, x)).all()
+
+
+def test_bloom_alibi_heads_stay_with_a_warning_naming_op_and_module():
+    """Bloom computes its ALiBi slopes from the model's head count, once for all layers: no cut keeps the
+    kept heads' slopes, so the heads stay and a warning names the op and module."""
+    m, x, _ = hf_zoo.build("bloom")
+    with pytest.warns(UserWarning, match=r"query_key_value are not pruned.*aten\.baddbmm.*'transformer\.h\.0\.self_attention'"):
+        tpr.prune(m, x, ratio=0.3)
+    assert [b.self_attention.num_heads for b in m.transformer.h] == [4, 4]
+    assert torch.isfinite(hf_zoo.output(m, x)).all()
+
+
+@quiet
+def test_phi3_heads_of_one_layer_only_get_a_layer_config(tmp_path):
+    """Phi-3 reads its query width from the config shared by all layers: a layer pruned on its own gets
+    a LayerConfig (its own head counts, the rest read through), so q | k | v are sliced where they are."""
+    heads = [g for g in groups_of("phi3") if g.unit > 1]
+    m, x, _ = hf_zoo.build("phi3")
+    ref = copy.deepcopy(m)
+    plan = tpr.prune(m, x, ratio=0.5, groups=heads[:1])
+    a0, a1 = (layer.self_attn for layer in m.model.layers)
+    assert a0.qkv_proj.out_features == 32 and a1.qkv_proj.out_features == 64 and m.config.num_attention_heads == 4
+    assert (a0.config.num_attention_heads, a0.config.num_key_value_heads) == (2, 1) and a1.config is m.config
+    assert a0.config._attn_implementation == m.config._attn_implementation
+    plan.zero_(ref)
+    assert (hf_zoo.output(m, x) - hf_zoo.output(ref, x)).abs().max() < 1e-6
+    tpr.save_pretrained(m, tmp_path)
+    assert torch.equal(hf_zoo.output(tpr.from_pretrained(type(m), tmp_path), x), hf_zoo.output(m, x))
 
 
 def test_t5_bias_table_goes_with_its_heads_in_every_layer():
@@ -204,7 +239,7 @@ def test_dims_mode_keeps_the_scale_and_plain_load_refuses(tmp_path):
 
 UNIFORM = {"qwen3", "mixtral", "qwen2_moe", "gpt2", "llama", "vit", "bert", "t5"}
 FAMILIES = ["qwen3", "gpt_bigcode", "t5", "swin", "falcon", "mixtral", "qwen2_moe", "vit", "bert", "gpt2", "llama",
-            "phi", "gemma_mqa", "gpt_neox", "beit"]
+            "phi", "gemma_mqa", "gpt_neox", "beit", "phi3", "falcon_new", "siglip_vision", "deepseek_v2"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

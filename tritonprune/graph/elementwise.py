@@ -133,9 +133,23 @@ UNARY = overloads(
 
 @rule(*ELEMENTWISE)
 def elementwise(w: Walker, node: fx.Node) -> object:
+    if node.target is aten.copy_.default and _fresh(w, node.args[0]) and isinstance(w.act(node.args[1]), torch.Tensor):
+        return w.act(node.args[1])  # written into a fresh tensor: only the values written carry channels
     operands = [a for a in node.args if isinstance(a, fx.Node)]
     operands += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
     return combine(w, node, operands)
+
+
+def _fresh(w: Walker, node: object) -> bool:
+    """`node` is a slice without channels of a fresh tensor (`new_empty`, `new_zeros`), possibly already
+    written into elsewhere (a slice_scatter recorded for an earlier in-place write)."""
+    ids = w.act(node)
+    if not isinstance(ids, torch.Tensor) or has_ids(ids):
+        return False
+    while isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", None) in (aten.slice, aten.slice_scatter):
+        node = node.args[0]
+    return isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", None) in (
+        aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full)
 
 
 @rule(*UNARY)

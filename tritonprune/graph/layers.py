@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import fx
@@ -139,8 +140,47 @@ def _linear(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object,
 def linear(w: Walker, node: fx.Node) -> object:
     weight, bias = node.args[1], _arg(node, 2, "bias")
     if not _is_param(w, weight, bias):
-        return unknown(w, node)
+        blocks = [row_block(w, t) for t in (weight, bias)]
+        if blocks[0] is None or (bias is not None and (blocks[1] is None or blocks[1][1:] != blocks[0][1:])):
+            return unknown(w, node)
+        return _linear_rows(w, node, node.args[0], blocks[0], blocks[1])
     return _linear(w, node, node.args[0], weight, bias, 1, 0)
+
+
+def row_block(w: Walker, node: object) -> tuple[fx.Node, int, int] | None:
+    """(parameter, first row, rows) where `node` is a block of rows of a parameter: a part of its split
+    along dim 0 (`nn.MultiheadAttention` with a query other than its key: `in_proj_weight.split([E, 2E])`)."""
+    if not isinstance(node, fx.Node) or node.target is not operator.getitem:
+        return None
+    split, i = node.args
+    if getattr(split.target, "overloadpacket", None) not in (aten.split, aten.split_with_sizes):
+        return None
+    src = split.args[0]
+    shape = w.shape(src)
+    if w.tensor_name(src) is None or shape is None or _arg(split, 2, "dim", 0) % len(shape) != 0:
+        return None
+    sizes = [int(v.shape[0]) for v in split.meta["val"]]
+    return src, sum(sizes[:i]), sizes[i]
+
+
+def _linear_rows(w: Walker, node: fx.Node, x: fx.Node, weight: tuple[fx.Node, int, int],
+                 bias: tuple[fx.Node, int, int] | None) -> object:
+    """A Linear whose weight (and bias) are a block of rows of a parameter: its outputs are those rows."""
+    param, start, rows = weight
+    ids = w.act(x)
+    xshape = w.shape(x)
+    if not isinstance(ids, torch.Tensor) or xshape is None or len(w.shape(param)) != 2:
+        return no_identity(w, node)
+    in_ids = w.pid(param, 1, kind=g.LINEAR, role=g.IN)
+    last = len(xshape) - 1
+    full = expand_dims(ids, xshape, [last])
+    w.space.union(full, along(in_ids, last, full.dim()))
+    w.space.exclude(in_ids[(full < 0).reshape(-1, xshape[last]).any(0)])
+    out_ids = w.pid(param, 0, kind=g.LINEAR, role=g.OUT)[start : start + rows]
+    if bias is not None:
+        w.space.union(w.pid(bias[0], 0, kind=g.LINEAR, role=g.OUT, is_bias=True)[start : start + rows], out_ids)
+    out_shape = w.out_shape(node)
+    return along(out_ids, len(out_shape) - 1, len(out_shape))
 
 
 @rule(*overloads(aten.addmm))
@@ -346,7 +386,7 @@ def sdpa(w: Walker, node: fx.Node) -> object:
 
 def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> object:
     (_, H, _, d), (_, Hk, _, dk), (_, Hv, _, dv) = shapes
-    if not (d == dk == dv and Hk == Hv and H % Hk == 0):
+    if not (d == dk and Hk == Hv and H % Hk == 0):
         return unknown(w, node)
     spread = [t for t in ids if t.shape[2] > 1 or (t.shape[1] > 1 and t.shape[3] == 1)]
     if spread:
@@ -355,6 +395,10 @@ def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[
     full = [expand_dims(t, s, [1, 3]) for t, s in zip(ids, shapes)]
     qf, kf, vf = full
     krows = kf[0, :, 0, :]
+    if w.head_pruning == "heads" and Hk > 1 and (d != dv or _partly_shared(krows)):
+        return _latent_heads(w, node, qf, kf, vf, H, Hk)
+    if d != dv:
+        return unknown(w, node)
     if w.head_pruning == "heads" and H > 1 and (Hk == 1 or bool((krows == krows[:1]).all() and (krows >= 0).any())):
         # one key/value head, possibly repeated to every query head (repeat_kv) before the call
         return _query_heads(w, node, qf, kf, vf, H)
@@ -376,6 +420,32 @@ def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[
                                                    vf[:, ::r].reshape(Hk, -1)], 1)).repeat_interleave(r).view(1, H, 1, 1)
     w.space.require_units(heads, d, source=node.name)
     return torch.where(qf >= 0, qf, kf)
+
+
+def _partly_shared(rows: torch.Tensor) -> bool:
+    """Some id appears in two different key heads (rows): a part of the key shared by all heads."""
+    distinct = torch.unique(rows, dim=0)
+    ids = torch.cat([r[r >= 0].unique() for r in distinct])
+    return bool(ids.numel() != ids.unique().numel())
+
+
+def _latent_heads(w: Walker, node: fx.Node, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, H: int,
+                  Hk: int) -> object:
+    """Heads whose keys hold a part shared by every head (multi-head latent attention, DeepSeek: the
+    rotary key is one for all heads) or whose values are narrower than the keys: each key/value head with
+    its query heads is one channel, pruned whole; the shared part stays."""
+    r = H // Hk
+    rows = torch.cat([qf[0, :, 0, :].reshape(Hk, -1), kf[0, :, 0, :], vf[0, :, 0, :]], 1)
+    per_head = torch.cat([row[row >= 0].unique() for row in rows])
+    uniq, counts = per_head.unique(return_counts=True)
+    shared = uniq[counts > 1]
+    w.space.exclude(shared)
+    rows = torch.where(torch.isin(rows, shared), NONE, rows)
+    if bool((rows < 0).all(1).any()):  # a head without channels of its own: nothing to prune it with
+        w.space.exclude(rows)
+        return torch.full((1, H, 1, 1), NONE, dtype=torch.long)
+    _attention_bias(w, node, qf, H)
+    return _one_channel_per_head(w, rows).repeat_interleave(r).view(1, H, 1, 1)
 
 
 def _one_channel_per_head(w: Walker, rows: torch.Tensor) -> torch.Tensor:

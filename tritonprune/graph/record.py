@@ -288,6 +288,8 @@ class Recorder:
             self.bind(out, node)
             if target is not None and target is not out:
                 self.bind(target, node)
+            if target is not None:
+                self._write_back(target, node)
         elif isinstance(out, (list, tuple)):
             node.meta["val"] = [_meta(o) if isinstance(o, torch.Tensor) else o for o in out]
             for i, o in enumerate(out):
@@ -299,6 +301,19 @@ class Recorder:
                     self.bind(o, item)
         else:
             node.meta["val"] = out
+
+    def _write_back(self, view: torch.Tensor, node: fx.Node) -> None:
+        """An in-place write into a slice of another tensor (DeepSeek's `k[..., :d].copy_(k_nope)`): the
+        tensor sliced now holds the written values there, recorded as a `slice_scatter` of them into it."""
+        base, sliced = view._base, node.args[0] if node.args else None
+        if base is None or not isinstance(sliced, fx.Node) or sliced.target is not aten.slice.Tensor:
+            return
+        entry = self.nodes.get(id(base))
+        if entry is None or entry[0]() is not base or sliced.args[0] is not entry[1] or sliced.meta["val"].shape != view.shape:
+            return
+        scatter = self.graph.add("call_function", aten.slice_scatter.default, (entry[1], node, *sliced.args[1:]))
+        scatter.meta.update({k: v for k, v in sliced.meta.items() if k == "nn_module_stack"}, val=_meta(base))
+        self.bind(base, scatter)
 
     def finish(self, out: object) -> None:
         found = _tensors_with_paths(out)

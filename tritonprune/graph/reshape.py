@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
 from .channels import IdSpace, channel_vector, expand_dims, has_ids, none_like
-from .elementwise import align, combine_all
+from .elementwise import align, combine, combine_all
 from .layers import transposed_weight
 from .walker import Walker, no_identity, overloads, rule, unknown, where
 
@@ -166,11 +168,119 @@ def slice_(w: Walker, node: fx.Node) -> object:
         return ids
     if out[d] == src[d]:
         return ids
-    w.space.fix_dim(ids, d, where(w, node, "slicing along a channel dim hard-codes channel positions"))
-    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-    step = node.args[4] if len(node.args) > 4 else 1
-    start = start % src[d] if start < 0 else min(start, src[d])
+    start, step = _slice_range(node, src[d])[0], node.args[4] if len(node.args) > 4 else 1
+    if node.users and all(u.target is aten.copy_.default and u.args[0] is node for u in node.users):
+        pass  # only written into: slice_scatter checks the positions written
+    elif _partition_part(w, node, d, src[d]) is None:
+        w.space.fix_dim(ids, d, where(w, node, "slicing along a channel dim hard-codes channel positions"))
+    else:
+        # one part of a partition of the dim by slices (Phi-3's q | k | v of qkv_proj at positions from the
+        # config): a split, sized by module attributes, so each part keeps its own channels; the attributes
+        # follow the cut, and where they cannot the run check leaves those groups out, naming them
+        ids = expand_dims(ids, src, [d])
     return ids.index_select(d, torch.arange(start, start + out[d] * step, step))
+
+
+def _slice_range(node: fx.Node, n: int) -> tuple[int, int]:
+    """[start, end) of a slice node along a dim of size `n`."""
+    return _range(node.args[2] if len(node.args) > 2 else None, node.args[3] if len(node.args) > 3 else None, n)
+
+
+def _range(start: int | None, end: int | None, n: int) -> tuple[int, int]:
+    """[start, end) along a dim of size `n`, clipped as Python slicing does."""
+    start, end = (min(max(v + n if v < 0 else v, 0), n) for v in (start or 0, n if end is None else end))
+    return start, max(start, end)
+
+
+def _partition_part(w: Walker, node: fx.Node, d: int, n: int) -> tuple[int, int] | None:
+    """This slice's [start, end) where the step-1 slices of the same tensor along dim `d` tile it exactly
+    (at least two parts, no overlap) and every part size above 1 is an integer attribute of the module
+    running them, or of its config, or a product of two such (`num_heads * head_dim`); else None."""
+    src = node.args[0]
+    nd = len(w.shape(src))
+    ranges = []
+    for u in src.users:
+        if u.op != "call_function" or getattr(u.target, "overloadpacket", None) is not aten.slice:
+            continue
+        if _dim(u, 1, 0, nd) != d or (len(u.args) > 4 and u.args[4] != 1):
+            continue
+        ranges.append(_slice_range(u, n))
+    ranges = sorted(set(ranges))
+    if len(ranges) < 2 or ranges[0][0] != 0 or ranges[-1][1] != n:
+        return None
+    if any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        return None
+    module = w.modules.get(w.module_of(node).replace("<root>", ""))
+    values = _int_attributes(module) | _int_attributes(getattr(module, "config", None))
+    products = values | {a * b for a in values for b in values}
+    if not all(e - s in products for s, e in ranges if e - s > 1):
+        return None
+    return _slice_range(node, n)
+
+
+def _int_attributes(obj: object) -> set[int]:
+    if obj is None:
+        return set()
+    return {v for v in vars(obj).values() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+
+
+@rule(*overloads(aten.slice_scatter))
+def slice_scatter(w: Walker, node: fx.Node) -> object:
+    """`base` with `src` written into a slice along `dim` (recorded for in-place writes into a slice)."""
+    out = w.out_shape(node)
+    nd = len(out)
+    d = _dim(node, 2, 0, nd)
+    base, src = (w.act(a) for a in node.args[:2])
+    base = base if isinstance(base, torch.Tensor) else none_like(out)
+    src = src if isinstance(src, torch.Tensor) else none_like(w.shape(node.args[1]))
+    start, end = _range(node.args[3] if len(node.args) > 3 else None, node.args[4] if len(node.args) > 4 else None, out[d])
+    step = node.args[5] if len(node.args) > 5 else 1
+    src_full = src.expand(*[w.shape(node.args[1])[k] if k == d or src.shape[k] > 1 else 1 for k in range(nd)])
+    if src_full.shape[d] > 1 and src.shape[d] > 1:
+        # the positions written are fixed: fine for whole heads written into a per-head dim
+        w.space.fix_dim(src_full, d, where(w, node, "writing into a slice along a channel dim hard-codes channel positions"))
+    target = [max(base.shape[k], src_full.shape[k]) if k != d else out[d] for k in range(nd)]
+    ids = base.expand(*[target[k] if base.shape[k] == 1 else base.shape[k] for k in range(nd)]).clone()
+    index = [slice(None)] * nd
+    index[d] = slice(start, end, step)
+    ids[tuple(index)] = src_full
+    return ids
+
+
+@rule(*overloads(aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty_strided))
+def new_tensor(w: Walker, node: fx.Node) -> object:
+    """A fresh tensor: its values carry no channels (the ones written into it later do, see slice_scatter)."""
+    return no_identity(w, node)
+
+
+@rule(*overloads(aten.view_as_complex))
+def view_as_complex(w: Walker, node: fx.Node) -> object:
+    """Pairs of the last dim become one complex number (DeepSeek-V2's rotary): a pair is one channel."""
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    if ids.shape[-1] > 1:
+        w.space.union(ids[..., 0], ids[..., 1])
+    return ids[..., 0]
+
+
+@rule(*overloads(aten.view_as_real))
+def view_as_real(w: Walker, node: fx.Node) -> object:
+    ids = w.act(node.args[0])
+    return ids.unsqueeze(-1) if isinstance(ids, torch.Tensor) else no_identity(w, node)
+
+
+@rule(*overloads(aten.polar))
+def polar(w: Walker, node: fx.Node) -> object:
+    """A complex number from its magnitude and angle: elementwise in both."""
+    return combine(w, node, [a for a in node.args[:2] if isinstance(a, fx.Node)])
+
+
+@rule(*overloads(aten.ones_like, aten.zeros_like, aten.empty_like, aten.full_like))
+def like(w: Walker, node: fx.Node) -> object:
+    """A constant of another tensor's shape: that tensor's dims (its size follows theirs)."""
+    ids = w.act(node.args[0])
+    return ids if isinstance(ids, torch.Tensor) else no_identity(w, node)
 
 
 def parts_along(ids: torch.Tensor, d: int) -> torch.Tensor:
@@ -220,6 +330,9 @@ def chunk(w: Walker, node: fx.Node) -> object:
 
 @rule(*overloads(aten.split, aten.split_with_sizes, aten.unbind, aten.tensor_split))
 def split(w: Walker, node: fx.Node) -> object:
+    if w.tensor_name(node.args[0]) is not None and _only_linear_rows(node):
+        # a parameter split into row blocks that Linears use as weight or bias (layers.row_block)
+        return [none_like(v.shape) for v in node.meta["val"]]
     ids = w.act(node.args[0])
     src = w.shape(node.args[0])
     if not isinstance(ids, torch.Tensor):
@@ -246,6 +359,19 @@ def split(w: Walker, node: fx.Node) -> object:
     ids = full
     parts = list(ids.split(sizes, d))
     return [p.squeeze(d) for p in parts] if node.target.overloadpacket is aten.unbind else parts
+
+
+def _only_linear_rows(node: fx.Node) -> bool:
+    """Every part of this split is only a Linear's weight or bias."""
+    for item in node.users:
+        if item.target is not operator.getitem or not item.users:
+            return False
+        for u in item.users:
+            if getattr(u.target, "overloadpacket", None) is not aten.linear or item in (u.args[:1]):
+                return False
+            if not any(a is item for a in u.args[1:3]) and u.kwargs.get("bias") is not item:
+                return False
+    return True
 
 
 def _sizes_are_attributes(w: Walker, node: fx.Node, sizes: list[int]) -> bool:

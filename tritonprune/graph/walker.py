@@ -42,6 +42,18 @@ def overloads(*packets: object) -> list[object]:
     return out
 
 
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes some output depends on."""
+    out = [n for n in graph.nodes if n.op == "output"]
+    live, todo = set(out), list(out)
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in live:
+                live.add(a)
+                todo.append(a)
+    return live
+
+
 class Walker:
     """Walks the graph once, applying rules; collects everything assemble.py needs."""
 
@@ -84,6 +96,7 @@ class Walker:
 
     # ---- helpers used by rules ----------------------------------------------------------------
     def run(self) -> None:
+        live = _live(self.graph)
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 self.ids[node] = None if node.name in self.tensor_names else self._input_ids(node)
@@ -93,7 +106,13 @@ class Walker:
                     fn = RULES.get(node.target.overloadpacket)
                 if fn is None and getattr(node.target, "__name__", "").split(".")[0] in NO_OPS:
                     continue  # runtime checks without outputs
+                mixing = len(self.space.mixing)
                 self.ids[node] = (fn or unknown)(self, node)
+                if node not in live:
+                    # a result no output depends on (the head-averaged weights nn.MultiheadAttention
+                    # returns and the caller drops) still runs, so it couples channels, but what it
+                    # mixes changes no output: the groups stay exact
+                    del self.space.mixing[mixing:]
             elif node.op == "output":
                 self._outputs(node)
             # get_attr (lifted constants) carry no channel identity

@@ -28,6 +28,7 @@ kept scale, so a rebuild from the config must fail on the shapes rather than com
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,15 @@ def projections(name: str, m: nn.Module) -> Projections | None:
             r, hidden = found
             return Projections(Rows(r.name, r.dim, 0, h * d), Rows(r.name, r.dim, h * d, d),
                                Rows(r.name, r.dim, (h + 1) * d, d), hidden)
+    fused, kvh, d = children.get("qkv_proj"), _int_attr(m, KV_COUNT), _int_attr(m, HEAD_DIM)
+    if fused is not None and kvh is not None and d is not None:
+        # Phi-3: qkv_proj holds the query heads, then the key heads, then the value heads
+        found = _linear_rows(_q(name, "qkv_proj"), fused)
+        if found is not None and found[0].length > 2 * kvh * d:
+            r, hidden = found
+            qn, kv = r.length - 2 * kvh * d, kvh * d
+            return Projections(Rows(r.name, r.dim, 0, qn), Rows(r.name, r.dim, qn, kv),
+                               Rows(r.name, r.dim, qn + kv, kv), hidden)
     packed = packed if packed is not None else children.get("qkv")
     if packed is not None:
         found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)
@@ -134,6 +144,76 @@ def projections(name: str, m: nn.Module) -> Projections | None:
             e = r.length // 3
             return Projections(*(Rows(r.name, r.dim, i * e, e) for i in range(3)), hidden)
     return None
+
+
+def grouped_rows(name: str, m: nn.Module) -> tuple[Rows, tuple[str, int], int, int] | None:
+    """(rows, hidden, key/value heads, head dim) of a fused projection laid out per key/value group as
+    [that group's query heads, its key head, its value head] (Falcon's new decoder architecture), or None."""
+    fused = dict(m.named_children()).get("query_key_value")
+    kvh, d = _int_attr(m, ("num_kv_heads",)), _int_attr(m, ("head_dim",))
+    if fused is None or getattr(m, "new_decoder_architecture", False) is not True or kvh is None or d is None:
+        return None
+    found = _linear_rows(_q(name, "query_key_value"), fused)
+    if found is None or found[0].length % (kvh * d) or found[0].length // (kvh * d) < 3:
+        return None
+    return found[0], found[1], kvh, d
+
+
+def _grouped_shape(mname: str, found, tensors, cuts) -> tuple[Shape, Shape]:
+    """(before, after) of a per-group fused layout: whole key/value groups go, or the same count of query
+    heads from every group (the key/value heads stay)."""
+    rows, hidden, kvh, d = found
+    per = rows.length // (kvh * d)  # query heads per group + 2
+    removed = _removed(rows, cuts).view(kvh, per, d)
+    heads = removed.sum(-1)
+    if not bool(((heads == 0) | (heads == d)).all()):
+        raise ValueError(f"{mname}: the cut removes part of a head of the per-group query/key/value layout; "
+                         "prune whole heads (head_pruning='heads')")
+    gone = heads == d
+    kv_gone = gone[:, -2]
+    q_gone = gone[:, :-2].sum(1)
+    kept = ~kv_gone
+    if not torch.equal(gone[:, -1], kv_gone) or not bool(gone[kv_gone].all()) or \
+            (kept.any() and not bool((q_gone[kept] == q_gone[kept][0]).all())):
+        raise ValueError(f"{mname}: the cut removes {gone.int().tolist()} (per key/value group: query heads, key, "
+                         "value); whole groups or the same count of query heads from every group must go")
+    before = Shape(kvh * (per - 2), kvh, d, tensors[hidden[0]].shape[hidden[1]])
+    kv_after = int(kept.sum())
+    rep_after = per - 2 - (int(q_gone[kept][0]) if kept.any() else 0)
+    return before, Shape(kv_after * rep_after, kv_after, d, _kept(hidden[0], hidden[1], tensors, cuts))
+
+
+def latent_rows(name: str, m: nn.Module) -> tuple[Rows, Rows, tuple[str, int], int, int, int] | None:
+    """(query rows, key/value up-projection rows, hidden, heads, query/key head dim, key+value dims per
+    head) of a multi-head latent attention module (DeepSeek-V2/V3: `q_b_proj` or `q_proj`, and
+    `kv_b_proj` carrying the heads out of the compressed latent), or None."""
+    children = dict(m.named_children())
+    q, kv = children.get("q_b_proj") or children.get("q_proj"), children.get("kv_b_proj")
+    h, qk = _int_attr(m, HEAD_COUNT), _int_attr(m, ("qk_head_dim",))
+    nope, vd = _int_attr(m, ("qk_nope_head_dim",)), _int_attr(m, ("v_head_dim",))
+    if not isinstance(q, nn.Linear) or not isinstance(kv, nn.Linear) or None in (h, qk, nope, vd):
+        return None
+    if q.out_features != h * qk or kv.out_features != h * (nope + vd):
+        return None
+    qn = _q(name, "q_b_proj" if "q_b_proj" in children else "q_proj")
+    a = children.get("kv_a_proj_with_mqa")
+    hidden = (_q(name, "kv_a_proj_with_mqa.weight"), 1) if isinstance(a, nn.Linear) else (_q(qn, "weight"), 1)
+    return (Rows(_q(qn, "weight"), 0, 0, q.out_features), Rows(_q(name, "kv_b_proj.weight"), 0, 0, kv.out_features),
+            hidden, h, qk, nope + vd)
+
+
+def _latent_shape(mname: str, found, tensors, cuts) -> tuple[Shape, Shape]:
+    """(before, after) of a latent attention module: heads go whole from both up projections."""
+    q, kv, hidden, h, qk, per = found
+    qw, qr = _head_cut(mname, "query", _removed(q, cuts), qk)
+    kw, kr = _head_cut(mname, "key/value", _removed(kv, cuts), per)
+    if qr or kr or not torch.equal(qw, kw):
+        raise ValueError(f"{mname}: the cut removes query heads {qw.nonzero().flatten().tolist()} and key/value "
+                         f"heads {kw.nonzero().flatten().tolist()} of a latent attention layer; whole heads must "
+                         "go from both up projections (head_pruning='heads')")
+    n = h - int(qw.sum())
+    return (Shape(h, h, qk, tensors[hidden[0]].shape[hidden[1]]),
+            Shape(n, n, qk, _kept(hidden[0], hidden[1], tensors, cuts)))
 
 
 def _int_attr(m: Any, names: tuple[str, ...]) -> int | None:
@@ -479,11 +559,17 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
     leaves an attention layer unable to split its q/k/v rows into heads."""
     ups: list[Update] = []
     shapes: list[tuple[Shape, Shape]] = []
+    own: list[tuple[nn.Module, Shape]] = []  # modules whose forward reads head counts from the config
     for name, m in model.named_modules():
         p = projections(name, m)
-        if p is None:
+        grouped = grouped_rows(name, m) if p is None else None
+        latent = latent_rows(name, m) if p is None and grouped is None else None
+        if p is None and grouped is None and latent is None:
             continue
-        s = new_shape(name, m, p, tensors, cuts)
+        if p is not None:
+            s = new_shape(name, m, p, tensors, cuts)
+        else:
+            s = _grouped_shape(name, grouped, tensors, cuts) if grouped else _latent_shape(name, latent, tensors, cuts)
         unnamed = None
         if s is None:
             unnamed = _unnamed_head_count(name, m, p, cuts)
@@ -498,12 +584,15 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             ups += _mha_updates(m, after)
         else:
             ups += _hf_updates(m, after)
+            if _reads_config_counts(m):
+                own.append((m, after))
             if unnamed is not None and before.heads != after.heads:
                 ups.append((m, unnamed, after.heads))
     hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
     mlps = _intermediate_sizes(model, tensors, cuts)
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) or projections(name, m) is not None:
+        if isinstance(m, nn.MultiheadAttention) or projections(name, m) is not None or grouped_rows(name, m) \
+                or latent_rows(name, m):
             continue
         # modules that store the hidden size (LlamaMLP, LlamaDecoderLayer, GPT2Model.embed_dim)
         if hidden is not None and hidden[0] != hidden[1]:
@@ -525,7 +614,58 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
     experts = intermediate_updates(model, new_shapes)
     sizes = [(int(tensors[f"{n}.down_proj"].shape[2]), int(new_shapes.get(f"{n}.down_proj", tensors[f"{n}.down_proj"].shape)[2]))
              for n in expert_modules(model)]
-    return ups + experts + _config_updates(model, shapes, mlps, sizes)
+    config = _config_updates(model, shapes, mlps, sizes)
+    return ups + experts + config + _layer_configs(own, config)
+
+
+_COUNTS = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads"}
+
+
+def _reads_config_counts(m: nn.Module) -> bool:
+    """The forward of `m` reads a head count from its config (Phi-3: `self.config.num_attention_heads`)."""
+    from .module_attrs import _class_source
+
+    src = _class_source(type(m))
+    return src is not None and re.search(r"config\.(num_attention_heads|num_key_value_heads)\b", src) is not None
+
+
+def _layer_configs(own: list[tuple[nn.Module, Shape]], config_updates: list[Update]) -> list[Update]:
+    """A `LayerConfig` for each module that reads its head counts from the shared config where pruning
+    left it with other counts than that config says (layers pruned unevenly)."""
+    ups: list[Update] = []
+    for m, after in own:
+        config = getattr(m, "config", None)
+        if config is None:
+            continue
+        base = config.__dict__["_base"] if isinstance(config, LayerConfig) else config
+        new = {a: v for obj, a, v in config_updates if obj is base}
+        counts = {k: getattr(after, f) for k, f in _COUNTS.items() if isinstance(getattr(base, k, None), int)}
+        if any(new.get(k, getattr(base, k)) != v for k, v in counts.items()) or isinstance(config, LayerConfig):
+            ups.append((m, "config", LayerConfig(base, **counts)))
+    return ups
+
+
+class LayerConfig:
+    """One layer's view of the model's config: its own head counts (what pruning left this layer with),
+    everything else read from, and written to, the shared config (`_attn_implementation` included)."""
+
+    def __init__(self, base: Any, **own: int):
+        self.__dict__.update(_base=base, _own=dict(own))
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        if name.startswith("__") or "_base" not in d:  # copy/pickle probing an object not yet filled
+            raise AttributeError(name)
+        return d["_own"][name] if name in d["_own"] else getattr(d["_base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__["_own"]:
+            self.__dict__["_own"][name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self.__dict__['_own']}, base={type(self.__dict__['_base']).__name__})"
 
 
 def commit(updates: list[Update]) -> None:
