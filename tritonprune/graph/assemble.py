@@ -28,46 +28,54 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     if space.mixing:
         mixed[labels[known_ids(space.mixing)]] = True
 
-    # one row per (registered dim, position) of a channel that may be pruned (all dims at once)
+    # one row per (class of registered dims, position) of a channel that may be pruned (all at once):
+    # registered dims whose channels are the same labels in the same order (a conv's output, its bias, the
+    # BatchNorm after it, the next conv's input) form one class and share their rows (a tenth of the rows)
     if not regs:
         return []
-    sizes = torch.tensor([reg.size for reg in regs], dtype=torch.long)
-    firsts = torch.tensor([reg.first for reg in regs], dtype=torch.long)
-    reg_all = torch.repeat_interleave(torch.arange(len(regs)), sizes)
+    classes = _classes(regs, labels)
+    n_cls = len(classes)
+    sizes = torch.tensor([regs[members[0]].size for members in classes], dtype=torch.long)
+    firsts = torch.tensor([regs[members[0]].first for members in classes], dtype=torch.long)
+    cls_all = torch.repeat_interleave(torch.arange(n_cls), sizes)
     pos_all = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-    lab_all = labels[firsts[reg_all] + pos_all]  # a registered dim's ids are first, first + 1, ...
+    lab_all = labels[firsts[cls_all] + pos_all]  # a registered dim's ids are first, first + 1, ...
     keep = ~bad[lab_all]
     if not bool(keep.any()):
         return []
-    lab_all, reg_all, pos_all = lab_all[keep], reg_all[keep], pos_all[keep]
+    lab_all, cls_all, pos_all = lab_all[keep], cls_all[keep], pos_all[keep]
 
     # footprint of a channel = which registered dims it touches and how many positions in each
     n_regs = len(regs)
-    pair, counts = torch.unique_consecutive(torch.sort(lab_all * n_regs + reg_all).values, return_counts=True)
-    pair_lab, pair_reg = pair // n_regs, pair % n_regs
+    pair, counts = torch.unique_consecutive(torch.sort(lab_all * n_cls + cls_all).values, return_counts=True)
+    pair_lab, pair_cls = pair // n_cls, pair % n_cls
     gen = torch.Generator().manual_seed(0)
     salt1 = torch.randint(1, 2**62, (n_regs,), generator=gen)
     salt2 = torch.randint(1, 2**62, (n_regs,), generator=gen)
     sig1 = torch.zeros(space.count, dtype=torch.long)
     sig2 = torch.zeros(space.count, dtype=torch.long)
-    sig1.index_add_(0, pair_lab, salt1[pair_reg] * (counts * 1000003 + 7))
-    sig2.index_add_(0, pair_lab, (salt2[pair_reg] ^ counts) * _MIX)
-    chans = torch.unique(pair_lab)
+    # the sums over the registered dims of each class (int64 arithmetic wraps: the same sums as per dim)
+    member_cls = torch.repeat_interleave(torch.arange(n_cls), torch.tensor([len(m) for m in classes]))
+    members = torch.tensor([r for m in classes for r in m], dtype=torch.long)
+    cls_salt1 = torch.zeros(n_cls, dtype=torch.long).index_add_(0, member_cls, salt1[members])
+    sig1.index_add_(0, pair_lab, cls_salt1[pair_cls] * (counts * 1000003 + 7))
+    sig2.index_add_(0, pair_lab, _xor_sums(pair_cls, counts, classes, member_cls, members, salt2) * _MIX)
+    chans = torch.unique_consecutive(pair_lab)  # pairs are sorted by label
     # one 64-bit key per footprint (two independent sums folded; a 1-D unique is much faster)
     _, group_of_chan = torch.unique(sig1[chans] ^ (sig2[chans] * 31 + 17), return_inverse=True)
     group_of_label = torch.full((space.count,), -1, dtype=torch.long)
     group_of_label[chans] = group_of_chan
 
-    # rows sorted by (group, registered dim, position)
+    # rows sorted by (group, class, position): a class ranks by its first registered dim
     grp_rows = group_of_label[lab_all]
     max_pos = int(pos_all.max()) + 1
-    order = torch.argsort((grp_rows * n_regs + reg_all) * max_pos + pos_all)
-    lab_all, reg_all, pos_all, grp_rows = lab_all[order], reg_all[order], pos_all[order], grp_rows[order]
-    seg_key, seg_len = torch.unique_consecutive(grp_rows * n_regs + reg_all, return_counts=True)
+    order = torch.argsort((grp_rows * n_cls + cls_all) * max_pos + pos_all)
+    lab_all, cls_all, pos_all, grp_rows = lab_all[order], cls_all[order], pos_all[order], grp_rows[order]
+    seg_key, seg_len = torch.unique_consecutive(grp_rows * n_cls + cls_all, return_counts=True)
 
-    seg_grp, seg_reg = seg_key // n_regs, seg_key % n_regs
+    seg_grp, seg_cls = seg_key // n_cls, seg_key % n_cls
     index_of, orders = _channel_order(lab_all, grp_rows, seg_grp, seg_len, space.count)
-    built, failed = _build_slots(regs, lab_all, pos_all, seg_grp, seg_reg, seg_len, index_of, orders)
+    built, failed = _build_slots(regs, classes, lab_all, pos_all, seg_grp, seg_cls, seg_len, index_of, orders)
 
     blocks, units, merges = _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed)
 
@@ -95,6 +103,46 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         groups.append(g.Group(size=size, slots=tuple(slots), blocks=blocks.get(gi, 1), origin=origin,
                               unit=units.get(gi, 1), exact=exact, index=len(groups)))
     return groups
+
+
+def _classes(regs: list, labels: torch.Tensor) -> list[list[int]]:
+    """Registered dims with the same channel labels in the same order, as lists of their indices (each
+    list ascending; the lists ordered by their first index)."""
+    firsts = torch.tensor([reg.first for reg in regs], dtype=torch.long)
+    sizes = torch.tensor([reg.size for reg in regs], dtype=torch.long)
+    ends = labels[firsts + sizes - 1].tolist()
+    starts = labels[firsts].tolist()
+    classes: list[list[int]] = []
+    candidates: dict[tuple[int, int, int], list[int]] = {}  # (size, first label, last label) -> classes
+    for ri, reg in enumerate(regs):
+        key = (reg.size, starts[ri], ends[ri])
+        seen = candidates.setdefault(key, [])
+        for ci in seen:
+            rep = regs[classes[ci][0]]
+            if reg.size == 1 or torch.equal(labels[reg.first:reg.first + reg.size],
+                                            labels[rep.first:rep.first + rep.size]):
+                classes[ci].append(ri)
+                break
+        else:
+            seen.append(len(classes))
+            classes.append([ri])
+    return classes
+
+
+def _xor_sums(pair_cls, counts, classes, member_cls, members, salt):
+    """Per (label, class) pair: the sum over the class's registered dims of salt[dim] ^ count."""
+    n_cls = len(classes)
+    combo, inverse = torch.unique(pair_cls * (int(counts.max()) + 1) + counts, return_inverse=True)
+    combo_cls, combo_count = combo // (int(counts.max()) + 1), combo % (int(counts.max()) + 1)
+    # every (combo, member of its class) at once
+    n_members = torch.bincount(member_cls, minlength=n_cls)
+    per_combo = n_members[combo_cls]
+    combo_of = torch.repeat_interleave(torch.arange(combo.numel()), per_combo)
+    starts = torch.cumsum(n_members, 0) - n_members
+    within = torch.arange(int(per_combo.sum())) - torch.repeat_interleave(torch.cumsum(per_combo, 0) - per_combo, per_combo)
+    reg = members[starts[combo_cls[combo_of]] + within]
+    sums = torch.zeros(combo.numel(), dtype=torch.long).index_add_(0, combo_of, salt[reg] ^ combo_count[combo_of])
+    return sums[inverse]
 
 
 def is_ignored(module: str, ignored: set[str]) -> bool:
@@ -169,9 +217,10 @@ def _channel_order(lab, grp, seg_grp, seg_len, count):
     return index_of, list(torch.split(order_labs, sizes.tolist()))
 
 
-def _build_slots(regs, lab, pos, seg_grp, seg_reg, seg_len, index_of, orders):
+def _build_slots(regs, classes, lab, pos, seg_grp, seg_cls, seg_len, index_of, orders):
     """Slots of every (group, registered dim) segment, all segments at once: runs of consecutive group
-    channels at consecutive positions, each channel owning `repeat` consecutive positions.
+    channels at consecutive positions, each channel owning `repeat` consecutive positions. The rows are
+    those of classes of registered dims (see _classes): each member of a class gets the same slots.
 
     Returns `built` (group -> its channel order, (registered dim, Slot) pairs and first registered dim)
     and `failed` (group -> why its channels cannot be pruned: the first failing segment's reason)."""
@@ -205,11 +254,15 @@ def _build_slots(regs, lab, pos, seg_grp, seg_reg, seg_len, index_of, orders):
     built: dict[int, dict] = {}
     failed: dict[int, str] = {}
     seg_first_pos = first_pos[run_first]
-    cols = [seg_grp.tolist(), seg_reg.tolist(), seg_len.tolist(), repeat.tolist(), uneven.tolist(),
-            outside.tolist(), n_pieces.tolist(), seg_first_pos.tolist()]
+    cols = [seg_len.tolist(), repeat.tolist(), uneven.tolist(), outside.tolist(), n_pieces.tolist(),
+            seg_first_pos.tolist()]
     piece_cuts = torch.cumsum(n_pieces, 0).tolist()
     p_off, p_start, p_len = idx[piece_starts].tolist(), first_pos[piece_starts].tolist(), piece_len.tolist()
-    for s, (gi, ri, n, rep, bad_len, bad_out, np_, fp) in enumerate(zip(*cols)):
+    # one (group, registered dim) segment per member of each class segment, in (group, dim) order
+    segs = sorted((gi, ri, s) for s, (gi, ci) in enumerate(zip(seg_grp.tolist(), seg_cls.tolist()))
+                  for ri in classes[ci])
+    for gi, ri, s in segs:
+        n, rep, bad_len, bad_out, np_, fp = (c[s] for c in cols)
         lo, hi = piece_cuts[s - 1] if s else 0, piece_cuts[s]
         entry = built.get(gi)
         if entry is None:
