@@ -152,18 +152,12 @@ def is_ignored(module: str, ignored: set[str]) -> bool:
 
 def _first_appearance(labs: torch.Tensor) -> torch.Tensor:
     """Distinct labels in the order they first appear."""
+    if labs.numel() <= 4096:  # a few tensor ops cost more than a short list
+        return torch.tensor(list(dict.fromkeys(labs.tolist())), dtype=torch.long)
     ordered, perm = torch.sort(labs, stable=True)
     first = torch.ones(labs.numel(), dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
     return labs[perm[first].sort().values]
-
-
-def _unique_rows(rows: torch.Tensor) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    for r in rows:
-        if not any(torch.equal(r, q) for q in seen):
-            seen.append(r)
-    return seen
 
 
 def _check_balanced(space: IdSpace, labels: torch.Tensor, bad: torch.Tensor) -> None:
@@ -334,16 +328,18 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
                         failed[gi] = "attention heads are split over several groups"
                 continue
             gi = runs[0]
-            uniq = _first_appearance(lab)
             if kind == "unit":
                 # one row per head; repeated key/value heads (GQA) and rotary pairs repeat labels
-                heads = _unique_rows(lab.reshape(-1, nb))
-                per_head = [_first_appearance(h) for h in heads]
-                if len({h.numel() for h in per_head}) != 1:
+                # (heads are few and short: plain lists)
+                heads = list(dict.fromkeys(map(tuple, lab.reshape(-1, nb).tolist())))
+                per_head = [list(dict.fromkeys(h)) for h in heads]
+                if len({len(h) for h in per_head}) != 1:
                     failed[gi] = "attention heads hold uneven channel copies"
                     continue
-                uniq = torch.cat(per_head)
-                nb = per_head[0].numel()
+                uniq = torch.tensor([v for h in per_head for v in h], dtype=torch.long)
+                nb = len(per_head[0])
+            else:
+                uniq = _first_appearance(lab)
             if not in_order(gi, uniq):
                 failed[gi] = f"{nb} equal parts required by a grouped op do not line up with the group"
                 continue
@@ -394,13 +390,19 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
 def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed) -> None:
     """A dim whose size the code fixes survives pruning only if each of its lines is a whole unit."""
     for lines, why in space.fixed_lines:
+        # the lines are short and few (heads x head dim): plain lists, one tensor read per table
         lab = labels[lines.clamp_min(0)]
-        valid = lines >= 0
-        for row in range(lab.shape[0]):
-            line = lab[row][valid[row]]
-            if not line.numel() or bool(bad[line].any()):
+        valid = (lines >= 0).tolist()
+        labs = lab.tolist()
+        is_bad = bad[lab].tolist()
+        grp = group_of_label[lab].tolist()
+        idx_of = index_of[lab].tolist()
+        for row in range(len(labs)):
+            keep = valid[row]
+            line = [v for v, k in zip(labs[row], keep) if k]
+            if not line or any(b for b, k in zip(is_bad[row], keep) if k):
                 continue
-            gis = group_of_label[line].unique().tolist()
+            gis = sorted({gi for gi, k in zip(grp[row], keep) if k})
             gis = [gi for gi in gis if gi >= 0 and gi in built]
             if len(gis) != 1:
                 for gi in gis:
@@ -408,11 +410,14 @@ def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, unit
                 continue
             gi = gis[0]
             unit = units.get(gi, 0)
-            uniq = _first_appearance(line)
-            idx = index_of[uniq]
+            first = {}  # label -> its index in the group, in order of first appearance
+            for v, i, k in zip(labs[row], idx_of[row], keep):
+                if k and v not in first:
+                    first[v] = i
+            idx = list(first.values())
             # a line that is one channel (a whole head) goes whole or stays whole
-            whole = uniq.numel() == 1 or (unit and uniq.numel() == unit and int(idx[0]) % unit == 0
-                                          and torch.equal(idx, idx[0] + torch.arange(unit)))
+            whole = len(idx) == 1 or (unit and len(idx) == unit and idx[0] % unit == 0
+                                      and idx == list(range(idx[0], idx[0] + unit)))
             if not whole:
                 hint = " (prune whole heads: head_pruning='heads')" if gi in units or gi in blocks else ""
                 failed.setdefault(gi, why + hint)

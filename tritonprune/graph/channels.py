@@ -82,7 +82,8 @@ class IdSpace:
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union ids elementwise (after broadcasting); pairs where either side is NONE are skipped."""
-        a, b = torch.broadcast_tensors(a, b)
+        if a.shape != b.shape:
+            a, b = torch.broadcast_tensors(a, b)
         a, b = a.reshape(-1), b.reshape(-1)
         if a.numel() > 4096:  # big expanded values: drop the NONE pairs now (memory)
             both = (a >= 0) & (b >= 0)

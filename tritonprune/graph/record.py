@@ -229,13 +229,10 @@ class Recorder:
     def __init__(self, model: nn.Module):
         self.graph = _Graph()
         self.nodes: dict[int, tuple[weakref.ref, fx.Node]] = {}
-        self.params: dict[int, tuple[str, bool]] = {}
-        for n, p in model.named_parameters():
-            self.params.setdefault(id(p), (n, False))
-        for n, b in model.named_buffers():
-            self.params.setdefault(id(b), (n, True))
+        modules = list(model.named_modules())
+        self.params = _tensor_names(model, modules)  # id -> (qualified name, is_buffer)
         self.tensor_names: dict[str, tuple[str, bool]] = {}
-        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.module_names = {id(m): n for n, m in modules}
         self.stack: list[str] = []
         self.suppress = 0
         self.op: object = None  # the op running now: names the op of a failing forward
@@ -316,6 +313,27 @@ class Recorder:
             self.stack.pop()
 
 
+def _tensor_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> dict[int, tuple[str, bool]]:
+    """id -> (name, is_buffer) of every parameter and buffer, named as named_parameters() and
+    named_buffers() name them (the first name of a shared tensor; a parameter before a buffer), read
+    from the module list already made instead of two more walks over the modules."""
+    out: dict[int, tuple[str, bool]] = {}
+    cls = type(model)
+    if not (cls.named_parameters is nn.Module.named_parameters and cls.named_buffers is nn.Module.named_buffers
+            and cls._named_members is nn.Module._named_members):  # a model that names them its own way
+        for n, p in model.named_parameters():
+            out.setdefault(id(p), (n, False))
+        for n, b in model.named_buffers():
+            out.setdefault(id(b), (n, True))
+        return out
+    for is_buffer in (False, True):
+        for prefix, m in modules:
+            for k, t in (m._buffers if is_buffer else m._parameters).items():
+                if t is not None and id(t) not in out:
+                    out[id(t)] = (f"{prefix}.{k}" if prefix else k, is_buffer)
+    return out
+
+
 _METAS: dict[tuple, torch.Tensor] = {}  # shape/dtype stand-ins, shared: rules only read them
 
 
@@ -390,10 +408,11 @@ class _Ops(TorchDispatchMode):
 
 
 class _Layers(TorchFunctionMode):
-    def __init__(self, rec: Recorder, table: dict):
+    def __init__(self, rec: Recorder, table: dict, ops: _Ops | None = None):
         super().__init__()
         self.rec = rec
         self.table = table
+        self.ops = ops  # the dispatch-level recorder, set aside while a composite runs whole
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -414,15 +433,30 @@ class _Layers(TorchFunctionMode):
             rec.op = None
             return out
         rec.suppress += 1
+        # its ops are not recorded: take the dispatch-level recorder off the stack meanwhile (a third of
+        # the ops of a forward reach it from inside composites; each costs a Python call)
+        aside = _set_aside(self.ops)
         try:
             out = func(*args, **kwargs)
         finally:
+            if aside is not None:
+                torch._C._push_on_torch_dispatch_stack(aside)
             rec.suppress -= 1
         rec.op = None
         op, bind = entry
         a, k = bind(args, kwargs)
         rec.record(op, a, k, out)
         return out
+
+
+def _set_aside(mode: TorchDispatchMode | None) -> TorchDispatchMode | None:
+    """Pop `mode` off this thread's dispatch stack if it is on top (else leave the stack alone)."""
+    if mode is None:
+        return None
+    n = torch._C._len_torch_dispatch_stack()
+    if n and torch._C._get_dispatch_stack_at(n - 1) is mode:
+        return torch._C._pop_torch_dispatch_stack(None)
+    return None
 
 
 def _input_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -449,7 +483,8 @@ def record_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Trace, 
     pre = nn.modules.module.register_module_forward_pre_hook(rec.enter)
     post = nn.modules.module.register_module_forward_hook(rec.leave)
     try:
-        with torch.no_grad(), _Layers(rec, table), _Ops(rec):
+        ops = _Ops(rec)
+        with torch.no_grad(), _Layers(rec, table, ops), ops:
             try:
                 out = model(*args, **kwargs)
             except Exception as e:  # the model's own error: name where it happened
