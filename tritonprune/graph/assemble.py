@@ -152,7 +152,7 @@ def is_ignored(module: str, ignored: set[str]) -> bool:
 
 def _first_appearance(labs: torch.Tensor) -> torch.Tensor:
     """Distinct labels in the order they first appear."""
-    if labs.numel() <= 4096:  # a few tensor ops cost more than a short list
+    if labs.numel() <= 64:  # a few tensor ops cost more than a short list
         return torch.tensor(list(dict.fromkeys(labs.tolist())), dtype=torch.long)
     ordered, perm = torch.sort(labs, stable=True)
     first = torch.ones(labs.numel(), dtype=torch.bool)
@@ -281,6 +281,7 @@ def _build_slots(regs, classes, lab, pos, seg_grp, seg_cls, seg_len, index_of, o
             offset=p_off[k], length=p_len[k], start=p_start[k], repeat=rep, blocks=reg.blocks,
             is_bias=reg.is_bias, is_buffer=reg.is_buffer)) for k in range(lo, hi))
     return built, failed
+
 
 
 def _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed):

@@ -32,7 +32,11 @@ class Registered:
 
     @property
     def ids(self) -> torch.Tensor:
-        return torch.arange(self.first, self.first + self.size)
+        # made once: rules only read ids (every rule returns new tensors), so the one tensor is shared
+        ids = self.__dict__.get("_ids")
+        if ids is None:
+            ids = self.__dict__["_ids"] = torch.arange(self.first, self.first + self.size)
+        return ids
 
 
 class IdSpace:
@@ -84,7 +88,8 @@ class IdSpace:
         """Union ids elementwise (after broadcasting); pairs where either side is NONE are skipped."""
         if a.shape != b.shape:
             a, b = torch.broadcast_tensors(a, b)
-        a, b = a.reshape(-1), b.reshape(-1)
+        if a.dim() != 1:
+            a, b = a.reshape(-1), b.reshape(-1)
         if a.numel() > 4096:  # big expanded values: drop the NONE pairs now (memory)
             both = (a >= 0) & (b >= 0)
             a, b = a[both], b[both]
@@ -184,7 +189,8 @@ def channel_vector(ids: torch.Tensor, dim: int, size: int) -> torch.Tensor | Non
 
 def _append_known(to: list, ids: torch.Tensor) -> None:
     """Append the channel ids of `ids` (read with known_ids)."""
-    ids = ids.reshape(-1)
+    if ids.dim() != 1:
+        ids = ids.reshape(-1)
     if ids.numel() > 4096:  # big expanded values: keep the distinct ids only (memory)
         ids = ids.unique()
     to.append(ids)  # the NONE (-1) entries are dropped where the list is read (known_ids)

@@ -234,6 +234,7 @@ class Recorder:
         self.tensor_names: dict[str, tuple[str, bool]] = {}
         self.module_names = {id(m): n for n, m in modules}
         self.stack: list[str] = []
+        self.where: dict[str, dict] = {}  # module path -> its nn_module_stack entry
         self.suppress = 0
         self.op: object = None  # the op running now: names the op of a failing forward
         self.thread = threading.get_ident()
@@ -261,6 +262,9 @@ class Recorder:
 
     def arg(self, a: object) -> object:
         if isinstance(a, torch.Tensor):
+            entry = self.nodes.get(id(a))
+            if entry is not None and entry[0]() is a:
+                return entry[1]
             return self.node_of(a)
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a) if type(a) in (list, tuple) else [self.arg(x) for x in a]
@@ -274,11 +278,15 @@ class Recorder:
             self.suppress -= 1
 
     def _record(self, op: object, args: tuple, kwargs: dict, out: object, inplace: bool) -> None:
-        node = self.graph.add("call_function", op, tuple(self.arg(a) for a in args),
-                              {k: self.arg(v) for k, v in kwargs.items()} if kwargs else None)
+        arg = self.arg
+        node = self.graph.add("call_function", op, tuple([arg(a) for a in args]),
+                              {k: arg(v) for k, v in kwargs.items()} if kwargs else None)
         if self.stack:
             path = self.stack[-1]
-            node.meta["nn_module_stack"] = {path: (path, None)}
+            where = self.where.get(path)
+            if where is None:  # one (read-only) dict per module, shared by its nodes
+                where = self.where[path] = {path: (path, None)}
+            node.meta["nn_module_stack"] = where
         if isinstance(out, torch.Tensor):
             node.meta["val"] = _meta(out)
             target = args[0] if inplace and isinstance(args[0], torch.Tensor) else None
