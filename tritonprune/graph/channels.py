@@ -123,19 +123,22 @@ class IdSpace:
 
     def components(self) -> torch.Tensor:
         """Component label of every id (the smallest id in its component)."""
-        labels = torch.arange(self.count)
+        n = self.count
+        labels = torch.arange(n + 1)  # n: a sink for the NONE ends of edges, kept at its own label
         if not self.edges_a:
-            return labels
+            return labels[:n]
+        # pairs with a NONE side are dropped by pointing them at the sink (cheaper than masking them out)
         a = torch.cat(self.edges_a)
+        a = torch.where(a < 0, n, a)
         b = torch.cat(self.edges_b)
-        both = (a >= 0) & (b >= 0)
-        a, b = a[both], b[both]
+        b = torch.where(b < 0, n, b)
         while True:
             la, lb = labels[a], labels[b]
             low = torch.minimum(la, lb)
             new = labels.clone()
             new.scatter_reduce_(0, la, low, reduce="amin")
             new.scatter_reduce_(0, lb, low, reduce="amin")
+            new[n] = n  # the sink joins nothing: an edge to it changes no other label
             # pointer jumping until every id points at a fixed point of the label map
             while True:
                 jumped = new[new]
@@ -143,7 +146,7 @@ class IdSpace:
                     break
                 new = jumped
             if torch.equal(new, labels):
-                return labels
+                return labels[:n]
             labels = new
 
 
