@@ -28,46 +28,54 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     if space.mixing:
         mixed[labels[known_ids(space.mixing)]] = True
 
-    # one row per (registered dim, position) of a channel that may be pruned (all dims at once)
+    # one row per (class of registered dims, position) of a channel that may be pruned (all at once):
+    # registered dims whose channels are the same labels in the same order (a conv's output, its bias, the
+    # BatchNorm after it, the next conv's input) form one class and share their rows (a tenth of the rows)
     if not regs:
         return []
-    sizes = torch.tensor([reg.size for reg in regs], dtype=torch.long)
-    firsts = torch.tensor([reg.first for reg in regs], dtype=torch.long)
-    reg_all = torch.repeat_interleave(torch.arange(len(regs)), sizes)
+    classes = _classes(regs, labels)
+    n_cls = len(classes)
+    sizes = torch.tensor([regs[members[0]].size for members in classes], dtype=torch.long)
+    firsts = torch.tensor([regs[members[0]].first for members in classes], dtype=torch.long)
+    cls_all = torch.repeat_interleave(torch.arange(n_cls), sizes)
     pos_all = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-    lab_all = labels[firsts[reg_all] + pos_all]  # a registered dim's ids are first, first + 1, ...
+    lab_all = labels[firsts[cls_all] + pos_all]  # a registered dim's ids are first, first + 1, ...
     keep = ~bad[lab_all]
     if not bool(keep.any()):
         return []
-    lab_all, reg_all, pos_all = lab_all[keep], reg_all[keep], pos_all[keep]
+    lab_all, cls_all, pos_all = lab_all[keep], cls_all[keep], pos_all[keep]
 
     # footprint of a channel = which registered dims it touches and how many positions in each
     n_regs = len(regs)
-    pair, counts = torch.unique_consecutive(torch.sort(lab_all * n_regs + reg_all).values, return_counts=True)
-    pair_lab, pair_reg = pair // n_regs, pair % n_regs
+    pair, counts = torch.unique_consecutive(torch.sort(lab_all * n_cls + cls_all).values, return_counts=True)
+    pair_lab, pair_cls = pair // n_cls, pair % n_cls
     gen = torch.Generator().manual_seed(0)
     salt1 = torch.randint(1, 2**62, (n_regs,), generator=gen)
     salt2 = torch.randint(1, 2**62, (n_regs,), generator=gen)
     sig1 = torch.zeros(space.count, dtype=torch.long)
     sig2 = torch.zeros(space.count, dtype=torch.long)
-    sig1.index_add_(0, pair_lab, salt1[pair_reg] * (counts * 1000003 + 7))
-    sig2.index_add_(0, pair_lab, (salt2[pair_reg] ^ counts) * _MIX)
-    chans = torch.unique(pair_lab)
+    # the sums over the registered dims of each class (int64 arithmetic wraps: the same sums as per dim)
+    member_cls = torch.repeat_interleave(torch.arange(n_cls), torch.tensor([len(m) for m in classes]))
+    members = torch.tensor([r for m in classes for r in m], dtype=torch.long)
+    cls_salt1 = torch.zeros(n_cls, dtype=torch.long).index_add_(0, member_cls, salt1[members])
+    sig1.index_add_(0, pair_lab, cls_salt1[pair_cls] * (counts * 1000003 + 7))
+    sig2.index_add_(0, pair_lab, _xor_sums(pair_cls, counts, classes, member_cls, members, salt2) * _MIX)
+    chans = torch.unique_consecutive(pair_lab)  # pairs are sorted by label
     # one 64-bit key per footprint (two independent sums folded; a 1-D unique is much faster)
     _, group_of_chan = torch.unique(sig1[chans] ^ (sig2[chans] * 31 + 17), return_inverse=True)
     group_of_label = torch.full((space.count,), -1, dtype=torch.long)
     group_of_label[chans] = group_of_chan
 
-    # rows sorted by (group, registered dim, position)
+    # rows sorted by (group, class, position): a class ranks by its first registered dim
     grp_rows = group_of_label[lab_all]
     max_pos = int(pos_all.max()) + 1
-    order = torch.argsort((grp_rows * n_regs + reg_all) * max_pos + pos_all)
-    lab_all, reg_all, pos_all, grp_rows = lab_all[order], reg_all[order], pos_all[order], grp_rows[order]
-    seg_key, seg_len = torch.unique_consecutive(grp_rows * n_regs + reg_all, return_counts=True)
+    order = torch.argsort((grp_rows * n_cls + cls_all) * max_pos + pos_all)
+    lab_all, cls_all, pos_all, grp_rows = lab_all[order], cls_all[order], pos_all[order], grp_rows[order]
+    seg_key, seg_len = torch.unique_consecutive(grp_rows * n_cls + cls_all, return_counts=True)
 
-    seg_grp, seg_reg = seg_key // n_regs, seg_key % n_regs
+    seg_grp, seg_cls = seg_key // n_cls, seg_key % n_cls
     index_of, orders = _channel_order(lab_all, grp_rows, seg_grp, seg_len, space.count)
-    built, failed = _build_slots(regs, lab_all, pos_all, seg_grp, seg_reg, seg_len, index_of, orders)
+    built, failed = _build_slots(regs, classes, lab_all, pos_all, seg_grp, seg_cls, seg_len, index_of, orders)
 
     blocks, units, merges = _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed)
 
@@ -97,6 +105,46 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     return groups
 
 
+def _classes(regs: list, labels: torch.Tensor) -> list[list[int]]:
+    """Registered dims with the same channel labels in the same order, as lists of their indices (each
+    list ascending; the lists ordered by their first index)."""
+    firsts = torch.tensor([reg.first for reg in regs], dtype=torch.long)
+    sizes = torch.tensor([reg.size for reg in regs], dtype=torch.long)
+    ends = labels[firsts + sizes - 1].tolist()
+    starts = labels[firsts].tolist()
+    classes: list[list[int]] = []
+    candidates: dict[tuple[int, int, int], list[int]] = {}  # (size, first label, last label) -> classes
+    for ri, reg in enumerate(regs):
+        key = (reg.size, starts[ri], ends[ri])
+        seen = candidates.setdefault(key, [])
+        for ci in seen:
+            rep = regs[classes[ci][0]]
+            if reg.size == 1 or torch.equal(labels[reg.first:reg.first + reg.size],
+                                            labels[rep.first:rep.first + rep.size]):
+                classes[ci].append(ri)
+                break
+        else:
+            seen.append(len(classes))
+            classes.append([ri])
+    return classes
+
+
+def _xor_sums(pair_cls, counts, classes, member_cls, members, salt):
+    """Per (label, class) pair: the sum over the class's registered dims of salt[dim] ^ count."""
+    n_cls = len(classes)
+    combo, inverse = torch.unique(pair_cls * (int(counts.max()) + 1) + counts, return_inverse=True)
+    combo_cls, combo_count = combo // (int(counts.max()) + 1), combo % (int(counts.max()) + 1)
+    # every (combo, member of its class) at once
+    n_members = torch.bincount(member_cls, minlength=n_cls)
+    per_combo = n_members[combo_cls]
+    combo_of = torch.repeat_interleave(torch.arange(combo.numel()), per_combo)
+    starts = torch.cumsum(n_members, 0) - n_members
+    within = torch.arange(int(per_combo.sum())) - torch.repeat_interleave(torch.cumsum(per_combo, 0) - per_combo, per_combo)
+    reg = members[starts[combo_cls[combo_of]] + within]
+    sums = torch.zeros(combo.numel(), dtype=torch.long).index_add_(0, combo_of, salt[reg] ^ combo_count[combo_of])
+    return sums[inverse]
+
+
 def is_ignored(module: str, ignored: set[str]) -> bool:
     """`module` is an ignored layer or inside one."""
     return any(module == m or module.startswith(m + ".") for m in ignored) if ignored else False
@@ -104,18 +152,12 @@ def is_ignored(module: str, ignored: set[str]) -> bool:
 
 def _first_appearance(labs: torch.Tensor) -> torch.Tensor:
     """Distinct labels in the order they first appear."""
+    if labs.numel() <= 64:  # a few tensor ops cost more than a short list
+        return torch.tensor(list(dict.fromkeys(labs.tolist())), dtype=torch.long)
     ordered, perm = torch.sort(labs, stable=True)
     first = torch.ones(labs.numel(), dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
     return labs[perm[first].sort().values]
-
-
-def _unique_rows(rows: torch.Tensor) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    for r in rows:
-        if not any(torch.equal(r, q) for q in seen):
-            seen.append(r)
-    return seen
 
 
 def _check_balanced(space: IdSpace, labels: torch.Tensor, bad: torch.Tensor) -> None:
@@ -169,9 +211,10 @@ def _channel_order(lab, grp, seg_grp, seg_len, count):
     return index_of, list(torch.split(order_labs, sizes.tolist()))
 
 
-def _build_slots(regs, lab, pos, seg_grp, seg_reg, seg_len, index_of, orders):
+def _build_slots(regs, classes, lab, pos, seg_grp, seg_cls, seg_len, index_of, orders):
     """Slots of every (group, registered dim) segment, all segments at once: runs of consecutive group
-    channels at consecutive positions, each channel owning `repeat` consecutive positions.
+    channels at consecutive positions, each channel owning `repeat` consecutive positions. The rows are
+    those of classes of registered dims (see _classes): each member of a class gets the same slots.
 
     Returns `built` (group -> its channel order, (registered dim, Slot) pairs and first registered dim)
     and `failed` (group -> why its channels cannot be pruned: the first failing segment's reason)."""
@@ -205,11 +248,15 @@ def _build_slots(regs, lab, pos, seg_grp, seg_reg, seg_len, index_of, orders):
     built: dict[int, dict] = {}
     failed: dict[int, str] = {}
     seg_first_pos = first_pos[run_first]
-    cols = [seg_grp.tolist(), seg_reg.tolist(), seg_len.tolist(), repeat.tolist(), uneven.tolist(),
-            outside.tolist(), n_pieces.tolist(), seg_first_pos.tolist()]
+    cols = [seg_len.tolist(), repeat.tolist(), uneven.tolist(), outside.tolist(), n_pieces.tolist(),
+            seg_first_pos.tolist()]
     piece_cuts = torch.cumsum(n_pieces, 0).tolist()
     p_off, p_start, p_len = idx[piece_starts].tolist(), first_pos[piece_starts].tolist(), piece_len.tolist()
-    for s, (gi, ri, n, rep, bad_len, bad_out, np_, fp) in enumerate(zip(*cols)):
+    # one (group, registered dim) segment per member of each class segment, in (group, dim) order
+    segs = sorted((gi, ri, s) for s, (gi, ci) in enumerate(zip(seg_grp.tolist(), seg_cls.tolist()))
+                  for ri in classes[ci])
+    for gi, ri, s in segs:
+        n, rep, bad_len, bad_out, np_, fp = (c[s] for c in cols)
         lo, hi = piece_cuts[s - 1] if s else 0, piece_cuts[s]
         entry = built.get(gi)
         if entry is None:
@@ -234,6 +281,7 @@ def _build_slots(regs, lab, pos, seg_grp, seg_reg, seg_len, index_of, orders):
             offset=p_off[k], length=p_len[k], start=p_start[k], repeat=rep, blocks=reg.blocks,
             is_bias=reg.is_bias, is_buffer=reg.is_buffer)) for k in range(lo, hi))
     return built, failed
+
 
 
 def _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed):
@@ -281,16 +329,18 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
                         failed[gi] = "attention heads are split over several groups"
                 continue
             gi = runs[0]
-            uniq = _first_appearance(lab)
             if kind == "unit":
                 # one row per head; repeated key/value heads (GQA) and rotary pairs repeat labels
-                heads = _unique_rows(lab.reshape(-1, nb))
-                per_head = [_first_appearance(h) for h in heads]
-                if len({h.numel() for h in per_head}) != 1:
+                # (heads are few and short: plain lists)
+                heads = list(dict.fromkeys(map(tuple, lab.reshape(-1, nb).tolist())))
+                per_head = [list(dict.fromkeys(h)) for h in heads]
+                if len({len(h) for h in per_head}) != 1:
                     failed[gi] = "attention heads hold uneven channel copies"
                     continue
-                uniq = torch.cat(per_head)
-                nb = per_head[0].numel()
+                uniq = torch.tensor([v for h in per_head for v in h], dtype=torch.long)
+                nb = len(per_head[0])
+            else:
+                uniq = _first_appearance(lab)
             if not in_order(gi, uniq):
                 failed[gi] = f"{nb} equal parts required by a grouped op do not line up with the group"
                 continue
@@ -341,13 +391,19 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
 def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed) -> None:
     """A dim whose size the code fixes survives pruning only if each of its lines is a whole unit."""
     for lines, why in space.fixed_lines:
+        # the lines are short and few (heads x head dim): plain lists, one tensor read per table
         lab = labels[lines.clamp_min(0)]
-        valid = lines >= 0
-        for row in range(lab.shape[0]):
-            line = lab[row][valid[row]]
-            if not line.numel() or bool(bad[line].any()):
+        valid = (lines >= 0).tolist()
+        labs = lab.tolist()
+        is_bad = bad[lab].tolist()
+        grp = group_of_label[lab].tolist()
+        idx_of = index_of[lab].tolist()
+        for row in range(len(labs)):
+            keep = valid[row]
+            line = [v for v, k in zip(labs[row], keep) if k]
+            if not line or any(b for b, k in zip(is_bad[row], keep) if k):
                 continue
-            gis = group_of_label[line].unique().tolist()
+            gis = sorted({gi for gi, k in zip(grp[row], keep) if k})
             gis = [gi for gi in gis if gi >= 0 and gi in built]
             if len(gis) != 1:
                 for gi in gis:
@@ -355,11 +411,14 @@ def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, unit
                 continue
             gi = gis[0]
             unit = units.get(gi, 0)
-            uniq = _first_appearance(line)
-            idx = index_of[uniq]
+            first = {}  # label -> its index in the group, in order of first appearance
+            for v, i, k in zip(labs[row], idx_of[row], keep):
+                if k and v not in first:
+                    first[v] = i
+            idx = list(first.values())
             # a line that is one channel (a whole head) goes whole or stays whole
-            whole = uniq.numel() == 1 or (unit and uniq.numel() == unit and int(idx[0]) % unit == 0
-                                          and torch.equal(idx, idx[0] + torch.arange(unit)))
+            whole = len(idx) == 1 or (unit and len(idx) == unit and idx[0] % unit == 0
+                                      and idx == list(range(idx[0], idx[0] + unit)))
             if not whole:
                 hint = " (prune whole heads: head_pruning='heads')" if gi in units or gi in blocks else ""
                 failed.setdefault(gi, why + hint)

@@ -32,7 +32,11 @@ class Registered:
 
     @property
     def ids(self) -> torch.Tensor:
-        return torch.arange(self.first, self.first + self.size)
+        # made once: rules only read ids (every rule returns new tensors), so the one tensor is shared
+        ids = self.__dict__.get("_ids")
+        if ids is None:
+            ids = self.__dict__["_ids"] = torch.arange(self.first, self.first + self.size)
+        return ids
 
 
 class IdSpace:
@@ -82,8 +86,10 @@ class IdSpace:
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union ids elementwise (after broadcasting); pairs where either side is NONE are skipped."""
-        a, b = torch.broadcast_tensors(a, b)
-        a, b = a.reshape(-1), b.reshape(-1)
+        if a.shape != b.shape:
+            a, b = torch.broadcast_tensors(a, b)
+        if a.dim() != 1:
+            a, b = a.reshape(-1), b.reshape(-1)
         if a.numel() > 4096:  # big expanded values: drop the NONE pairs now (memory)
             both = (a >= 0) & (b >= 0)
             a, b = a[both], b[both]
@@ -117,19 +123,22 @@ class IdSpace:
 
     def components(self) -> torch.Tensor:
         """Component label of every id (the smallest id in its component)."""
-        labels = torch.arange(self.count)
+        n = self.count
+        labels = torch.arange(n + 1)  # n: a sink for the NONE ends of edges, kept at its own label
         if not self.edges_a:
-            return labels
+            return labels[:n]
+        # pairs with a NONE side are dropped by pointing them at the sink (cheaper than masking them out)
         a = torch.cat(self.edges_a)
+        a = torch.where(a < 0, n, a)
         b = torch.cat(self.edges_b)
-        both = (a >= 0) & (b >= 0)
-        a, b = a[both], b[both]
+        b = torch.where(b < 0, n, b)
         while True:
             la, lb = labels[a], labels[b]
             low = torch.minimum(la, lb)
             new = labels.clone()
             new.scatter_reduce_(0, la, low, reduce="amin")
             new.scatter_reduce_(0, lb, low, reduce="amin")
+            new[n] = n  # the sink joins nothing: an edge to it changes no other label
             # pointer jumping until every id points at a fixed point of the label map
             while True:
                 jumped = new[new]
@@ -137,7 +146,7 @@ class IdSpace:
                     break
                 new = jumped
             if torch.equal(new, labels):
-                return labels
+                return labels[:n]
             labels = new
 
 
@@ -183,7 +192,8 @@ def channel_vector(ids: torch.Tensor, dim: int, size: int) -> torch.Tensor | Non
 
 def _append_known(to: list, ids: torch.Tensor) -> None:
     """Append the channel ids of `ids` (read with known_ids)."""
-    ids = ids.reshape(-1)
+    if ids.dim() != 1:
+        ids = ids.reshape(-1)
     if ids.numel() > 4096:  # big expanded values: keep the distinct ids only (memory)
         ids = ids.unique()
     to.append(ids)  # the NONE (-1) entries are dropped where the list is read (known_ids)

@@ -229,14 +229,12 @@ class Recorder:
     def __init__(self, model: nn.Module):
         self.graph = _Graph()
         self.nodes: dict[int, tuple[weakref.ref, fx.Node]] = {}
-        self.params: dict[int, tuple[str, bool]] = {}
-        for n, p in model.named_parameters():
-            self.params.setdefault(id(p), (n, False))
-        for n, b in model.named_buffers():
-            self.params.setdefault(id(b), (n, True))
+        modules = list(model.named_modules())
+        self.params = _tensor_names(model, modules)  # id -> (qualified name, is_buffer)
         self.tensor_names: dict[str, tuple[str, bool]] = {}
-        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.module_names = {id(m): n for n, m in modules}
         self.stack: list[str] = []
+        self.where: dict[str, dict] = {}  # module path -> its nn_module_stack entry
         self.suppress = 0
         self.op: object = None  # the op running now: names the op of a failing forward
         self.thread = threading.get_ident()
@@ -264,6 +262,9 @@ class Recorder:
 
     def arg(self, a: object) -> object:
         if isinstance(a, torch.Tensor):
+            entry = self.nodes.get(id(a))
+            if entry is not None and entry[0]() is a:
+                return entry[1]
             return self.node_of(a)
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a) if type(a) in (list, tuple) else [self.arg(x) for x in a]
@@ -277,11 +278,15 @@ class Recorder:
             self.suppress -= 1
 
     def _record(self, op: object, args: tuple, kwargs: dict, out: object, inplace: bool) -> None:
-        node = self.graph.add("call_function", op, tuple(self.arg(a) for a in args),
-                              {k: self.arg(v) for k, v in kwargs.items()} if kwargs else None)
+        arg = self.arg
+        node = self.graph.add("call_function", op, tuple([arg(a) for a in args]),
+                              {k: arg(v) for k, v in kwargs.items()} if kwargs else None)
         if self.stack:
             path = self.stack[-1]
-            node.meta["nn_module_stack"] = {path: (path, None)}
+            where = self.where.get(path)
+            if where is None:  # one (read-only) dict per module, shared by its nodes
+                where = self.where[path] = {path: (path, None)}
+            node.meta["nn_module_stack"] = where
         if isinstance(out, torch.Tensor):
             node.meta["val"] = _meta(out)
             target = args[0] if inplace and isinstance(args[0], torch.Tensor) else None
@@ -329,6 +334,27 @@ class Recorder:
     def leave(self, module: nn.Module, _args: object, _out: object) -> None:
         if threading.get_ident() == self.thread and self.stack:
             self.stack.pop()
+
+
+def _tensor_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> dict[int, tuple[str, bool]]:
+    """id -> (name, is_buffer) of every parameter and buffer, named as named_parameters() and
+    named_buffers() name them (the first name of a shared tensor; a parameter before a buffer), read
+    from the module list already made instead of two more walks over the modules."""
+    out: dict[int, tuple[str, bool]] = {}
+    cls = type(model)
+    if not (cls.named_parameters is nn.Module.named_parameters and cls.named_buffers is nn.Module.named_buffers
+            and cls._named_members is nn.Module._named_members):  # a model that names them its own way
+        for n, p in model.named_parameters():
+            out.setdefault(id(p), (n, False))
+        for n, b in model.named_buffers():
+            out.setdefault(id(b), (n, True))
+        return out
+    for is_buffer in (False, True):
+        for prefix, m in modules:
+            for k, t in (m._buffers if is_buffer else m._parameters).items():
+                if t is not None and id(t) not in out:
+                    out[id(t)] = (f"{prefix}.{k}" if prefix else k, is_buffer)
+    return out
 
 
 _METAS: dict[tuple, torch.Tensor] = {}  # shape/dtype stand-ins, shared: rules only read them
@@ -405,10 +431,11 @@ class _Ops(TorchDispatchMode):
 
 
 class _Layers(TorchFunctionMode):
-    def __init__(self, rec: Recorder, table: dict):
+    def __init__(self, rec: Recorder, table: dict, ops: _Ops | None = None):
         super().__init__()
         self.rec = rec
         self.table = table
+        self.ops = ops  # the dispatch-level recorder, set aside while a composite runs whole
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -429,15 +456,30 @@ class _Layers(TorchFunctionMode):
             rec.op = None
             return out
         rec.suppress += 1
+        # its ops are not recorded: take the dispatch-level recorder off the stack meanwhile (a third of
+        # the ops of a forward reach it from inside composites; each costs a Python call)
+        aside = _set_aside(self.ops)
         try:
             out = func(*args, **kwargs)
         finally:
+            if aside is not None:
+                torch._C._push_on_torch_dispatch_stack(aside)
             rec.suppress -= 1
         rec.op = None
         op, bind = entry
         a, k = bind(args, kwargs)
         rec.record(op, a, k, out)
         return out
+
+
+def _set_aside(mode: TorchDispatchMode | None) -> TorchDispatchMode | None:
+    """Pop `mode` off this thread's dispatch stack if it is on top (else leave the stack alone)."""
+    if mode is None:
+        return None
+    n = torch._C._len_torch_dispatch_stack()
+    if n and torch._C._get_dispatch_stack_at(n - 1) is mode:
+        return torch._C._pop_torch_dispatch_stack(None)
+    return None
 
 
 def _input_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -464,7 +506,8 @@ def record_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Trace, 
     pre = nn.modules.module.register_module_forward_pre_hook(rec.enter)
     post = nn.modules.module.register_module_forward_hook(rec.leave)
     try:
-        with torch.no_grad(), _Layers(rec, table), _Ops(rec):
+        ops = _Ops(rec)
+        with torch.no_grad(), _Layers(rec, table, ops), ops:
             try:
                 out = model(*args, **kwargs)
             except Exception as e:  # the model's own error: name where it happened

@@ -68,6 +68,8 @@ class Walker:
         self.ids: dict[fx.Node, object] = {}
         self.tensor_names: dict[str, tuple[str, bool]] = {}  # placeholder -> (qualified name, is_buffer)
         self.graph: fx.Graph = graph.graph
+        # recorded shapes are plain ints; export's may be symbolic (int() of each)
+        self.int_shapes = not hasattr(graph, "graph_signature")
         if hasattr(graph, "graph_signature"):
             self._export_names(graph, model)
         else:
@@ -97,17 +99,20 @@ class Walker:
     # ---- helpers used by rules ----------------------------------------------------------------
     def run(self) -> None:
         live = _live(self.graph)
+        found: dict[int, Rule | None] = {}  # id(op) -> its rule (ops hash in Python: look each up once)
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 self.ids[node] = None if node.name in self.tensor_names else self._input_ids(node)
             elif node.op == "call_function":
-                fn = RULES.get(node.target)
-                if fn is None and hasattr(node.target, "overloadpacket"):
-                    fn = RULES.get(node.target.overloadpacket)
-                if fn is None and getattr(node.target, "__name__", "").split(".")[0] in NO_OPS:
+                key = id(node.target)
+                if key in found:
+                    fn = found[key]
+                else:
+                    fn = found[key] = _rule_of(node.target)
+                if fn is None:
                     continue  # runtime checks without outputs
                 mixing = len(self.space.mixing)
-                self.ids[node] = (fn or unknown)(self, node)
+                self.ids[node] = fn(self, node)
                 if node not in live:
                     # a result no output depends on (the head-averaged weights nn.MultiheadAttention
                     # returns and the caller drops) still runs, so it couples channels, but what it
@@ -168,14 +173,14 @@ class Walker:
             return None
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            return tuple(int(s) for s in val.shape)
+            return tuple(val.shape) if self.int_shapes else tuple(int(s) for s in val.shape)
         return None
 
     def out_shape(self, node: fx.Node, index: int | None = None) -> tuple[int, ...]:
         val = node.meta["val"]
         if index is not None:
             val = val[index]
-        return tuple(int(s) for s in val.shape)
+        return tuple(val.shape) if self.int_shapes else tuple(int(s) for s in val.shape)
 
     def tensor_name(self, node: object) -> tuple[str, bool] | None:
         """(qualified name, is_buffer) if `node` is a parameter or buffer placeholder."""
@@ -258,6 +263,16 @@ class Walker:
                 for (n, _), reg in self.space.registered.items():
                     if n == name[0]:
                         self.space.exclude(reg.ids)
+
+
+def _rule_of(op: object) -> Rule | None:
+    """The rule of `op` (by op, else by its packet), `unknown` without one, None for runtime checks."""
+    fn = RULES.get(op)
+    if fn is None and hasattr(op, "overloadpacket"):
+        fn = RULES.get(op.overloadpacket)
+    if fn is None and getattr(op, "__name__", "").split(".")[0] in NO_OPS:
+        return None
+    return fn or unknown
 
 
 def _within(ids: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
