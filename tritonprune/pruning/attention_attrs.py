@@ -101,11 +101,17 @@ def projections(name: str, m: nn.Module) -> Projections | None:
         return Projections(*rows, (_q(name, "q_proj_weight"), 1))
     children = dict(m.named_children())
     for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
-                  ("query_proj", "key_proj", "value_proj")):
+                  ("query_proj", "key_proj", "value_proj"), ("wq", "wk", "wv")):
         if all(n in children for n in names):
             found = [_linear_rows(_q(name, n), children[n]) for n in names]
             if all(f is not None for f in found):
                 return Projections(found[0][0], found[1][0], found[2][0], found[0][1])
+    if "q" in children and "kv" in children and "k" not in children:
+        # PVT-v2 / Twins / VOLO: q alone, then k and v packed as kv.reshape(B, N, 2, heads, head_dim)
+        q, kv = _linear_rows(_q(name, "q"), children["q"]), _linear_rows(_q(name, "kv"), children["kv"])
+        if q is not None and kv is not None and kv[0].length % 2 == 0:
+            r, e = kv[0], kv[0].length // 2
+            return Projections(q[0], Rows(r.name, r.dim, 0, e), Rows(r.name, r.dim, e, e), q[1])
     packed = children.get("c_attn") if "q_attn" not in children else None
     kv = _int_attr(m, ("kv_dim",))
     if packed is not None and kv is not None:

@@ -43,7 +43,7 @@ from .history import applied_plans, replace_since
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
 from .runcheck import RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
-from .selection import _ratio_of, _search, iterative_ratios, kind_key, select
+from .selection import _ratio_of, _search, equal_counts, iterative_ratios, kind_key, select
 from .slicing import model_tensors
 from .transaction import Transaction
 
@@ -170,11 +170,25 @@ def _check_layer_ratios_match(groups: Sequence[Group], layer_ratios: Mapping[str
             )
 
 
-def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect):
+def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect, imps):
     """Select, check on fake tensors, drop the groups that break the model, select again without
-    them; returns the final removed lists. `excluded` collects the dropped groups' records."""
+    them; returns the final removed lists. `excluded` collects the dropped groups' records. Groups
+    the check finds tied (they run only keeping equal counts) keep equal counts in every reselection."""
+    ties: list[tuple[int, ...]] = []
+
+    def equalize(members, removed):
+        return equal_counts(groups, imps, removed, members)
+
+    def tied(removed):
+        removed = [list(r) for r in removed]
+        for t in ties:
+            for j, r in equalize(list(t), removed).items():
+                removed[j] = r
+        return removed
+
     while True:
-        _, dropped = find_breaking_groups(work, example_inputs, groups, removed, ref)
+        removed, dropped = find_breaking_groups(work, example_inputs, groups, tied(removed), ref,
+                                                equalize=equalize, ties=ties)
         if not dropped:
             return removed
         for d in dropped:
@@ -378,7 +392,7 @@ def prune(
             found_ratio.clear()
             removed = reselect()
             if ref is not None and not isinstance(ref, Exception) and any(removed):
-                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect)
+                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect, imps)
             removed_last = removed
             step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
             for a, rem in zip(alive, removed):

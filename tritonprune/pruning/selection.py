@@ -3,13 +3,25 @@ regularizer, which must pick the same channels); here the kept counts of a targe
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-from ..graph.allocation import kind_key, kind_label, ratio_of, select
+from ..graph.allocation import (
+    _channels,
+    _order,
+    _removed_from,
+    _units,
+    kind_key,
+    kind_label,
+    ratio_of,
+    select,
+)
 from .slicing import build_cuts
 
 _ratio_of = ratio_of
-__all__ = ["select", "kind_key", "kind_label", "iterative_ratios"]
+__all__ = ["select", "kind_key", "kind_label", "iterative_ratios", "equal_counts"]
 
 
 def iterative_ratios(ratio: float, steps: int) -> list[float]:
@@ -52,3 +64,21 @@ def _search(choose, groups, shapes, metric, goal) -> list[list[int]]:
         else:
             lo = mid
     return best
+
+
+def equal_counts(groups, imps, removed: Sequence[Sequence[int]], members: Sequence[int]) -> dict[int, list[int]]:
+    """Removed channels of tied groups (of one size, found by the run check: a forward reading one width
+    from the other's tensor) so that each keeps as many channels: every member loses the fewest any of
+    them loses, rounded down to whole units in every block of each member, its weakest ones."""
+    step = math.lcm(*(max(1, groups[j].unit) * groups[j].blocks for j in members))
+    n = min(len(removed[j]) for j in members)
+    n -= n % step
+    out = {}
+    for j in members:
+        g = groups[j]
+        if len(removed[j]) == n or imps[j] is None:
+            out[j] = list(removed[j]) if len(removed[j]) == n else []
+            continue
+        uimp, u, cb = _units(g, imps[j])
+        out[j] = _channels(_removed_from(_order(uimp, g.blocks), cb - n // (u * g.blocks)), u)
+    return out
