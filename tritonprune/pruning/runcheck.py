@@ -136,7 +136,7 @@ def find_breaking_groups(
     and its last group is dropped. Each round drops at least one group, so it ends.
 
     With `equalize` (members, removed -> removed lists of those members keeping equally many channels),
-    a group failing alone is first tried tied to the groups of its size near where it fails, growing
+    a group failing alone is first tried tied to the groups of its width (rows) near where it fails, growing
     the tie with the groups near each new failure: a forward that reads a width from its input
     (`reshape(B, C, -1)` of a spatial-reduction conv, `reshape(B, N, C)` after attention) runs when
     both widths keep the same count. A tie that runs is kept (appended to `ties`, its members' removed
@@ -169,7 +169,7 @@ def find_breaking_groups(
             return False
         members, fail = [i], why
         for _ in range(MAX_TIE):
-            more = [j for j in active if j not in members and j not in tie_of and groups[j].size == groups[i].size
+            more = [j for j in active if j not in members and j not in tie_of and _rows(groups[j]) == _rows(groups[i])
                     and _near(groups[j], fail.module)]
             if not more or not fail.module:
                 return False
@@ -213,6 +213,11 @@ def find_breaking_groups(
 
 
 MAX_TIE = 64  # groups one tie may grow through (a residual stream reaching that many attention layers)
+
+
+def _rows(group: Group) -> int:
+    """Tensor rows a group spans (a group of whole heads as channels spans heads x head dim)."""
+    return group.size * min((s.repeat for s in group.slots), default=1)
 
 
 def _near(group: Group, module: str) -> bool:

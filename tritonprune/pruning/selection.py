@@ -21,7 +21,7 @@ from ..graph.allocation import (
 from .slicing import build_cuts
 
 _ratio_of = ratio_of
-__all__ = ["select", "kind_key", "kind_label", "iterative_ratios", "equal_counts"]
+__all__ = ["select", "kind_key", "kind_label", "iterative_ratios", "equal_counts", "width"]
 
 
 def iterative_ratios(ratio: float, steps: int) -> list[float]:
@@ -66,19 +66,26 @@ def _search(choose, groups, shapes, metric, goal) -> list[list[int]]:
     return best
 
 
+def width(group) -> int:
+    """Tensor rows per channel of a group: 1, or the head dim where each channel is a whole head (its
+    narrowest slot, so a Linear reading a flattened map does not count)."""
+    return min((s.repeat for s in group.slots), default=1)
+
+
 def equal_counts(groups, imps, removed: Sequence[Sequence[int]], members: Sequence[int]) -> dict[int, list[int]]:
-    """Removed channels of tied groups (of one size, found by the run check: a forward reading one width
-    from the other's tensor) so that each keeps as many channels: every member loses the fewest any of
-    them loses, rounded down to whole units in every block of each member, its weakest ones."""
-    step = math.lcm(*(max(1, groups[j].unit) * groups[j].blocks for j in members))
-    n = min(len(removed[j]) for j in members)
+    """Removed channels of tied groups (of one width, found by the run check: a forward reading one width
+    from the other's tensor) so that each keeps as many rows: every member loses the fewest rows any of
+    them loses, rounded down to whole units in every block of each member, its weakest channels."""
+    w = {j: width(groups[j]) for j in members}
+    step = math.lcm(*(max(1, groups[j].unit) * groups[j].blocks * w[j] for j in members))
+    n = min(len(removed[j]) * w[j] for j in members)
     n -= n % step
     out = {}
     for j in members:
         g = groups[j]
-        if len(removed[j]) == n or imps[j] is None:
-            out[j] = list(removed[j]) if len(removed[j]) == n else []
+        if len(removed[j]) * w[j] == n or imps[j] is None:
+            out[j] = list(removed[j]) if len(removed[j]) * w[j] == n else []
             continue
         uimp, u, cb = _units(g, imps[j])
-        out[j] = _channels(_removed_from(_order(uimp, g.blocks), cb - n // (u * g.blocks)), u)
+        out[j] = _channels(_removed_from(_order(uimp, g.blocks), cb - n // (w[j] * u * g.blocks)), u)
     return out
