@@ -6,7 +6,7 @@ or splits heads with `C // num_heads`. The traced graph cannot see where `C` cam
 finds that such groups fail alone and run together at equal counts (pruning/runcheck.py, a tie), and
 the selection then keeps their counts equal (pruning/selection.equal_counts). Stand-ins of each
 structure: spatial-reduction attention, cross attention on a class token (heads grouped as whole-head
-channels, so the tie is by rows), and talking heads (left out, warned, named).
+channels, so the tie is by rows), and talking heads (q/k/v taken by position: parts joined on a second walk).
 """
 
 from __future__ import annotations
@@ -176,12 +176,21 @@ def test_cross_attention_ties_by_rows():
     _trains(pruned, x)
 
 
-def test_talking_heads_are_left_out_with_a_named_warning():
+def test_talking_heads_lose_the_same_heads_of_q_k_and_v():
+    # q/k heads and v heads meet different projections (proj_l, proj_w), yet one reshape takes q, k and v
+    # by position from qkv: find_groups walks again with the parts joined (the same heads go), and the
+    # run check ties those heads to the residual width the forward reads (C // num_heads, reshape(B, N, C))
     torch.manual_seed(0)
     model, x = Net("talking", dim=32, heads=4).eval(), torch.randn(2, 3, 16, 16)
-    plan, warned = _prune(model, x)
-    assert any("aten.select" in w and "'attn'" in w for w in warned), warned
+    plan, warned = _prune(model, x, ratio=0.5)
+    assert not any("selecting by position" in w for w in warned), warned
+    assert "dropped" not in plan.info, plan.info.get("dropped")
+    assert all(g.exact for g in plan.groups)
+    assert _apply_equals_zero(model, x, plan) < 1e-5
     pruned = copy.deepcopy(model)
     plan.apply(pruned)
-    assert pruned.attn.num_heads == 4 and pruned.fc1.out_features < 64  # the MLP still goes
+    a = pruned.attn
+    assert a.num_heads == 2 and a.qkv.out_features == 3 * 16 == 3 * pruned.patch.out_channels
+    assert a.proj_l.in_features == 2 and a.proj_w.out_features == 2  # the heads the talking projections mix
+    assert pruned.fc1.out_features < 64
     _trains(pruned, x)

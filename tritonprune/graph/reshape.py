@@ -185,8 +185,13 @@ def select(w: Walker, node: fx.Node) -> object:
         return no_identity(w, node)
     d = node.args[1] % ids.dim()
     if ids.shape[d] > 1:
+        if node.name in w.joined_selects:
+            # the parts fell into different groups on a first walk: join them position by position (the
+            # same heads of q, k and v go together), which keeps them equal
+            w.space.union(ids.select(d, node.args[2]), ids.select(d, 0))
         # fine while pruning never changes the size of this dim (q/k/v of a packed projection)
-        w.space.require_balanced(parts_along(ids, d), where(w, node, "selecting by position along a channel dim"))
+        w.space.require_balanced(parts_along(ids, d), where(w, node, "selecting by position along a channel dim"),
+                                 select=node.name)
         return ids.select(d, node.args[2])
     return ids.squeeze(d)
 
