@@ -196,6 +196,33 @@ def select(w: Walker, node: fx.Node) -> object:
     return ids.squeeze(d)
 
 
+@rule(*overloads(aten.roll))
+def roll(w: Walker, node: fx.Node) -> object:
+    """A cyclic shift (Swin's shifted windows roll the spatial dims): channels move with their
+    positions; along a dim where channels run, the shift wraps at the dim's size, so that dim stays."""
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    shifts = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:  # the flattened tensor is rolled: positions mix every dim
+        w.space.fix_dim(ids.reshape(-1), 0, where(w, node, "rolling a flattened tensor moves channel positions"))
+        return ids.reshape(-1).roll(shifts[0]).reshape(ids.shape)
+    for s, d in zip(shifts, dims):
+        d %= ids.dim()
+        if ids.shape[d] > 1 and not bool((ids == ids.narrow(d, 0, 1)).all()):
+            w.space.fix_dim(ids, d, where(w, node, "rolling along a channel dim moves channel positions"))
+        ids = ids.roll(s, d)
+    return ids
+
+
+@rule(*overloads(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full))
+def new_tensor(w: Walker, node: fx.Node) -> object:
+    """`x.new_zeros(shape)` (Swin's shifted-window mask) reads only the dtype and device of `x`."""
+    return no_identity(w, node)
+
+
 @rule(*overloads(aten.chunk))
 def chunk(w: Walker, node: fx.Node) -> object:
     ids = w.act(node.args[0])

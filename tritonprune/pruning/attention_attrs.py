@@ -58,6 +58,7 @@ class Projections:
     k: Rows
     v: Rows
     hidden: tuple[str, int]  # the q projection's input dim: (tensor name, dim)
+    head_first: bool = False  # packed as [heads, (q, k, v), head dim] (timm MaxViT), not [(q, k, v), heads, dim]
 
 
 Update = tuple[Any, str, Any]  # (object, attribute, new value)
@@ -132,13 +133,15 @@ def projections(name: str, m: nn.Module) -> Projections | None:
             r, hidden = found
             return Projections(Rows(r.name, r.dim, 0, h * d), Rows(r.name, r.dim, h * d, d),
                                Rows(r.name, r.dim, (h + 1) * d, d), hidden)
-    packed = packed if packed is not None else children.get("qkv")
+    key = "c_attn" if packed is not None else "qkv" if "qkv" in children else "to_qkv"  # to_qkv: torchvision MaxViT
+    packed = packed if packed is not None else children.get(key)
     if packed is not None:
-        found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)
+        found = _linear_rows(_q(name, key), packed)
         if found is not None and found[0].length % 3 == 0:
             r, hidden = found
             e = r.length // 3
-            return Projections(*(Rows(r.name, r.dim, i * e, e) for i in range(3)), hidden)
+            return Projections(*(Rows(r.name, r.dim, i * e, e) for i in range(3)), hidden,
+                               head_first=getattr(m, "head_first", False) is True)
     return None
 
 
@@ -209,9 +212,13 @@ def new_shape(mname: str, m: nn.Module, p: Projections, tensors, cuts,
     if before.kv_heads == 0 or before.heads % before.kv_heads:
         return None
     rep = before.heads // before.kv_heads
-    qw, qr = _head_cut(mname, "query", _removed(p.q, cuts), d)
-    kw, kr = _head_cut(mname, "key", _removed(p.k, cuts), d)
-    vw, vr = _head_cut(mname, "value", _removed(p.v, cuts), d)
+    removed = [_removed(p.q, cuts), _removed(p.k, cuts), _removed(p.v, cuts)]
+    if p.head_first:  # the packed rows are [heads, (q, k, v), d]: regroup them as q, k, v
+        rows = torch.cat(removed).view(before.heads, 3, d)
+        removed = [rows[:, i].flatten() for i in range(3)]
+    qw, qr = _head_cut(mname, "query", removed[0], d)
+    kw, kr = _head_cut(mname, "key", removed[1], d)
+    vw, vr = _head_cut(mname, "value", removed[2], d)
     if not (qr == kr == vr):
         raise ValueError(f"{mname}: query, key and value lose different dims per head ({qr}, {kr}, {vr})")
     # query heads removed under kept key/value heads (multi-query): the same count from every group

@@ -28,6 +28,7 @@ from ..graph.group import Group
 from ..graph.outputs import free_leaves, leaf_paths
 from ..graph.outputs import normalize as normalize_outputs
 from .fake_run import RunFailure, fake_forward, prepared_copy
+from .selection import width
 from .slicing import apply_cuts, build_cuts, model_tensors
 
 __all__ = ["RunCheckUnavailable", "reference_output", "Reference", "run_check", "input_spec", "inputs_from_spec",
@@ -217,7 +218,7 @@ MAX_TIE = 64  # groups one tie may grow through (a residual stream reaching that
 
 def _rows(group: Group) -> int:
     """Tensor rows a group spans (a group of whole heads as channels spans heads x head dim)."""
-    return group.size * min((s.repeat for s in group.slots), default=1)
+    return group.size * width(group)
 
 
 def _near(group: Group, module: str) -> bool:

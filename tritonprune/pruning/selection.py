@@ -18,6 +18,7 @@ from ..graph.allocation import (
     ratio_of,
     select,
 )
+from ..graph.group import OUT
 from .slicing import build_cuts
 
 _ratio_of = ratio_of
@@ -67,9 +68,10 @@ def _search(choose, groups, shapes, metric, goal) -> list[list[int]]:
 
 
 def width(group) -> int:
-    """Tensor rows per channel of a group: 1, or the head dim where each channel is a whole head (its
-    narrowest slot, so a Linear reading a flattened map does not count)."""
-    return min((s.repeat for s in group.slots), default=1)
+    """Tensor rows per channel of a group: 1, or the head dim where each channel is a whole head. Read
+    from the producers' rows (a per-head bias table or a Linear reading a flattened map do not count)."""
+    outs = [s.repeat for s in group.slots if s.role == OUT]
+    return min(outs or [s.repeat for s in group.slots] or [1])
 
 
 def equal_counts(groups, imps, removed: Sequence[Sequence[int]], members: Sequence[int]) -> dict[int, list[int]]:
