@@ -77,6 +77,39 @@ class TalkingHeads(nn.Module):
         return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
 
 
+class ShiftedWindow(nn.Module):
+    """Swin v1: the residual rolled over its spatial dims, a mask from `x.new_zeros`, heads by C // num_heads."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        t = torch.roll(x, shifts=(-1, -1), dims=(1, 2)).reshape(B, H * W, C)
+        mask = x.new_zeros((H * W, H * W))
+        q, k, v = self.qkv(t).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) + mask).softmax(-1)
+        o = self.proj((a @ v).transpose(1, 2).reshape(B, H * W, C)).reshape(B, H, W, C)
+        return torch.roll(o, shifts=(1, 1), dims=(1, 2))
+
+
+class HeadFirst(nn.Module):
+    """timm MaxViT: q/k/v packed per head ([heads, (q, k, v), head dim]), read with `view` and `chunk`."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head, self.head_first = heads, dim // heads, True
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, -1))
+
+
 class Net(nn.Module):
     """Patch conv, one attention block and one MLP block on a residual stream, no norms (exact groups)."""
 
@@ -85,7 +118,8 @@ class Net(nn.Module):
         self.patch = nn.Conv2d(3, dim, 4, 4)
         self.kind = attn
         self.attn = {"sr": lambda: SRAttention(dim, heads, 2), "cross": lambda: CrossAttention(dim, heads),
-                     "talking": lambda: TalkingHeads(dim, heads)}[attn]()
+                     "talking": lambda: TalkingHeads(dim, heads), "swin": lambda: ShiftedWindow(dim, heads),
+                     "head_first": lambda: HeadFirst(dim, heads)}[attn]()
         self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, 5)
 
@@ -95,6 +129,8 @@ class Net(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         if self.kind == "sr":
             x = x + self.attn(x, hw)
+        elif self.kind == "swin":
+            x = x + self.attn(x.reshape(x.shape[0], *hw, -1)).flatten(1, 2)
         elif self.kind == "cross":
             x = torch.cat([x[:, :1] + self.attn(x), x[:, 1:]], 1)
         else:
@@ -193,4 +229,29 @@ def test_talking_heads_lose_the_same_heads_of_q_k_and_v():
     assert a.num_heads == 2 and a.qkv.out_features == 3 * 16 == 3 * pruned.patch.out_channels
     assert a.proj_l.in_features == 2 and a.proj_w.out_features == 2  # the heads the talking projections mix
     assert pruned.fc1.out_features < 64
+    _trains(pruned, x)
+
+
+def test_shifted_windows_lose_heads_and_residual_channels():
+    torch.manual_seed(0)
+    model, x = Net("swin", dim=32, heads=4).eval(), torch.randn(2, 3, 16, 16)
+    plan, warned = _prune(model, x, ratio=0.5)
+    assert not any("no coupling rule" in w for w in warned), warned  # roll and new_zeros have rules
+    assert "dropped" not in plan.info, plan.info.get("dropped")
+    assert _apply_equals_zero(model, x, plan) < 1e-5
+    pruned = copy.deepcopy(model)
+    plan.apply(pruned)
+    assert pruned.attn.num_heads == 2 and pruned.patch.out_channels == 16 == pruned.attn.qkv.out_features // 3
+    _trains(pruned, x)
+
+
+def test_heads_packed_head_first_keep_their_count_right():
+    torch.manual_seed(0)
+    model, x = Net("head_first", dim=32, heads=4).eval(), torch.randn(2, 3, 16, 16)
+    plan, warned = _prune(model, x, ratio=0.5)
+    assert "dropped" not in plan.info, plan.info.get("dropped")
+    assert _apply_equals_zero(model, x, plan) < 1e-5
+    pruned = copy.deepcopy(model)
+    plan.apply(pruned)
+    assert pruned.attn.num_heads == 2 and pruned.attn.dim_head == 8 and pruned.attn.qkv.out_features == 48
     _trains(pruned, x)
