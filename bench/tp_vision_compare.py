@@ -87,16 +87,16 @@ def ours(name) -> dict:
 
 def main(names) -> None:
     torch.set_num_threads(1)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    out = ROOT / "bench" / "results" / "tp_vision_compare.json"
     rows = []
     for n in names or MODELS:
         rows.append({"model": n, "torch_pruning": torch_pruning(n), "tritonprune": ours(n)})
         print(json.dumps(rows[-1]), flush=True)
-    if not names:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        out = ROOT / "bench" / "results" / "tp_vision_compare.json"
-        out.write_text(json.dumps({"meta": {"commit": commit, "ratio": 0.5, "torch": torch.__version__},
-                                   "results": rows}, indent=1) + "\n")
+        if not names:  # rewritten after every model: an interrupted run keeps what it measured
+            out.write_text(json.dumps({"meta": {"commit": commit, "ratio": 0.5, "torch": torch.__version__},
+                                       "results": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
