@@ -40,3 +40,37 @@ def test_timm_family_prunes_into_a_model_that_runs(name):
             assert a.num_heads * a.head_dim == a.attn_dim == a.qkv.out_features // 3 == a.proj.in_features
             assert a.num_heads < 3 and a.head_dim == 64  # whole heads went, the head dim stayed
         assert model.blocks[0].norm1.normalized_shape[0] < 192  # and the residual stream was pruned too
+
+
+# issue 22: attention reading a width from its input (spatial reduction `sr(x).reshape(B, C, -1)`,
+# `reshape(B, N, C)`, `C // num_heads`): the run check ties those groups at equal counts; CaiT: q/k/v taken
+# by position into different groups (talking heads), joined on a second walk
+DEEP = {"pvt_v2_b0": (64, False), "twins_pcpvt_small": (64, True), "crossvit_tiny_240": (240, True),
+        "cait_xxs24_224": (32, True)}
+
+
+@pytest.mark.parametrize("name", list(DEEP))
+def test_tied_widths_prune_deep(name):
+    timm = tv.timm()
+    size, img = DEEP[name]
+    model = timm.create_model(name, pretrained=False, num_classes=10, **({"img_size": size} if img else {}))
+    before = _heads(model)
+    r = sweep_one(name, model, size)
+    assert r.refused is None and r.runs and r.trains
+    assert r.param_ratio <= 0.40, (name, r.param_ratio)
+    after = _heads(model)
+    for m, (h, rows) in after.items():  # whole heads went: the count followed, the head dim stayed
+        assert rows == h * (before[m][1] // before[m][0]), (m, before[m], (h, rows))
+    assert any(after[m][0] < before[m][0] for m in after), "no attention module lost a head"
+
+
+def _heads(model) -> dict[str, tuple[int, int]]:
+    """(num_heads, query rows) of every attention module with a q / wq / qkv projection."""
+    out = {}
+    for name, m in model.named_modules():
+        for proj, parts in (("q", 1), ("wq", 1), ("qkv", 3)):
+            lin = getattr(m, proj, None)
+            if isinstance(getattr(m, "num_heads", None), int) and hasattr(lin, "out_features"):
+                out[name] = (m.num_heads, lin.out_features // parts)
+                break
+    return out

@@ -62,12 +62,13 @@ def _lazy_graph_modules() -> contextlib.AbstractContextManager:
 
 
 def _walk(programs: list, model: nn.Module, ignored: set[str], head_pruning: str, merged_heads: set[str],
-          free_outputs: tuple = ()):
+          free_outputs: tuple = (), joined_selects: frozenset[str] = frozenset()):
     # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
     walkers = [Walker(ep, model, head_pruning) for ep in programs]
     for walker in walkers:
         walker.space = walkers[0].space
         walker.merged_heads = merged_heads
+        walker.joined_selects = joined_selects
         walker.free_outputs = free_outputs
         walker.run()
     return walkers[0].space, assemble(walkers[0].space, ignored)
@@ -102,9 +103,12 @@ def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterab
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             space, groups = _walk(programs, model, ignored, head_pruning, set(), free_outputs)
-        if space.split_units and head_pruning == "heads":
-            # heads whose dims fall into several groups (partial rotary): again, each such head one channel
-            space, groups = _walk(programs, model, ignored, head_pruning, space.split_units, free_outputs)
+        split = space.split_units if head_pruning == "heads" else set()
+        if split or space.uneven_selects:
+            # heads whose dims fall into several groups (partial rotary): again, each such head one channel;
+            # q/k/v selected by position into different groups (talking heads): again, the parts joined
+            space, groups = _walk(programs, model, ignored, head_pruning, split, free_outputs,
+                                  frozenset(space.uneven_selects))
         else:
             for w in said:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

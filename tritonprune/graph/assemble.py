@@ -162,7 +162,7 @@ def _first_appearance(labs: torch.Tensor) -> torch.Tensor:
 
 def _check_balanced(space: IdSpace, labels: torch.Tensor, bad: torch.Tensor) -> None:
     """Ops that index a dim by position (select, equal split) need each channel equally in every part."""
-    for parts, why in space.balanced:
+    for k, (parts, why) in enumerate(space.balanced):
         lab = labels[parts.clamp_min(0)]
         lab = torch.where(parts >= 0, lab, -1)
         uniq, inv = torch.unique(lab, return_inverse=True)
@@ -170,6 +170,11 @@ def _check_balanced(space: IdSpace, labels: torch.Tensor, bad: torch.Tensor) -> 
         counts.scatter_add_(1, inv, torch.ones_like(inv))
         uneven = (counts != counts[:1]).any(0) & (uniq >= 0)
         if uneven.any():
+            if k in space.balanced_selects:
+                # q/k/v taken by position from one tensor, the parts in different groups (CaiT's talking
+                # heads: q/k heads and v heads meet different projections): find_groups walks again with
+                # the parts joined position by position, so they lose the same heads
+                space.uneven_selects.add(space.balanced_selects[k])
             hit = uniq[uneven]
             fresh = hit[~bad[hit]]
             if fresh.numel():

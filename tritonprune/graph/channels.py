@@ -56,6 +56,8 @@ class IdSpace:
         self.mixing: list[torch.Tensor] = []  # ids an op mixes (norms, means over channels)
         # (ids [parts, n], why): every channel must own as many elements in each part (select/split)
         self.balanced: list[tuple[torch.Tensor, str]] = []
+        self.balanced_selects: dict[int, str] = {}  # balanced index -> the select node that stated it
+        self.uneven_selects: set[str] = set()  # those whose parts fell into different groups (see assemble)
         # (lines [n, L], why): each line runs along a dim whose size the code fixes (slices of it, or
         # elementwise partners without identity such as rotary cos/sin); pruning must never shorten
         # it, so every line must be one whole unit (attention head) of its group
@@ -116,9 +118,12 @@ class IdSpace:
     def mix(self, ids: torch.Tensor) -> None:
         _append_known(self.mixing, ids)
 
-    def require_balanced(self, parts: torch.Tensor, why: str) -> None:
+    def require_balanced(self, parts: torch.Tensor, why: str, select: str = "") -> None:
         """Each row of `parts` is one part of a dim an op indexes by position; pruning must keep the parts
-        equal, so every channel must own the same number of elements in each part."""
+        equal, so every channel must own the same number of elements in each part. `select`: the node
+        name of a select stating it (find_groups may join its parts, see assemble._check_balanced)."""
+        if select:
+            self.balanced_selects[len(self.balanced)] = select
         self.balanced.append((parts.reshape(parts.shape[0], -1).clone(), why))
 
     def components(self) -> torch.Tensor:

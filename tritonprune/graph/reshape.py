@@ -295,10 +295,42 @@ def select(w: Walker, node: fx.Node) -> object:
         return no_identity(w, node)
     d = node.args[1] % ids.dim()
     if ids.shape[d] > 1:
+        if node.name in w.joined_selects:
+            # the parts fell into different groups on a first walk: join them position by position (the
+            # same heads of q, k and v go together), which keeps them equal
+            w.space.union(ids.select(d, node.args[2]), ids.select(d, 0))
         # fine while pruning never changes the size of this dim (q/k/v of a packed projection)
-        w.space.require_balanced(parts_along(ids, d), where(w, node, "selecting by position along a channel dim"))
+        w.space.require_balanced(parts_along(ids, d), where(w, node, "selecting by position along a channel dim"),
+                                 select=node.name)
         return ids.select(d, node.args[2])
     return ids.squeeze(d)
+
+
+@rule(*overloads(aten.roll))
+def roll(w: Walker, node: fx.Node) -> object:
+    """A cyclic shift (Swin's shifted windows roll the spatial dims): channels move with their
+    positions; along a dim where channels run, the shift wraps at the dim's size, so that dim stays."""
+    ids = w.act(node.args[0])
+    if not isinstance(ids, torch.Tensor):
+        return no_identity(w, node)
+    shifts = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:  # the flattened tensor is rolled: positions mix every dim
+        w.space.fix_dim(ids.reshape(-1), 0, where(w, node, "rolling a flattened tensor moves channel positions"))
+        return ids.reshape(-1).roll(shifts[0]).reshape(ids.shape)
+    for s, d in zip(shifts, dims):
+        d %= ids.dim()
+        if ids.shape[d] > 1 and not bool((ids == ids.narrow(d, 0, 1)).all()):
+            w.space.fix_dim(ids, d, where(w, node, "rolling along a channel dim moves channel positions"))
+        ids = ids.roll(s, d)
+    return ids
+
+
+@rule(*overloads(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full))
+def new_tensor(w: Walker, node: fx.Node) -> object:
+    """`x.new_zeros(shape)` (Swin's shifted-window mask) reads only the dtype and device of `x`."""
+    return no_identity(w, node)
 
 
 @rule(*overloads(aten.chunk))

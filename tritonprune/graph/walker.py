@@ -62,6 +62,7 @@ class Walker:
         self.head_pruning = head_pruning
         self.free_outputs: tuple = ()  # output entries whose width may change (see outputs.py)
         self.merged_heads: set[str] = set()  # attention nodes whose heads are one channel each (see layers.sdpa)
+        self.joined_selects: set[str] = set()  # select nodes whose parts are joined by position (reshape.select)
         self.ep = graph
         self.model = model
         self.space = IdSpace()

@@ -59,6 +59,7 @@ class Projections:
     k: Rows
     v: Rows
     hidden: tuple[str, int]  # the q projection's input dim: (tensor name, dim)
+    head_first: bool = False  # packed as [heads, (q, k, v), head dim] (timm MaxViT), not [(q, k, v), heads, dim]
 
 
 Update = tuple[Any, str, Any]  # (object, attribute, new value)
@@ -102,11 +103,17 @@ def projections(name: str, m: nn.Module) -> Projections | None:
         return Projections(*rows, (_q(name, "q_proj_weight"), 1))
     children = dict(m.named_children())
     for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
-                  ("query_proj", "key_proj", "value_proj")):
+                  ("query_proj", "key_proj", "value_proj"), ("wq", "wk", "wv")):
         if all(n in children for n in names):
             found = [_linear_rows(_q(name, n), children[n]) for n in names]
             if all(f is not None for f in found):
                 return Projections(found[0][0], found[1][0], found[2][0], found[0][1])
+    if "q" in children and "kv" in children and "k" not in children:
+        # PVT-v2 / Twins / VOLO: q alone, then k and v packed as kv.reshape(B, N, 2, heads, head_dim)
+        q, kv = _linear_rows(_q(name, "q"), children["q"]), _linear_rows(_q(name, "kv"), children["kv"])
+        if q is not None and kv is not None and kv[0].length % 2 == 0:
+            r, e = kv[0], kv[0].length // 2
+            return Projections(q[0], Rows(r.name, r.dim, 0, e), Rows(r.name, r.dim, e, e), q[1])
     packed = children.get("c_attn") if "q_attn" not in children else None
     kv = _int_attr(m, ("kv_dim",))
     if packed is not None and kv is not None:
@@ -136,13 +143,15 @@ def projections(name: str, m: nn.Module) -> Projections | None:
             qn, kv = r.length - 2 * kvh * d, kvh * d
             return Projections(Rows(r.name, r.dim, 0, qn), Rows(r.name, r.dim, qn, kv),
                                Rows(r.name, r.dim, qn + kv, kv), hidden)
-    packed = packed if packed is not None else children.get("qkv")
+    key = "c_attn" if packed is not None else "qkv" if "qkv" in children else "to_qkv"  # to_qkv: torchvision MaxViT
+    packed = packed if packed is not None else children.get(key)
     if packed is not None:
-        found = _linear_rows(_q(name, "c_attn" if "c_attn" in children else "qkv"), packed)
+        found = _linear_rows(_q(name, key), packed)
         if found is not None and found[0].length % 3 == 0:
             r, hidden = found
             e = r.length // 3
-            return Projections(*(Rows(r.name, r.dim, i * e, e) for i in range(3)), hidden)
+            return Projections(*(Rows(r.name, r.dim, i * e, e) for i in range(3)), hidden,
+                               head_first=getattr(m, "head_first", False) is True)
     return None
 
 
@@ -283,9 +292,13 @@ def new_shape(mname: str, m: nn.Module, p: Projections, tensors, cuts,
     if before.kv_heads == 0 or before.heads % before.kv_heads:
         return None
     rep = before.heads // before.kv_heads
-    qw, qr = _head_cut(mname, "query", _removed(p.q, cuts), d)
-    kw, kr = _head_cut(mname, "key", _removed(p.k, cuts), d)
-    vw, vr = _head_cut(mname, "value", _removed(p.v, cuts), d)
+    removed = [_removed(p.q, cuts), _removed(p.k, cuts), _removed(p.v, cuts)]
+    if p.head_first:  # the packed rows are [heads, (q, k, v), d]: regroup them as q, k, v
+        rows = torch.cat(removed).view(before.heads, 3, d)
+        removed = [rows[:, i].flatten() for i in range(3)]
+    qw, qr = _head_cut(mname, "query", removed[0], d)
+    kw, kr = _head_cut(mname, "key", removed[1], d)
+    vw, vr = _head_cut(mname, "value", removed[2], d)
     if not (qr == kr == vr):
         raise ValueError(f"{mname}: query, key and value lose different dims per head ({qr}, {kr}, {vr})")
     # query heads removed under kept key/value heads (multi-query): the same count from every group

@@ -43,7 +43,7 @@ from .history import applied_plans, replace_since
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
 from .runcheck import Checked, RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
-from .selection import _ratio_of, _search, iterative_ratios, kind_key, select
+from .selection import _ratio_of, _search, equal_counts, iterative_ratios, kind_key, select
 from .slicing import model_tensors
 from .transaction import Transaction
 
@@ -170,12 +170,26 @@ def _check_layer_ratios_match(groups: Sequence[Group], layer_ratios: Mapping[str
             )
 
 
-def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect, learned):
+def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect, imps, learned):
     """Select, check on fake tensors, drop the groups that break the model, select again without
-    them; returns the final removed lists. `excluded` collects the dropped groups' records; `learned`
-    is filled by the check of the lists returned (runcheck.Checked)."""
+    them; returns the final removed lists. `excluded` collects the dropped groups' records. Groups
+    the check finds tied (they run only keeping equal counts) keep equal counts in every reselection.
+    `learned` is filled by the check of the lists returned (runcheck.Checked)."""
+    ties: list[tuple[int, ...]] = []
+
+    def equalize(members, removed):
+        return equal_counts(groups, imps, removed, members)
+
+    def tied(removed):
+        removed = [list(r) for r in removed]
+        for t in ties:
+            for j, r in equalize(list(t), removed).items():
+                removed[j] = r
+        return removed
+
     while True:
-        _, dropped = find_breaking_groups(work, example_inputs, groups, removed, ref, learned)
+        removed, dropped = find_breaking_groups(work, example_inputs, groups, tied(removed), ref,
+                                                learned, equalize=equalize, ties=ties)
         if not dropped:
             return removed
         for d in dropped:
@@ -381,7 +395,8 @@ def prune(
             checked = None  # what the run check of this round's cuts learned on its copy
             if ref is not None and not isinstance(ref, Exception) and any(removed):
                 checked = Checked()
-                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect, checked)
+                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect, imps,
+                                       checked)
             removed_last = removed
             step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
             for a, rem in zip(alive, removed):

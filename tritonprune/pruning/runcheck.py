@@ -32,6 +32,7 @@ from .counting import MacCount, mac_counting
 from .fake_run import RunFailure, fake_forward, prepared_copy
 from .module_attrs import Choices, Settled
 from .module_attrs import input_spec as attr_input_spec
+from .selection import width
 from .slicing import apply_cuts, build_cuts, model_tensors
 
 __all__ = ["RunCheckUnavailable", "reference_output", "Reference", "Checked", "run_check", "input_spec",
@@ -173,6 +174,9 @@ def find_breaking_groups(
     removed: Sequence[Sequence[int]],
     reference: Any = None,
     learned: Checked | None = None,
+    *,
+    equalize: Callable[[list[int], Sequence[Sequence[int]]], dict[int, list[int]]] | None = None,
+    ties: list[tuple[int, ...]] | None = None,
 ) -> tuple[list[list[int]], list[dict[str, Any]]]:
     """Drop the groups whose pruning stops `model` from running `example_inputs` (checked on fake
     tensors, see run_check): returns the removed lists with those groups emptied, and one
@@ -181,33 +185,75 @@ def find_breaking_groups(
     While the planned model fails: every group touching the failing module (or a module inside or
     around it) is tried alone, and those that fail alone are dropped; if none does (the failure needs
     several groups together), the shortest failing prefix of the remaining groups is found by bisection
-    and its last group is dropped. Each round drops at least one group, so it ends. `learned`: filled
-    by the check of the removed lists returned (run_check), when they run."""
+    and its last group is dropped. Each round drops at least one group, so it ends.
+
+    With `equalize` (members, removed -> removed lists of those members keeping equally many channels),
+    a group failing alone is first tried tied to the groups of its width (rows) near where it fails, growing
+    the tie with the groups near each new failure: a forward that reads a width from its input
+    (`reshape(B, C, -1)` of a spatial-reduction conv, `reshape(B, N, C)` after attention) runs when
+    both widths keep the same count. A tie that runs is kept (appended to `ties`, its members' removed
+    lists equalized) instead of dropping its groups; members of a tie are checked and dropped together.
+    `learned`: filled by the check of the removed lists returned (run_check), when they run."""
     ref = reference_output(model, example_inputs) if reference is None else reference
     if learned is not None:
         learned.attrs = learned.macs = learned.clone = None
     removed = [list(r) for r in removed]
     active = [i for i, r in enumerate(removed) if r]
+    ties = [] if ties is None else ties
+    tie_of = {j: t for t in ties for j in t}  # ties found by an earlier call stay tied
+
+    def with_ties(idx: Sequence[int]) -> list[int]:
+        out = dict.fromkeys(idx)
+        for i in idx:
+            out.update(dict.fromkeys(tie_of.get(i, ())))
+        return [i for i in out if i in active]
 
     def check(idx: Sequence[int], learn: Checked | None = None):
-        return run_check(model, example_inputs, [(groups[i], removed[i]) for i in idx], reference=ref,
+        return run_check(model, example_inputs, [(groups[i], removed[i]) for i in with_ties(idx)], reference=ref,
                          learned=learn)
 
     dropped: list[dict[str, Any]] = []
 
     def drop(i: int, why) -> None:
-        dropped.append({"group": i, "origin": groups[i].origin, "module": why.module, "error": why.error})
-        removed[i] = []
-        active.remove(i)
+        for j in with_ties([i]):
+            dropped.append({"group": j, "origin": groups[j].origin, "module": why.module, "error": why.error})
+            removed[j] = []
+            active.remove(j)
+
+    def tie(i: int, why) -> bool:
+        if equalize is None or i in tie_of:
+            return False
+        members, fail = [i], why
+        for _ in range(MAX_TIE):
+            more = [j for j in active if j not in members and j not in tie_of and _rows(groups[j]) == _rows(groups[i])
+                    and _near(groups[j], fail.module)]
+            if not more or not fail.module:
+                return False
+            members += more
+            trial = equalize(members, removed)
+            if not all(trial[j] for j in members):
+                return False  # whole units of some member leave no common count
+            fail = run_check(model, example_inputs, [(groups[j], trial[j]) for j in members], reference=ref)
+            if fail is None:
+                key = tuple(sorted(members))
+                ties.append(key)
+                for j in members:
+                    removed[j] = trial[j]
+                    tie_of[j] = key
+                return True
+        return False
 
     failure = check(active, learned)
     while failure is not None and active:
         near = [i for i in active if _near(groups[i], failure.module)]
         found = False
         for i in near:
+            if i not in active:
+                continue  # dropped with its tie in this round
             alone = check([i])
             if alone is not None:
-                drop(i, alone)
+                if not tie(i, alone):
+                    drop(i, alone)
                 found = True
         if not found:
             lo, hi = 0, len(active)  # active[:lo] runs, active[:hi] fails
@@ -220,6 +266,14 @@ def find_breaking_groups(
             drop(active[hi - 1], check(active[:hi]) or failure)
         failure = check(active, learned)
     return removed, dropped
+
+
+MAX_TIE = 64  # groups one tie may grow through (a residual stream reaching that many attention layers)
+
+
+def _rows(group: Group) -> int:
+    """Tensor rows a group spans (a group of whole heads as channels spans heads x head dim)."""
+    return group.size * width(group)
 
 
 def _near(group: Group, module: str) -> bool:

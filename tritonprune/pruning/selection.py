@@ -3,13 +3,26 @@ regularizer, which must pick the same channels); here the kept counts of a targe
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-from ..graph.allocation import kind_key, kind_label, ratio_of, select
+from ..graph.allocation import (
+    _channels,
+    _order,
+    _removed_from,
+    _units,
+    kind_key,
+    kind_label,
+    ratio_of,
+    select,
+)
+from ..graph.group import OUT
 from .slicing import build_cuts
 
 _ratio_of = ratio_of
-__all__ = ["select", "kind_key", "kind_label", "iterative_ratios"]
+__all__ = ["select", "kind_key", "kind_label", "iterative_ratios", "equal_counts", "width"]
 
 
 def iterative_ratios(ratio: float, steps: int) -> list[float]:
@@ -52,3 +65,29 @@ def _search(choose, groups, shapes, metric, goal) -> list[list[int]]:
         else:
             lo = mid
     return best
+
+
+def width(group) -> int:
+    """Tensor rows per channel of a group: 1, or the head dim where each channel is a whole head. Read
+    from the producers' rows (a per-head bias table or a Linear reading a flattened map do not count)."""
+    outs = [s.repeat for s in group.slots if s.role == OUT]
+    return min(outs or [s.repeat for s in group.slots] or [1])
+
+
+def equal_counts(groups, imps, removed: Sequence[Sequence[int]], members: Sequence[int]) -> dict[int, list[int]]:
+    """Removed channels of tied groups (of one width, found by the run check: a forward reading one width
+    from the other's tensor) so that each keeps as many rows: every member loses the fewest rows any of
+    them loses, rounded down to whole units in every block of each member, its weakest channels."""
+    w = {j: width(groups[j]) for j in members}
+    step = math.lcm(*(max(1, groups[j].unit) * groups[j].blocks * w[j] for j in members))
+    n = min(len(removed[j]) * w[j] for j in members)
+    n -= n % step
+    out = {}
+    for j in members:
+        g = groups[j]
+        if len(removed[j]) * w[j] == n or imps[j] is None:
+            out[j] = list(removed[j]) if len(removed[j]) * w[j] == n else []
+            continue
+        uimp, u, cb = _units(g, imps[j])
+        out[j] = _channels(_removed_from(_order(uimp, g.blocks), cb - n // (w[j] * u * g.blocks)), u)
+    return out
