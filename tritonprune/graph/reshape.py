@@ -249,7 +249,8 @@ def slice_scatter(w: Walker, node: fx.Node) -> object:
 
 @rule(*overloads(aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty_strided))
 def new_tensor(w: Walker, node: fx.Node) -> object:
-    """A fresh tensor: its values carry no channels (the ones written into it later do, see slice_scatter)."""
+    """A fresh tensor (`x.new_zeros(shape)`: Swin's shifted-window mask) reads only the dtype and device of
+    `x`: its values carry no channels (the ones written into it later do, see slice_scatter)."""
     return no_identity(w, node)
 
 
@@ -325,12 +326,6 @@ def roll(w: Walker, node: fx.Node) -> object:
             w.space.fix_dim(ids, d, where(w, node, "rolling along a channel dim moves channel positions"))
         ids = ids.roll(s, d)
     return ids
-
-
-@rule(*overloads(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full))
-def new_tensor(w: Walker, node: fx.Node) -> object:
-    """`x.new_zeros(shape)` (Swin's shifted-window mask) reads only the dtype and device of `x`."""
-    return no_identity(w, node)
 
 
 @rule(*overloads(aten.chunk))
