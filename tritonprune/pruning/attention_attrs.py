@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HEAD_COUNT = ("num_attention_heads", "num_heads", "n_head", "n_heads")
+HEAD_COUNT = ("num_attention_heads", "num_heads", "n_head", "n_heads", "heads")
 KV_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 INNER = ("all_head_size", "split_size", "inner_dim")
@@ -101,7 +101,7 @@ def projections(name: str, m: nn.Module) -> Projections | None:
         return Projections(*rows, (_q(name, "q_proj_weight"), 1))
     children = dict(m.named_children())
     for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
-                  ("query_proj", "key_proj", "value_proj")):
+                  ("query_proj", "key_proj", "value_proj"), ("to_q", "to_k", "to_v")):  # to_*: diffusers
         if all(n in children for n in names):
             found = [_linear_rows(_q(name, n), children[n]) for n in names]
             if all(f is not None for f in found):
