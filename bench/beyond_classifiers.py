@@ -81,7 +81,7 @@ def _exact_diff(case: zoo.Case, groups) -> float | None:
     return max(float((x - y).abs().max()) for x, y in zip(a, b) if x.shape == y.shape)
 
 
-def _torch_pruning(name: str, case: zoo.Case, timeout_s: float = 120.0) -> dict:
+def _torch_pruning(name: str, case: zoo.Case, timeout_s: float = 60.0) -> dict:
     """Torch-Pruning in a child process: on some models its graph search does not finish (YOLO11n's
     C2PSA grew past 3.5 GB in a trial), so it gets `timeout_s` of wall time."""
     ctx = multiprocessing.get_context("fork")

@@ -73,9 +73,22 @@ def _yolo(yaml: str) -> Callable[[], Case]:
         cls = SegmentationModel if "seg" in yaml else PoseModel if "pose" in yaml else DetectionModel
         model = cls(yaml, verbose=False).eval()
         # eval output: (decoded predictions, {"boxes", "scores", "feats", ...}); feats may change width
-        return Case(model, torch.randn(1, 3, 64, 64), _loss, free_outputs=("feats",))
+        return Case(model, torch.randn(1, 3, 64, 64), _detection_loss if cls is DetectionModel else _loss,
+                    free_outputs=("feats",))
 
     return make
+
+
+def _detection_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Ultralytics' own detection loss (box, class, DFL) on two made-up boxes."""
+    from ultralytics.cfg import get_cfg
+
+    if not hasattr(model, "args") or isinstance(model.args, dict):
+        model.args = get_cfg()  # the loss's hyperparameters (box, cls, dfl gains)
+    n = inputs.shape[0]
+    batch = {"img": inputs, "batch_idx": torch.arange(n, dtype=torch.float), "cls": torch.ones(n, 1),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.25, 0.25]]).repeat(n, 1)}
+    return model.loss(batch)[0].sum()
 
 
 def _unet() -> Case:

@@ -359,7 +359,7 @@ def _hf_updates(m: nn.Module, after: Shape) -> list[Update]:
 
 def _unnamed_head_count(name: str, m: nn.Module, p: Projections, cuts) -> str | None:
     """The attribute holding the head count of a module that keeps it under a name not in HEAD_COUNT
-    (`heads`, `nh`) and stores no head dim either, where the cut removes whole heads; None where none do.
+    (`nh`, `h`) and stores no head dim either, where the cut removes whole heads; None where none do.
 
     Its forward then reads the count from that attribute (`view(B, T, self.heads, -1)`): left alone, the
     module would split its fewer rows into the old number of narrower heads and compute something else
