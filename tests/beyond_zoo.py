@@ -106,9 +106,10 @@ def _unet() -> Case:
 def _sam() -> Case:
     from segment_anything.modeling import ImageEncoderViT
 
-    model = ImageEncoderViT(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=4, out_chans=32,
-                            use_rel_pos=True, window_size=2, global_attn_indexes=(1,)).eval()
-    return Case(model, torch.randn(1, 3, 64, 64), _loss)
+    # 8 x 8 patches, windows of 3 (padded to 9 x 9) in blocks 0 and 2, global attention in 1 and 3
+    model = ImageEncoderViT(img_size=128, patch_size=16, embed_dim=64, depth=4, num_heads=4, out_chans=32,
+                            use_rel_pos=True, window_size=3, global_attn_indexes=(1, 3)).eval()
+    return Case(model, torch.randn(1, 3, 128, 128), _loss)
 
 
 def _clip(vision: str) -> Callable[[], Case]:
