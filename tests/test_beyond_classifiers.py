@@ -71,6 +71,30 @@ def test_groupnorm_over_a_cat_not_aligned_to_its_groups():
         assert torch.allclose(m(x).flatten(2), ref, atol=1e-5)
 
 
+class SkipTwice(nn.Module):
+    """One skip (12 channels) normalized next to two different maps (an up block's two resnets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.skip, self.u1, self.u2 = nn.Conv2d(3, 12, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 20, 1)
+        self.n1, self.n2 = nn.GroupNorm(2, 16), nn.GroupNorm(4, 32)
+        self.o1, self.o2 = nn.Conv2d(16, 3, 1), nn.Conv2d(32, 3, 1)
+
+    def forward(self, x):
+        s = self.skip(x)
+        return self.o1(self.n1(torch.cat([s, self.u1(x)], 1))) + self.o2(self.n2(torch.cat([self.u2(x), s], 1)))
+
+
+def test_a_group_in_two_unaligned_cats_merges_with_both_partners():
+    torch.manual_seed(0)
+    m, x = SkipTwice().eval(), torch.randn(2, 3, 4, 4)
+    (g,) = tpr.find_groups(m, x)
+    assert g.size == 36 and g.blocks == 9  # segments of gcd(8, 12, 4, 20) = 4
+    tpr.prune(m, x, ratio=0.5, groups=[g])
+    assert (m.skip.out_channels, m.u1.out_channels, m.u2.out_channels) == (6, 2, 10)
+    assert m(x).shape == (2, 3, 4, 4)
+
+
 class RelPosAttention(nn.Module):
     """SAM's attention: heads folded into the batch, a relative-position table shared by the heads."""
 
