@@ -95,6 +95,19 @@ def test_a_group_in_two_unaligned_cats_merges_with_both_partners():
     assert m(x).shape == (2, 3, 4, 4)
 
 
+def test_parts_that_meet_at_single_channels_are_left_out_with_a_warning():
+    class Odd(nn.Module):  # 7 + 9 channels in 4 norm groups of 4: only 1-channel segments stay equal
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.n, self.o = nn.Conv2d(3, 7, 1), nn.Conv2d(3, 9, 1), nn.GroupNorm(4, 16), nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            return self.o(self.n(torch.cat([self.a(x), self.b(x)], 1)))
+
+    with pytest.warns(UserWarning, match="channels of a are not pruned: equal parts .* at single channels"):
+        assert tpr.find_groups(Odd(), torch.randn(1, 3, 4, 4)) == []
+
+
 class RelPosAttention(nn.Module):
     """SAM's attention: heads folded into the batch, a relative-position table shared by the heads."""
 

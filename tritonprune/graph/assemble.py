@@ -364,6 +364,9 @@ def _merge_spanning(spanning, built, index_of, units, blocks, merges, failed) ->
             n = int(built[gi]["order"].numel())
             size = math.gcd(size, n // blocks.get(gi, 1))
         why = next((failed[gi] for gi in gis if gi in failed), None)
+        if why is None and size == 1:
+            # segments of one channel: the parts would stay equal only if nothing or everything went
+            why = "equal parts (GroupNorm groups, chunk parts) cut across the groups at single channels"
         if why is not None:
             for gi in gis:
                 failed.setdefault(gi, why)
