@@ -257,15 +257,19 @@ def test_head_count_that_several_attributes_could_hold_is_refused():
     class TwoCandidates(NamedHeads):
         def __init__(self):
             super().__init__()
-            self.blocks_out = 4  # also read by the forward, also equal to the head count
+            self.nh, self.blocks_out = self.heads, 4  # blocks_out: also read, also equal to the head count
+            del self.heads  # `heads` is a known head-count name now (diffusers); `nh` is not
 
         def forward(self, x):
-            return super().forward(x).repeat(1, 1, self.blocks_out // 4)
+            B, T, _ = x.shape
+            q, k, v = (t.view(B, T, self.nh, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+            o = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+            return o.repeat(1, 1, self.blocks_out // 4)
 
     m = TwoCandidates()
     p = aa.projections("attn", m)
     removed = torch.zeros(1, 96, dtype=torch.bool)
     removed[0, 16:32] = True  # query heads 2 and 3 of 4 (head dim 8)
     cut = Cut("attn.qkv.weight", 0, removed, {8})
-    with pytest.raises(ValueError, match=r"'attn'.*several attributes could be it \(heads, blocks_out\)"):
+    with pytest.raises(ValueError, match=r"'attn'.*several attributes could be it \(nh, blocks_out\)"):
         aa._unnamed_head_count("attn", m, p, {("attn.qkv.weight", 0): cut})

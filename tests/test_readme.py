@@ -47,6 +47,17 @@ ids = torch.randint(0, 100, (1, 16))
 ds = [{"input_ids": (_t := torch.randint(0, 100, (16,))), "labels": _t.clone()} for _ in range(32)]
 """
 
+# Ultralytics lives where the tests keep the packages that import torchvision (tests/tv.py); a block
+# about it passes where it is not installed
+YOLO = """
+import importlib.util, os, sys, tempfile, types
+sys.path.append(os.path.join(sys.prefix, "tests-only"))
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp()
+if importlib.util.find_spec("ultralytics") is None:
+    sys.exit(0)
+"""
+
 DISTRIBUTED = "skip: needs several processes (torchrun); tests/test_distributed.py runs these calls under gloo"
 
 # section heading -> the setup its blocks run after, or the reason they are skipped
@@ -64,6 +75,8 @@ SECTIONS = {
     "Lightning Fabric": VISION,
     "Torch-Pruning: what is the same, what differs, migration": VISION,
     "tritonprune": VISION,  # docs/index.md
+    "Detectors: outputs whose width may change (`free_outputs`)": YOLO,
+    "Diffusion UNets, SAM, CLIP": "import torch\n",
 }
 
 

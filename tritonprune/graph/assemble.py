@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import replace
 
@@ -301,7 +302,7 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
     spanning = []
 
     def in_order(gi: int, lab: torch.Tensor) -> bool:
-        return built[gi]["order"].numel() == lab.numel() and torch.equal(index_of[lab], torch.arange(lab.numel()))
+        return in_group_order(built, index_of, gi, lab)
 
     for kind, reqs in (("blocks", space.requirements), ("unit", space.units), ("soft", space.soft_requirements)):
         target = units if kind == "unit" else blocks
@@ -358,39 +359,80 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
                 continue
             target[gi] = combined
 
-    merged: set[int] = set()
-    for lab, nb, runs, run_len in spanning:
-        why = None
-        if len(runs) != nb or len(set(runs)) != nb or len(set(run_len)) != 1:
-            why = f"{nb} equal parts of a chunk do not each form a group"
-        elif merged & set(runs):
-            why = "channels are split by two different chunks"
-        elif any(gi in units for gi in runs):
-            why = "a chunk splits attention heads"
-        else:
-            pos = 0
-            for gi, n in zip(runs, run_len):
-                if not in_order(gi, lab[pos : pos + n]):
-                    why = f"a part of a {nb}-way chunk is only partly in a group"
-                pos += n
-        inner = 1
-        if why is None:
-            for gi in runs:
-                inner = g.block_count(inner, blocks.get(gi, 1))
-            if inner == 0 or any(blocks.get(gi, 1) != inner for gi in runs):
-                why = "chunk parts have different block structure"
-        if why is not None:
-            for gi in runs:
-                failed[gi] = why
-            continue
-        merged.update(runs)
-        merges[runs[0]] = runs
-        blocks[runs[0]] = nb * inner
+    _merge_spanning(spanning, built, index_of, units, blocks, merges, failed)
     _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed)
     for gi in set(blocks) & set(units):
         if (built[gi]["order"].numel() // blocks[gi]) % units[gi]:
             failed[gi] = "equal blocks and whole attention heads do not fit together"
     return blocks, units, merges
+
+
+def _merge_spanning(spanning, built, index_of, units, blocks, merges, failed) -> None:
+    """Equal parts (chunk parts, GroupNorm groups) whose channels fall into several groups: merge the groups.
+
+    The parts stay equal if every segment between two boundaries (of a part or of a group) loses the
+    same count. With `seg` the gcd of the part size and the groups' run lengths, every part and every
+    group is made of whole segments of that size; the groups are merged, each cut into segments (finer
+    than its own blocks where it has some), and the merged group removes the same count from each
+    segment. A chunk of whole groups is the case where segments are the parts; a GroupNorm over a
+    `cat` of a skip connection and an upsampled map (a UNet) is one whose groups do not align with
+    the norm's. Groups meeting in several such ops merge into one.
+    """
+    parent: dict[int, int] = {}
+
+    def root(gi: int) -> int:
+        while parent.setdefault(gi, gi) != gi:
+            gi = parent[gi]
+        return gi
+
+    seg: dict[int, int] = {}  # root -> segment size so far
+    for lab, nb, runs, run_len in spanning:
+        why = None
+        if len(set(runs)) != len(runs) or lab.numel() % nb:
+            why = f"{nb} equal parts of a chunk do not each form a group"
+        elif any(gi in units for gi in runs):
+            why = "a chunk splits attention heads"
+        else:
+            pos = 0
+            for gi, n in zip(runs, run_len):
+                if not in_group_order(built, index_of, gi, lab[pos : pos + n]):
+                    why = f"a part of a {nb}-way chunk is only partly in a group"
+                pos += n
+        if why is not None:
+            for gi in runs:
+                failed[gi] = why
+            continue
+        size = math.gcd(lab.numel() // nb, *run_len)
+        top = root(runs[0])
+        for gi in runs[1:]:
+            other = root(gi)
+            if other != top:
+                parent[other] = top
+                size = math.gcd(size, seg.pop(other, size))
+        seg[top] = math.gcd(seg.get(top, size), size)
+    members: dict[int, list[int]] = {}
+    for gi in parent:  # in the order groups were first met
+        members.setdefault(root(gi), []).append(gi)
+    for top, gis in members.items():
+        size = seg[top]
+        for gi in gis:
+            n = int(built[gi]["order"].numel())
+            size = math.gcd(size, n // blocks.get(gi, 1))
+        why = next((failed[gi] for gi in gis if gi in failed), None)
+        if why is None and size == 1:
+            # segments of one channel: the parts would stay equal only if nothing or everything went
+            why = "equal parts (GroupNorm groups, chunk parts) cut across the groups at single channels"
+        if why is not None:
+            for gi in gis:
+                failed.setdefault(gi, why)
+            continue
+        merges[gis[0]] = gis
+        blocks[gis[0]] = sum(int(built[gi]["order"].numel()) for gi in gis) // size
+
+
+def in_group_order(built, index_of, gi: int, lab: torch.Tensor) -> bool:
+    """`lab` lists all of group `gi`'s channels, in the group's order."""
+    return built[gi]["order"].numel() == lab.numel() and torch.equal(index_of[lab], torch.arange(lab.numel()))
 
 
 def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed) -> None:

@@ -6,11 +6,13 @@ import math
 import operator
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from . import group as g
 from .channels import NONE, along, channel_vector, expand_dims, has_ids, none_like
+from .elementwise import align, couple
 from .matmul import activation_matmul
+from .record import same_width
 from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 aten = torch.ops.aten
@@ -139,6 +141,16 @@ def _linear(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object,
 @rule(*overloads(aten.linear))
 def linear(w: Walker, node: fx.Node) -> object:
     weight, bias = node.args[1], _arg(node, 2, "bias")
+    if _is_param(w, weight) and bias is not None and not _is_param(w, bias):
+        # a bias computed in the forward (F.multi_head_attention_forward's slice of a cat of biases):
+        # x @ W.T + b, the bias meeting the product elementwise
+        ids = _linear(w, node, node.args[0], weight, None, 1, 0)
+        b, out = w.act(bias), w.out_shape(node)
+        if not isinstance(ids, torch.Tensor) or w.shape(bias) is None:
+            return ids
+        b_shape = (1,) * (len(out) - len(w.shape(bias))) + tuple(w.shape(bias))
+        b = align(b if isinstance(b, torch.Tensor) else none_like(w.shape(bias)), len(out))
+        return couple(w, node, ids, out, b, b_shape)
     if not _is_param(w, weight, bias):
         blocks = [row_block(w, t) for t in (weight, bias)]
         if blocks[0] is None or (bias is not None and (blocks[1] is None or blocks[1][1:] != blocks[0][1:])):
@@ -200,6 +212,28 @@ def matmul(w: Walker, node: fx.Node) -> object:
     if param is not None:
         return _linear(w, node, x, param, None, 1, 0)  # x @ W.T with W [out, in] (Falcon's FalconLinear)
     return activation_matmul(w, node)
+
+
+@rule(same_width)
+def equal_width(w: Walker, node: fx.Node) -> object:
+    """Functional attention with separate q/k/v weights (CLIP RN50's attention pooling): the query's
+    channels and q_proj's rows are pruned together, position by position, so their counts stay equal;
+    whole heads of q_proj then take the same positions of the query width. nn.MultiheadAttention is
+    left alone: pruning gives it its own class with a free attention width (attention_attrs)."""
+    x, weight = node.args
+    if isinstance(w.modules.get(w.module_of(node)), nn.MultiheadAttention) or w.tensor_name(weight) is None:
+        return None
+    ids = w.act(x)
+    shape = w.shape(x)
+    if not isinstance(ids, torch.Tensor) or shape is None or shape[-1] != w.shape(weight)[0]:
+        return None
+    vec = channel_vector(ids, len(shape) - 1, shape[-1])
+    rows = w.pid(weight, 0, kind=g.LINEAR, role=g.OUT)
+    if vec is None:
+        w.space.exclude(rows)
+    else:
+        _link_channels(w, vec, rows)
+    return None
 
 
 def transposed_weight(w: Walker, node: object) -> fx.Node | None:

@@ -8,8 +8,9 @@ Written as an einsum over letters: batch letters (in both operands and the outpu
   so heads go whole, together with what they meet (the scores of head h, then the values of head h).
 - Otherwise a contracted letter couples the operands' channels at the same position (x @ y over C), and
   a free letter carries its operand's channels to the output.
-- An operand without channels along a letter where the other has them keeps that dim's size: those
-  channels are left out.
+- An operand without channels along a contracted letter where the other has them (a table shared by all
+  heads) keeps that dim's size: fine where the other's lines along it go whole (whole heads), else
+  those channels are left out, naming the op.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import fx
 
 from .channels import NONE, has_ids, none_like
 from .elementwise import align, couple
-from .walker import Walker, no_identity, overloads, rule, unknown
+from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 aten = torch.ops.aten
 
@@ -63,12 +64,27 @@ def contract(w: Walker, node: fx.Node, operands: list[tuple[object, str]], out: 
         return _per_batch_index(w, node, (a, sa), (b, sb), chan_batch, order, out)
     free_a = [k for k, c in enumerate(order) if c in la and c in out and c not in lb]
     free_b = [k for k, c in enumerate(order) if c in lb and c in out and c not in la]
+    fixed = False
     for t, other, s_other in ((a, b, sb), (b, a, sa)):
-        if varies(t, contracted) and (varies(t, free_a + free_b) or not has_ids(other)
-                                      or any(other.shape[k] == 1 and s_other[k] > 1 for k in contracted)):
+        if not varies(t, contracted):
+            continue
+        if varies(t, free_a + free_b) and not varies(other, free_a + free_b):
+            # the other operand is a table shared by all heads (SAM's relative-position embedding, a
+            # parameter or no channels at all): the contracted size must stay, which holds where each of
+            # t's lines along it goes whole (a head that is one channel) and the table keeps its size;
+            # assemble fails the groups, naming this op, where not
+            why = where(w, node, "a product with a table shared by the heads keeps the contracted size")
+            for k in contracted:
+                for u in (t, other):
+                    if u.shape[k] > 1:
+                        w.space.fix_dim(u, k, why)
+            fixed = True
+            break
+        elif varies(t, free_a + free_b) or not has_ids(other) \
+                or any(other.shape[k] == 1 and s_other[k] > 1 for k in contracted):
             w.warn(node, "a product over a channel dim that the other operand has no channels along")
             return _give_up(w, node, a, b)
-    if varies(a, contracted):
+    if varies(a, contracted) and not fixed:
         pa, pb = torch.broadcast_tensors(a, b)
         w.space.union(pa, pb)
         w.space.exclude(torch.where(pb < 0, pa, NONE))

@@ -172,6 +172,24 @@ def _descend_into(func: types.FunctionType) -> types.FunctionType:
     return clone
 
 
+def same_width(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Marker recorded before F.multi_head_attention_forward with separate projection weights: the
+    query's width and the q projection's rows must stay equal (the call asserts a square q_proj and
+    splits the query width into heads); see layers.same_width."""
+
+
+def _note_embed_width(rec: Recorder, args: tuple, kwargs: dict) -> None:
+    import inspect
+
+    try:
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+    except TypeError:
+        return
+    a = bound.arguments
+    if a.get("use_separate_proj_weight") and isinstance(a.get("q_proj_weight"), torch.Tensor):
+        rec.record(same_width, (a["query"], a["q_proj_weight"]), {}, None)
+
+
 def _setup() -> dict[object, tuple[object, object]]:
     global _COMPOSITES
     if _COMPOSITES is None:
@@ -445,6 +463,8 @@ class _Layers(TorchFunctionMode):
         if entry is None:
             inner = _DESCEND.get(func)
             if inner is not None:
+                if func is F.multi_head_attention_forward:
+                    _note_embed_width(rec, args, kwargs)
                 with self:
                     out = inner(*args, **kwargs)
             else:

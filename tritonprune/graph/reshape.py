@@ -470,3 +470,10 @@ def repeat_interleave(w: Walker, node: fx.Node) -> object:
         return unknown(w, node) if has_ids(ids) else no_identity(w, node)
     d = dim % ids.dim()
     return ids.repeat_interleave(int(node.args[1]), d) if ids.shape[d] > 1 else ids
+
+
+@rule(*overloads(aten.new_full, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_empty_strided))
+def new_tensor(w: Walker, node: fx.Node) -> object:
+    """A fresh tensor of a given shape that takes only dtype and device from its source (Ultralytics'
+    anchors: `feats[i].new_full((h * w, 1), stride)`): no channels flow."""
+    return no_identity(w, node)

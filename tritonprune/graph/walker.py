@@ -219,6 +219,14 @@ class Walker:
         name, is_buffer = self.tensor_name(node)
         kind = g.PARAM
         role = g.STAT if is_buffer else g.AFFINE
+        module = self.modules.get(owner(name))
+        if name.rpartition(".")[2] == "bias" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            # a layer's bias that functional code reads (F.multi_head_attention_forward concatenates
+            # q_proj/k_proj/v_proj biases): labelled as the layer labels it
+            kind = g.LINEAR if isinstance(module, nn.Linear) else g.CONV
+            ids = self.pid(node, d, kind=kind, role=g.OUT, is_bias=True)
+            self.value_ranges.append((int(ids[0]), int(ids[-1]) + 1))
+            return along(ids, d, len(shape))
         ids = self.pid(node, d, kind=kind, role=role)
         self.value_ranges.append((int(ids[0]), int(ids[-1]) + 1))
         return along(ids, d, len(shape))

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HEAD_COUNT = ("num_attention_heads", "num_heads", "n_head", "n_heads")
+HEAD_COUNT = ("num_attention_heads", "num_heads", "n_head", "n_heads", "heads")
 KV_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 INNER = ("all_head_size", "split_size", "inner_dim")
@@ -103,7 +103,8 @@ def projections(name: str, m: nn.Module) -> Projections | None:
         return Projections(*rows, (_q(name, "q_proj_weight"), 1))
     children = dict(m.named_children())
     for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
-                  ("query_proj", "key_proj", "value_proj"), ("wq", "wk", "wv")):
+                  ("query_proj", "key_proj", "value_proj"), ("wq", "wk", "wv"),
+                  ("to_q", "to_k", "to_v")):  # wq: CrossViT; to_*: diffusers
         if all(n in children for n in names):
             found = [_linear_rows(_q(name, n), children[n]) for n in names]
             if all(f is not None for f in found):
@@ -452,7 +453,7 @@ def _hf_updates(m: nn.Module, after: Shape) -> list[Update]:
 
 def _unnamed_head_count(name: str, m: nn.Module, p: Projections, cuts) -> str | None:
     """The attribute holding the head count of a module that keeps it under a name not in HEAD_COUNT
-    (`heads`, `nh`) and stores no head dim either, where the cut removes whole heads; None where none do.
+    (`nh`, `h`) and stores no head dim either, where the cut removes whole heads; None where none do.
 
     Its forward then reads the count from that attribute (`view(B, T, self.heads, -1)`): left alone, the
     module would split its fewer rows into the old number of narrower heads and compute something else
