@@ -249,8 +249,9 @@ def slice_scatter(w: Walker, node: fx.Node) -> object:
 
 @rule(*overloads(aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty_strided))
 def new_tensor(w: Walker, node: fx.Node) -> object:
-    """A fresh tensor (`x.new_zeros(shape)`: Swin's shifted-window mask) reads only the dtype and device of
-    `x`: its values carry no channels (the ones written into it later do, see slice_scatter)."""
+    """A fresh tensor (`x.new_zeros(shape)`: Swin's shifted-window mask; Ultralytics' anchors
+    `feats[i].new_full((h * w, 1), stride)`) reads only the dtype and device of `x`: its values carry no
+    channels (the ones written into it later do, see slice_scatter)."""
     return no_identity(w, node)
 
 
@@ -470,10 +471,3 @@ def repeat_interleave(w: Walker, node: fx.Node) -> object:
         return unknown(w, node) if has_ids(ids) else no_identity(w, node)
     d = dim % ids.dim()
     return ids.repeat_interleave(int(node.args[1]), d) if ids.shape[d] > 1 else ids
-
-
-@rule(*overloads(aten.new_full, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_empty_strided))
-def new_tensor(w: Walker, node: fx.Node) -> object:
-    """A fresh tensor of a given shape that takes only dtype and device from its source (Ultralytics'
-    anchors: `feats[i].new_full((h * w, 1), stride)`): no channels flow."""
-    return no_identity(w, node)
