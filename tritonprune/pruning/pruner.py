@@ -457,7 +457,7 @@ def prune(
     }
     if kind_ratios:
         plan.info["kind_ratios"] = dict(kind_ratios)
-    searched = [r for r, out in found_ratio if out is removed_last]
+    searched = [r for r, out in found_ratio if out == removed_last]  # the run check returns copies
     if target is not None and steps == 1 and searched:
         plan.info["searched_ratio"] = searched[0]  # the ratio the target gave (for GrowingReg(ratio=...))
     if excluded:
