@@ -542,3 +542,14 @@ def test_iterative_target_dry_run_leaves_the_model_alone():
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
     plan.apply(model)
     assert count_params(model) <= target
+
+
+def test_norm_group_rounding_is_warned():
+    """GroupNorm blocks keep equal counts: 4 channels per block at ratio 0.3 cannot keep 2.8, so the
+    group removes more than asked; prune says so (it said nothing before)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"8 channels, 2 blocks kept equal\): asked 0.3, removes 0.5"):
+        plan = prune(m, (x,), ratio=0.3, dry_run=True)
+    assert plan.num_removed == 4

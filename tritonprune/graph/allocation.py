@@ -125,7 +125,8 @@ def select(
     Counting is done in units (`Group.unit` channels removed together) per block (`Group.blocks`).
     `kinds`: one key per group (`kind_key`), turns on isomorphic ranking; `kind_ratios` maps labels
     (`kind_label`) to ratios. `notes`, if a list, receives `(group index, requested ratio, removed
-    fraction)` for each locally selected group whose rounding to whole units / round_to moved its count.
+    fraction)` for each locally selected group whose rounding to whole units, equal counts per block (norm
+    groups) or round_to moved its count.
     """
     layer_ratios = layer_ratios or {}
     kind_ratios = kind_ratios or {}
@@ -148,7 +149,7 @@ def select(
             continue
         r = ratio if r is None else r
         k = _kept_per_block(cb, cb * (1 - r), kmin, round_to, b * u, nearest=u > 1)
-        if notes is not None and k * b * u != math.floor(g.size * (1 - r) + 1e-9) and (u > 1 or round_to):
+        if notes is not None and k * b * u != math.floor(g.size * (1 - r) + 1e-9) and (u > 1 or b > 1 or round_to):
             notes.append((i, r, 1 - k / cb))
         removed[i] = _channels(_removed_from(order, k), u)
     for key, pool in pools.items():

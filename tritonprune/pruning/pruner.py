@@ -425,9 +425,11 @@ def prune(
 
     if notes:
         warnings.warn(
-            "tritonprune.prune: whole heads / round_to moved these groups away from the requested ratio:\n  "
+            "tritonprune.prune: whole heads / norm groups / round_to moved these groups away from the requested "
+            "ratio:\n  "
             + "\n  ".join(f"group {i} ({groups[i].origin!r}, {groups[i].size} channels"
-                          f"{f', heads of {groups[i].unit}' if groups[i].unit > 1 else ''}): asked {r:.3g}, "
+                          f"{f', heads of {groups[i].unit}' if groups[i].unit > 1 else ''}"
+                          f"{f', {groups[i].blocks} blocks kept equal' if groups[i].blocks > 1 else ''}): asked {r:.3g}, "
                           f"removes {got:.3g}" for i, r, got in notes),
             stacklevel=2,
         )
