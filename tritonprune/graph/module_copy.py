@@ -79,8 +79,9 @@ def copy_tree(
         modules[id(m)] = c
         d = {}
         for k, v in m.__dict__.items():
-            if k.startswith("__composable_api") or k in leave_out:  # fully_shard's registry stays: the copy
-                continue  # can be sharded again
+            # fully_shard's registry stays behind (the copy can be sharded again), and so does `leave_out`
+            if k.startswith("__composable_api") or k in leave_out:
+                continue
             if "hook" in k and isinstance(v, dict):  # FSDP's all-gather hooks, and any other hooks
                 d[k] = OrderedDict()
             elif k in ("_parameters", "_buffers"):

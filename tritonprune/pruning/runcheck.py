@@ -147,11 +147,12 @@ def reference_output(
     if model.training:
         t = fake_forward(c, example_inputs, train=True)
         train = None if isinstance(t, RunFailure) else t
-    # a real clone that ran in eval mode only (no statistics moved) serves the first check as its copy;
-    # a meta copy holds fake tensors once run and is cheap to make again
-    spare = (id(model), fingerprint(model), c) if getattr(c, "_tritonprune_real", False) and not model.training \
-        else None
-    return Reference(got, train, normalize_outputs(free_outputs), spare)
+    ref = Reference(got, train, normalize_outputs(free_outputs))
+    if getattr(c, "_tritonprune_real", False) and not model.training:
+        # a real clone that ran in eval mode only (no statistics moved) serves the first check as its copy;
+        # a meta copy holds fake tensors once run and is cheap to make again
+        ref.offer(model, c)
+    return ref
 
 
 def _compare(ref: tuple[Any, list[Any]], got: tuple[Any, list[Any]], free_outputs: tuple = ()) -> RunFailure | None:
