@@ -9,6 +9,7 @@ first use, so a weight's rows and columns are separate channel spaces.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -30,13 +31,10 @@ class Registered:
     is_bias: bool = False
     is_buffer: bool = False
 
-    @property
+    @cached_property
     def ids(self) -> torch.Tensor:
         # made once: rules only read ids (every rule returns new tensors), so the one tensor is shared
-        ids = self.__dict__.get("_ids")
-        if ids is None:
-            ids = self.__dict__["_ids"] = torch.arange(self.first, self.first + self.size)
-        return ids
+        return torch.arange(self.first, self.first + self.size)
 
 
 class IdSpace:
