@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import threading
 import types
 import weakref
 from collections.abc import Mapping
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .module_stack import ModuleStack
 
 aten = torch.ops.aten
 
@@ -250,12 +251,11 @@ class Recorder:
         modules = list(model.named_modules())
         self.params = _tensor_names(model, modules)  # id -> (qualified name, is_buffer)
         self.tensor_names: dict[str, tuple[str, bool]] = {}
-        self.module_names = {id(m): n for n, m in modules}
-        self.stack: list[str] = []
+        self.running = ModuleStack({id(m): n for n, m in modules})
+        self.stack = self.running.path  # the module path of the op being recorded (read per op)
         self.where: dict[str, dict] = {}  # module path -> its nn_module_stack entry
         self.suppress = 0
         self.op: object = None  # the op running now: names the op of a failing forward
-        self.thread = threading.get_ident()
 
     # tensors <-> nodes
     def bind(self, t: torch.Tensor, node: fx.Node) -> None:
@@ -342,16 +342,6 @@ class Recorder:
         found = _tensors_with_paths(out)
         self.out_paths = [p for p, _ in found]
         self.graph.add("output", "output", ([self.node_of(t) for _, t in found],))
-
-    # module stack (global forward hooks, this thread only)
-    def enter(self, module: nn.Module, _args: object) -> None:
-        if threading.get_ident() == self.thread:
-            name = self.module_names.get(id(module))
-            self.stack.append(name if name is not None else (self.stack[-1] if self.stack else ""))
-
-    def leave(self, module: nn.Module, _args: object, _out: object) -> None:
-        if threading.get_ident() == self.thread and self.stack:
-            self.stack.pop()
 
 
 def _tensor_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> dict[int, tuple[str, bool]]:
@@ -523,18 +513,12 @@ def record_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Trace, 
     rec = Recorder(model)
     for t in _input_tensors(args, kwargs):
         rec.add_input(t)
-    pre = nn.modules.module.register_module_forward_pre_hook(rec.enter)
-    post = nn.modules.module.register_module_forward_hook(rec.leave)
-    try:
-        ops = _Ops(rec)
-        with torch.no_grad(), _Layers(rec, table, ops), ops:
-            try:
-                out = model(*args, **kwargs)
-            except Exception as e:  # the model's own error: name where it happened
-                raise ForwardFailed(rec.stack[-1] if rec.stack else "", rec.op, e) from e
-    finally:
-        pre.remove()
-        post.remove()
+    ops = _Ops(rec)
+    with rec.running.hooked(), torch.no_grad(), _Layers(rec, table, ops), ops:
+        try:
+            out = model(*args, **kwargs)
+        except Exception as e:  # the model's own error: name where it happened
+            raise ForwardFailed(rec.running.innermost(), rec.op, e) from e
     rec.finish(out)
     return Trace(rec.graph, rec.tensor_names, rec.out_paths), out
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..graph.module_copy import copy_tree
+from ..graph.module_stack import ModuleStack
 from ..graph.trace import call_with
 from .history import PLANS
 
@@ -125,33 +125,6 @@ def _fakeify(copy_: nn.Module, devices: Mapping[str, torch.device], mode) -> Non
                 m.__dict__[k] = type(v)(fake(x, default) if is_meta(x) else x for x in v)
 
 
-class _Stack:
-    """The path of the copy's modules running right now, kept by two global forward hooks (one
-    registration each, not two per module) that act only on this thread and on the copy's modules.
-    A failing forward never reaches the post-hooks, so the path then ends at the innermost failing module."""
-
-    def __init__(self, model: nn.Module):
-        self.path: list[str] = []
-        self.names = {id(m): name for name, m in model.named_modules()}
-        self.thread = threading.get_ident()
-        self.handles = [nn.modules.module.register_module_forward_pre_hook(self._enter),
-                        nn.modules.module.register_module_forward_hook(self._leave)]
-
-    def _enter(self, m, _args):
-        if threading.get_ident() == self.thread:
-            name = self.names.get(id(m))
-            if name is not None:
-                self.path.append(name)
-
-    def _leave(self, m, _args, _out):
-        if threading.get_ident() == self.thread and self.path and id(m) in self.names:
-            self.path.pop()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _spec_of(out: Any) -> tuple[Any, list[Any]]:
     leaves, spec = tree_flatten(out)
     sig = [
@@ -191,7 +164,7 @@ def fake_forward(
 def _forward(model: nn.Module, example_inputs: Any, context, train: bool, mode, convert) -> Any:
     extra = context(model) if context is not None else contextlib.nullcontext()
     model.train(train)
-    stack = _Stack(model)
+    stack = ModuleStack({id(m): name for name, m in model.named_modules()})
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     was = quiet.disabled
     quiet.disabled = True  # fake tensors log every failing meta kernel; the failure is returned instead
@@ -200,19 +173,17 @@ def _forward(model: nn.Module, example_inputs: Any, context, train: bool, mode, 
     caches = [(c, c.cache_info().currsize) for c in _lru_caches(model)]
     try:
         # the CPU random state is restored: a real copy's dropout must not move the user's random stream
-        with torch.random.fork_rng(devices=[]), mode, torch.no_grad(), extra:
+        with stack.hooked(), torch.random.fork_rng(devices=[]), mode, torch.no_grad(), extra:
             out = call_with(model, convert(example_inputs))
         return _spec_of(out)
     except Exception as e:  # any error of the forward is the answer
         text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        where = stack.path[-1] if stack.path else ""
-        return RunFailure(where, text + (" (in train mode)" if train else ""))
+        return RunFailure(stack.innermost(), text + (" (in train mode)" if train else ""))
     finally:
         for c, size in caches:
             if c.cache_info().currsize != size:
                 c.cache_clear()
         quiet.disabled = was
-        stack.remove()
 
 
 def _lru_caches(model: nn.Module) -> list[Any]:
