@@ -210,7 +210,7 @@ def _partition_part(w: Walker, node: fx.Node, d: int, n: int) -> tuple[int, int]
         return None
     if any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
         return None
-    module = w.modules.get(w.module_of(node).replace("<root>", ""))
+    module = _running_module(w, node)
     values = _int_attributes(module) | _int_attributes(getattr(module, "config", None))
     products = values | {a * b for a in values for b in values}
     if not all(e - s in products for s, e in ranges if e - s > 1):
@@ -219,9 +219,15 @@ def _partition_part(w: Walker, node: fx.Node, d: int, n: int) -> tuple[int, int]
 
 
 def _int_attributes(obj: object) -> set[int]:
+    """The integer attributes above 1 of `obj` (a module, or its config)."""
     if obj is None:
         return set()
     return {v for v in vars(obj).values() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+
+
+def _running_module(w: Walker, node: fx.Node) -> object:
+    """The module whose forward runs `node` (None outside the model's modules)."""
+    return w.modules.get(w.module_of(node).replace("<root>", ""))
 
 
 @rule(*overloads(aten.slice_scatter))
@@ -404,8 +410,7 @@ def _only_linear_rows(node: fx.Node) -> bool:
 
 def _sizes_are_attributes(w: Walker, node: fx.Node, sizes: list[int]) -> bool:
     """Every part size above 1 is an integer attribute of the module running the split."""
-    module = w.modules.get(w.module_of(node).replace("<root>", ""))
-    values = {v for v in vars(module).values() if isinstance(v, int) and not isinstance(v, bool)} if module else set()
+    values = _int_attributes(_running_module(w, node))
     return all(n in values for n in sizes if n > 1)
 
 
