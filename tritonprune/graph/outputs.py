@@ -43,6 +43,15 @@ def normalize(free_outputs: Iterable[Any] | None) -> tuple[Any, ...]:
     return entries
 
 
+def as_json(entries: Iterable[Any]) -> list[Any]:
+    """The entries as a plan's JSON keeps them (a path tuple as a list); `from_json` reads them back."""
+    return [list(e) if isinstance(e, tuple) else e for e in entries]
+
+
+def from_json(items: Iterable[Any]) -> tuple[Any, ...]:
+    return normalize(tuple(e) if isinstance(e, list) else e for e in items)
+
+
 def matches(entry: Any, path: Path) -> bool:
     if isinstance(entry, str):
         return entry in path

@@ -33,6 +33,7 @@ from ..graph.group import (
     STAT,
     Group,
 )
+from ..graph.outputs import from_json as outputs_from_json
 from ..graph.trace import unwrap
 from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .history import config_snapshot, record_plan
@@ -163,7 +164,7 @@ class PrunePlan:
 
     def _refuse_if_broken(self, model: nn.Module, inputs: Any) -> Checked | None:
         try:
-            free = [tuple(e) if isinstance(e, list) else e for e in self.info.get("free_outputs", ())]
+            free = outputs_from_json(self.info.get("free_outputs", ()))
             ref = reference_output(model, inputs, free_outputs=free)
         except RunCheckUnavailable as e:
             warnings.warn(f"tritonprune: the pruned model could not be checked before slicing: {e}", stacklevel=3)

@@ -36,6 +36,7 @@ from ..graph import find_groups, resolve_ignored
 from ..graph.assemble import is_ignored
 from ..graph.fingerprint import fingerprint
 from ..graph.group import IN, Group
+from ..graph.outputs import as_json as outputs_as_json
 from ..graph.trace import call_with, unwrap
 from ..wrappers import check_optimizer_owns, resolve_optimizer
 from .counting import MacCount, count_macs, count_params, estimate_macs, mac_counting
@@ -465,7 +466,7 @@ def prune(
     if excluded:
         plan.info["dropped"] = list(excluded.values())
     if free_outputs:
-        plan.info["free_outputs"] = [list(e) if isinstance(e, tuple) else e for e in free_outputs]
+        plan.info["free_outputs"] = outputs_as_json(free_outputs)
     spec = input_spec(example_inputs) if example_inputs is not None else None
     if spec is not None:
         plan.info["example_inputs"] = spec
