@@ -13,6 +13,7 @@ Each checks that the pruned model computes what the soft-pruned (zeroed) one doe
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -273,3 +274,71 @@ def test_head_count_that_several_attributes_could_hold_is_refused():
     cut = Cut("attn.qkv.weight", 0, removed, {8})
     with pytest.raises(ValueError, match=r"'attn'.*several attributes could be it \(nh, blocks_out\)"):
         aa._unnamed_head_count("attn", m, p, {("attn.qkv.weight", 0): cut})
+
+
+class CosineAttention(nn.Module):
+    """Swin v2's attention in a few lines: q and k normalized per head, a learned scale and a position
+    bias per head, and the key third of the packed qkv bias zeroed on a copy at `numel() // 3`."""
+
+    def __init__(self, dim: int = 24, num_heads: int = 4, tokens: int = 5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.rand(num_heads, 1, 1))
+        self.pos = nn.Linear(2, num_heads)  # Swin v2's cpb_mlp: one bias row per head
+        self.register_buffer("coords", torch.randn(tokens, tokens, 2))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = self.qkv.bias.clone()
+        length = bias.numel() // 3
+        bias[length:2 * length].zero_()
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * self.logit_scale.exp() + self.pos(self.coords).permute(2, 0, 1)
+        o = attn.softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(B, N, -1))
+
+
+class CosineNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.out = nn.Linear(6, 24), CosineAttention(), nn.Linear(24, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.out(h + self.attn(h))
+
+
+def test_cosine_attention_loses_whole_heads_exactly():
+    torch.manual_seed(0)
+    model, x = CosineNet().double().eval(), torch.randn(2, 5, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no op left without a rule, no channel left out
+        groups = tpr.find_groups(model, x)
+    (heads,) = [g for g in groups if any(s.module == "attn.pos" and s.role == "out" for s in g.slots)]
+    assert heads.unit == 1 and heads.size == 4  # a head is one channel: its q, k, v rows, scale and bias row
+    plan = tpr.prune(copy.deepcopy(model), x, groups=[heads], ratio=0.5, dry_run=True)
+    pruned, zeroed = copy.deepcopy(model), copy.deepcopy(model)
+    plan.apply(pruned)
+    plan.zero_(zeroed)
+    assert pruned.attn.num_heads == 2 and pruned.attn.qkv.out_features == 36 and pruned.attn.pos.out_features == 2
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed(x), rtol=1e-10, atol=1e-12)
+
+
+class LiteralBiasSlice(CosineAttention):
+    """The same zeroing written with literal positions (not a third of the size): they would not move."""
+
+    def forward(self, x):
+        bias = self.qkv.bias.clone()
+        bias[0:5].zero_()
+        return self.proj(F.linear(x, self.qkv.weight, bias)[..., :24])
+
+
+def test_constant_write_at_literal_positions_keeps_the_channels():
+    model, x = LiteralBiasSlice().eval(), torch.randn(2, 5, 24)
+    with pytest.warns(UserWarning, match="hard-codes channel positions"):
+        groups = tpr.find_groups(model, x)
+    assert not any(s.module == "qkv" and s.role == "out" for g in groups for s in g.slots)

@@ -30,7 +30,7 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
     tables = []
     for op in operands:
         ids = w.act(op)
-        shape = w.shape(op)
+        shape = _unexpanded_shape(w, op, ids)
         if not isinstance(ids, torch.Tensor) or shape is None:
             continue
         ids = align(ids, nd)
@@ -62,6 +62,15 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
             acc_ids = couple(w, node, acc_ids, acc_shape, ids, shape)
         acc_shape = tuple(max(x, y) for x, y in zip(acc_shape, shape))
     return _read_tables(w, node, acc_ids, tables, out)
+
+
+def _unexpanded_shape(w: Walker, op: fx.Node, ids: object) -> tuple[int, ...] | None:
+    """The shape an operand brings to the broadcast: a value without channels expanded first
+    (F.normalize's `norm.expand_as(x)`, a per-head statistic) broadcasts as it was before the expand."""
+    while (getattr(op.target, "overloadpacket", None) in (aten.expand, aten.expand_as)
+           and isinstance(op.args[0], fx.Node) and isinstance(ids, torch.Tensor) and not has_ids(ids)):
+        op = op.args[0]
+    return w.shape(op)
 
 
 def _note_table(w: Walker, node: fx.Node, ids: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor,

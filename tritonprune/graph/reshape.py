@@ -171,6 +171,11 @@ def slice_(w: Walker, node: fx.Node) -> object:
     start, step = _slice_range(node, src[d])[0], node.args[4] if len(node.args) > 4 else 1
     if node.users and all(u.target is aten.copy_.default and u.args[0] is node for u in node.users):
         pass  # only written into: slice_scatter checks the positions written
+    elif (blocks := _constant_block(node, src[d], start, out[d], step)) is not None:
+        # one of k equal blocks overwritten with a constant (Swin v2 zeroes the key third of its packed
+        # qkv bias, at `numel() // 3`): the blocks stay equal, so the slice still covers the same part
+        w.space.require_blocks(expand_dims(ids, src, [d]).movedim(d, 0).reshape(src[d], -1)[:, 0], blocks)
+        return ids.index_select(d, torch.arange(start, start + out[d], 1))
     elif _partition_part(w, node, d, src[d]) is None:
         w.space.fix_dim(ids, d, where(w, node, "slicing along a channel dim hard-codes channel positions"))
     else:
@@ -179,6 +184,33 @@ def slice_(w: Walker, node: fx.Node) -> object:
         # follow the cut, and where they cannot the run check leaves those groups out, naming them
         ids = expand_dims(ids, src, [d])
     return ids.index_select(d, torch.arange(start, start + out[d] * step, step))
+
+
+_CONSTANT_WRITES = (aten.zero.default, aten.fill.Scalar, aten.fill.Tensor)
+
+
+def _constant_block(node: fx.Node, n: int, start: int, length: int, step: int) -> int | None:
+    """k when the slice [start, start + length) is block number start/length of k = n/length equal blocks
+    (k <= 4: a packed q | k | v) and is only overwritten in place with a constant (zero_, fill_), written
+    back into the tensor it slices; else None. The model computes such bounds from the size (positions
+    written as literals would move after pruning: a risk taken only for constant overwrites of a block)."""
+    if step != 1 or length < 1 or n % length or start % length or not 2 <= n // length <= 4 or not node.users:
+        return None
+    for u in node.users:
+        if u.target not in _CONSTANT_WRITES or u.args[0] is not node:
+            return None
+        if not u.users or any(s.target is not aten.slice_scatter.default or s.args[0] is not node.args[0]
+                              for s in u.users):
+            return None
+    return n // length
+
+
+def _writes_constant_block(scatter: fx.Node, n: int, start: int, end: int, step: int) -> bool:
+    """The slice_scatter writes back a constant overwrite of the block its slice rule accepted."""
+    written = scatter.args[1]
+    sliced = written.args[0] if isinstance(written, fx.Node) and written.target in _CONSTANT_WRITES else None
+    return (isinstance(sliced, fx.Node) and getattr(sliced.target, "overloadpacket", None) is aten.slice
+            and sliced.args[0] is scatter.args[0] and _constant_block(sliced, n, start, end - start, step) is not None)
 
 
 def _slice_range(node: fx.Node, n: int) -> tuple[int, int]:
@@ -242,7 +274,7 @@ def slice_scatter(w: Walker, node: fx.Node) -> object:
     start, end = _range(node.args[3] if len(node.args) > 3 else None, node.args[4] if len(node.args) > 4 else None, out[d])
     step = node.args[5] if len(node.args) > 5 else 1
     src_full = src.expand(*[w.shape(node.args[1])[k] if k == d or src.shape[k] > 1 else 1 for k in range(nd)])
-    if src_full.shape[d] > 1 and src.shape[d] > 1:
+    if src_full.shape[d] > 1 and src.shape[d] > 1 and not _writes_constant_block(node, out[d], start, end, step):
         # the positions written are fixed: fine for whole heads written into a per-head dim
         w.space.fix_dim(src_full, d, where(w, node, "writing into a slice along a channel dim hard-codes channel positions"))
     target = [max(base.shape[k], src_full.shape[k]) if k != d else out[d] for k in range(nd)]
@@ -284,9 +316,10 @@ def polar(w: Walker, node: fx.Node) -> object:
     return combine(w, node, [a for a in node.args[:2] if isinstance(a, fx.Node)])
 
 
-@rule(*overloads(aten.ones_like, aten.zeros_like, aten.empty_like, aten.full_like))
+@rule(*overloads(aten.ones_like, aten.zeros_like, aten.empty_like, aten.full_like, aten.zero, aten.fill))
 def like(w: Walker, node: fx.Node) -> object:
-    """A constant of another tensor's shape: that tensor's dims (its size follows theirs)."""
+    """A constant of another tensor's shape: that tensor's dims (its size follows theirs). `zero_`/`fill_`
+    in place are recorded as `zero`/`fill` (Swin v2 zeroes the key part of a copied qkv bias)."""
     ids = w.act(node.args[0])
     return ids if isinstance(ids, torch.Tensor) else no_identity(w, node)
 
