@@ -34,3 +34,10 @@ def test_cli_page_names_every_option():
     missing = [f"{name} {opt}" for name, p in sub.choices.items() for a in p._actions
                for opt in a.option_strings if opt.startswith("--") and opt != "--help" and f"`{opt}" not in page]
     assert not missing, f"docs/cli.md does not document: {missing}"
+
+
+def test_coverage_tables_match_the_measured_results():
+    # docs/huggingface.md's table and the README's summary are rendered from bench/results/hf_heads.json
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "hf_table.py"), "--check"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, "stale coverage tables: run `python bench/hf_table.py` after bench/hf_heads.py"
