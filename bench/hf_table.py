@@ -39,9 +39,9 @@ NOTES = {
     "falcon": ("Falcon-7B (multi-query)", "query heads; parallel attention + MLP"),
     "falcon_new": ("Falcon, new architecture", "q/k/v laid out per KV group: whole groups, or the same count of "
                    "query heads from every group (`num_kv_heads`, `num_heads` follow)"),
-    "bloom": ("Bloom", "**heads not pruned** (warns, naming `aten.baddbmm` and the module): the ALiBi slopes are computed in "
-              "`BloomModel.forward` from the model's head count and shared by every layer, so no cut can keep "
-              "the kept heads' slopes"),
+    "bloom": ("Bloom", "ALiBi: the model keeps building its bias for the original head count, each pruned "
+              "attention narrows it to its kept heads at its entry (a forward pre-hook recorded in the plan, see "
+              "below); q/k/v interleaved per head; plain load refused (the hook)"),
     "deepseek_v2": ("DeepSeek-V2 (latent attention)", "heads carried through `q_b_proj` / `kv_b_proj` (nope, "
                     "rope and value dims of a head as one channel); the rotary key shared by all heads stays; "
                     "the low-rank latents (`q_lora_rank`, `kv_lora_rank`) are groups of their own (inexact: "
