@@ -42,9 +42,9 @@ NOTES = {
     "falcon": ("Falcon-7B (multi-query)", "query heads; parallel attention + MLP"),
     "falcon_new": ("Falcon, new architecture", "q/k/v laid out per KV group: whole groups, or the same count of "
                    "query heads from every group (`num_kv_heads`, `num_heads` follow)"),
-    "bloom": ("Bloom", "**heads not pruned** (warns, naming `aten.baddbmm` and the module): the ALiBi slopes are computed in "
-              "`BloomModel.forward` from the model's head count and shared by every layer, so no cut can keep "
-              "the kept heads' slopes"),
+    "bloom": ("Bloom", "ALiBi: the model keeps building its bias for the original head count, each pruned "
+              "attention narrows it to its kept heads at its entry (a forward pre-hook recorded in the plan, see "
+              "below); q/k/v interleaved per head; plain load refused (the hook)"),
     "deepseek_v2": ("DeepSeek-V2 (latent attention)", "heads carried through `q_b_proj` / `kv_b_proj` (nope, "
                     "rope and value dims of a head as one channel); the rotary key shared by all heads stays; "
                     "the low-rank latents (`q_lora_rank`, `kv_lora_rank`) are groups of their own (inexact: "
@@ -103,7 +103,8 @@ def summary(results: list[dict]) -> str:
         rows.setdefault(pruned, []).append(NOTES.get(r["model"], (r["model"], ""))[0])
     lines = ["| pruned at `ratio=0.3` | kept whole | families |", "|---|---|---|"]
     for pruned, families in sorted(rows.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        kept = [NAMES[c] for c in ("heads", "mlp", "residual") if c not in pruned]
+        kept = [NAMES[c] for c in ("heads", "mlp", "residual")
+                if c not in pruned and not (c == "mlp" and "experts" in pruned)]  # MoE: the MLP is the experts
         lines.append(f"| {', '.join(NAMES[c] for c in pruned) or 'nothing'} | {', '.join(kept) or '-'} | "
                      f"{'; '.join(families)} |")
     return "\n".join(lines)

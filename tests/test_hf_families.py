@@ -8,7 +8,9 @@
   manual q @ k^T, per-head bias, relative-position terms repeated per batch item and gathered by position,
   q | k | v sliced at positions from the config, q/k/v laid out per key/value group); siglip_vision's
   pooling head too (nn.MultiheadAttention with a learned probe as query); deepseek_v2/v3 (multi-head
-  latent attention: heads carried through q_b_proj / kv_b_proj, the shared rotary key stays);
+  latent attention: heads carried through q_b_proj / kv_b_proj, the shared rotary key stays); bloom (its
+  ALiBi bias, computed by the model for all heads, narrowed to the kept heads at each attention's entry:
+  tests/test_hf_bloom_heads.py);
 - t5: relative position bias table indexed by head, shared by all layers: heads and table pruned together;
 - swin: window attention with a per-head bias table gathered by an index buffer;
 - falcon: FalconLinear computes x @ W.T, parallel attention + MLP: groups found (MLP, residual stream);
@@ -118,7 +120,7 @@ HEADS = {"phi": "self_attn", "stablelm": "self_attn", "gptj": "attn", "gpt_neox"
          "falcon": "self_attention", "gpt_bigcode": "attn", "gemma_mqa": "self_attn", "gemma2": "self_attn",
          "beit": "attention", "mobilevit": "attention.attention", "deberta_v2": "attention.self",
          "phi3": "self_attn", "falcon_new": "self_attention", "siglip_vision": "self_attn|head.attention",
-         "deepseek_v2": "self_attn", "deepseek_v3": "self_attn"}
+         "deepseek_v2": "self_attn", "deepseek_v3": "self_attn", "bloom": "self_attention"}
 
 
 def _heads(m: torch.nn.Module, suffix: str) -> list[int]:
@@ -145,16 +147,6 @@ def test_every_attention_module_loses_heads(name):
     tpr.prune(m, x, ratio=0.3)
     after = _heads(m, HEADS[name])
     assert before and all(a < b for a, b in zip(after, before)), (before, after)
-    assert torch.isfinite(hf_zoo.output(m, x)).all()
-
-
-def test_bloom_alibi_heads_stay_with_a_warning_naming_op_and_module():
-    """Bloom computes its ALiBi slopes from the model's head count, once for all layers: no cut keeps the
-    kept heads' slopes, so the heads stay and a warning names the op and module."""
-    m, x, _ = hf_zoo.build("bloom")
-    with pytest.warns(UserWarning, match=r"query_key_value are not pruned.*aten\.baddbmm.*'transformer\.h\.0\.self_attention'"):
-        tpr.prune(m, x, ratio=0.3)
-    assert [b.self_attention.num_heads for b in m.transformer.h] == [4, 4]
     assert torch.isfinite(hf_zoo.output(m, x)).all()
 
 
@@ -239,7 +231,7 @@ def test_dims_mode_keeps_the_scale_and_plain_load_refuses(tmp_path):
 
 UNIFORM = {"qwen3", "mixtral", "qwen2_moe", "gpt2", "llama", "vit", "bert", "t5"}
 FAMILIES = ["qwen3", "gpt_bigcode", "t5", "swin", "falcon", "mixtral", "qwen2_moe", "vit", "bert", "gpt2", "llama",
-            "phi", "gemma_mqa", "gpt_neox", "beit", "phi3", "falcon_new", "siglip_vision", "deepseek_v2"]
+            "phi", "gemma_mqa", "gpt_neox", "beit", "phi3", "falcon_new", "siglip_vision", "deepseek_v2", "bloom"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

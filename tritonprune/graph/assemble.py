@@ -78,7 +78,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     index_of, orders = _channel_order(lab_all, grp_rows, seg_grp, seg_len, space.count)
     built, failed = _build_slots(regs, classes, lab_all, pos_all, seg_grp, seg_cls, seg_len, index_of, orders)
 
-    blocks, units, merges = _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed)
+    blocks, units, merges, inputs = _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed)
 
     mixed_group = _any_per_group(mixed, group_of_label, len(orders))
     groups = []
@@ -87,10 +87,11 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         if gi in merged_member:
             continue
         members = merges.get(gi, [gi])
-        slots, size = [], 0
+        slots, size, head_inputs = [], 0, []
         for m in members:
             for _, slot in sorted(built[m]["slots"], key=lambda rs: (rs[0], rs[1].offset)):
                 slots.append(replace(slot, offset=slot.offset + size) if size else slot)
+            head_inputs += [replace(h, channels=tuple(c + size for c in h.channels)) for h in inputs.get(m, ())]
             size += int(built[m]["order"].numel())
         why = next((failed[m] for m in members if m in failed), None)
         if why is not None:
@@ -102,7 +103,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
         origin = next((s.module for s in slots if s.role == g.OUT), slots[0].module or slots[0].name)
         exact = not any(mixed_group[m] for m in members)
         groups.append(g.Group(size=size, slots=tuple(slots), blocks=blocks.get(gi, 1), origin=origin,
-                              unit=units.get(gi, 1), exact=exact, index=len(groups)))
+                              unit=units.get(gi, 1), exact=exact, index=len(groups), inputs=tuple(head_inputs)))
     return groups
 
 
@@ -360,11 +361,35 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
             target[gi] = combined
 
     _merge_spanning(spanning, built, index_of, units, blocks, merges, failed)
-    _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed)
+    inputs, fixed = _head_inputs(space, labels, bad, group_of_label, built, index_of, units)
+    _check_fixed_lines(space.fixed_lines + fixed, labels, bad, group_of_label, built, index_of, units, blocks, failed)
     for gi in set(blocks) & set(units):
         if (built[gi]["order"].numel() // blocks[gi]) % units[gi]:
             failed[gi] = "equal blocks and whole attention heads do not fit together"
-    return blocks, units, merges
+    return blocks, units, merges, inputs
+
+
+def _head_inputs(space, labels, bad, group_of_label, built, index_of, units):
+    """Module arguments narrowed to the kept heads (graph/entries.py), by group: each head row of the
+    argument must be a whole head of one group (one channel, or one unit). Where not, the op's fixed dim
+    applies as without the argument's narrowing (returned as fixed lines)."""
+    out: dict[int, list[g.HeadInput]] = {}
+    fixed = []
+    for heads, need in space.adaptors:
+        lab = labels[heads]
+        if bool(bad[lab].any()):
+            continue
+        gis = set(group_of_label[lab].tolist())
+        gi = next(iter(gis))
+        chans = index_of[lab].tolist()
+        if len(gis) != 1 or gi < 0 or gi not in built \
+                or len({c // units.get(gi, 1) for c in chans}) != len(chans):
+            fixed.append(need.fixed)
+            continue
+        hi = g.HeadInput(need.module, need.arg, need.dim, need.heads, tuple(chans))
+        if hi not in out.setdefault(gi, []):
+            out[gi].append(hi)
+    return out, fixed
 
 
 def _merge_spanning(spanning, built, index_of, units, blocks, merges, failed) -> None:
@@ -435,9 +460,9 @@ def in_group_order(built, index_of, gi: int, lab: torch.Tensor) -> bool:
     return built[gi]["order"].numel() == lab.numel() and torch.equal(index_of[lab], torch.arange(lab.numel()))
 
 
-def _check_fixed_lines(space, labels, bad, group_of_label, built, index_of, units, blocks, failed) -> None:
+def _check_fixed_lines(fixed_lines, labels, bad, group_of_label, built, index_of, units, blocks, failed) -> None:
     """A dim whose size the code fixes survives pruning only if each of its lines is a whole unit."""
-    for lines, why in space.fixed_lines:
+    for lines, why in fixed_lines:
         # the lines are short and few (heads x head dim): plain lists, one tensor read per table
         lab = labels[lines.clamp_min(0)]
         valid = (lines >= 0).tolist()

@@ -61,6 +61,8 @@ class IdSpace:
         # it, so every line must be one whole unit (attention head) of its group
         self.fixed_lines: list[tuple[torch.Tensor, str]] = []
         self.poisoned: set[str] = set()  # tensors fed to ops without a rule: never pruned
+        # (head ids in order, entries.EntryNeed): a module argument narrowed to the kept heads at its entry
+        self.adaptors: list[tuple[torch.Tensor, object]] = []
 
     def fresh(self, n: int) -> torch.Tensor:
         ids = torch.arange(self.count, self.count + n)
@@ -112,6 +114,9 @@ class IdSpace:
         lines = ids.movedim(dim, -1).reshape(-1, ids.shape[dim])
         lines = torch.unique(lines, dim=0) if lines.shape[0] > 1 else lines
         self.fixed_lines.append((lines, why))
+
+    def adapt(self, heads: torch.Tensor, need: object) -> None:
+        self.adaptors.append((heads, need))
 
     def mix(self, ids: torch.Tensor) -> None:
         _append_known(self.mixing, ids)

@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from .channels import NONE, has_ids, none_like
+from .entries import MEETS_CONSTANT, adapt_entry
 from .walker import Rule, Walker, no_identity, overloads, rule, where
 
 aten = torch.ops.aten
@@ -28,13 +29,17 @@ def combine(w: Walker, node: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
     nd = len(out)
     acc_ids, acc_shape = None, None
     tables = []
-    for op in operands:
+    for op in _entries_last(w, node, operands):
         ids = w.act(op)
         shape = _unexpanded_shape(w, op, ids)
         if not isinstance(ids, torch.Tensor) or shape is None:
             continue
         ids = align(ids, nd)
         shape = (1,) * (nd - len(shape)) + shape
+        if acc_ids is not None and not has_ids(ids) and has_ids(acc_ids) and adapt_entry(w, node, op, acc_ids, shape):
+            # a per-head value the module receives from outside (a bias): narrowed at the module's entry
+            acc_shape = tuple(max(x, y) for x, y in zip(acc_shape, shape))
+            continue
         if w.is_table(ids):
             tables.append(ids)
             continue
@@ -73,6 +78,17 @@ def _unexpanded_shape(w: Walker, op: fx.Node, ids: object) -> tuple[int, ...] | 
     return w.shape(op)
 
 
+def _entries_last(w: Walker, node: fx.Node, operands: list[fx.Node]) -> list[fx.Node]:
+    """Forward arguments of the running module without channels go after the other operands, so they
+    meet the channels of all the others (see entries.adapt_entry)."""
+    entries = getattr(w.ep, "entries", None)
+    if not entries:
+        return operands
+    module = w.module_of(node)
+    late = [op for op in operands if (module, op) in entries and not has_ids(w.act(op) if isinstance(w.act(op), torch.Tensor) else None)]
+    return [op for op in operands if op not in late] + late if late else operands
+
+
 def _note_table(w: Walker, node: fx.Node, ids: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor,
                 other_shape: tuple[int, ...]) -> None:
     """A parameter or buffer used as a value, spread by a value without identity along a dim it does not
@@ -106,7 +122,7 @@ def _meet_without_identity(w: Walker, node: fx.Node, ids: torch.Tensor, other: t
         return
     for d in range(ids.dim()):
         if ids.shape[d] > 1 and other_shape[d] > 1:
-            w.space.fix_dim(torch.where(other < 0, ids, NONE), d, where(w, node, "channels meet values without channel identity (a model input, a constant or a table such as rotary cos/sin), whose size stays"))
+            w.space.fix_dim(torch.where(other < 0, ids, NONE), d, where(w, node, MEETS_CONSTANT))
 
 
 def _shared(w: Walker, node: fx.Node, kept: torch.Tensor, shared: torch.Tensor) -> None:

@@ -64,6 +64,19 @@ class Slot:
         ]
 
 
+@dataclass(frozen=True)
+class HeadInput:
+    """A forward argument of `module` that carries the group's heads along `dim` (see graph/entries.py):
+    `heads` head rows per period (batch x heads), head h being group channel `channels[h]`. Pruning
+    narrows the argument to the kept heads' rows at the module's entry."""
+
+    module: str
+    arg: str
+    dim: int
+    heads: int
+    channels: tuple[int, ...]
+
+
 @dataclass
 class Group:
     """A set of coupled channels.
@@ -83,6 +96,7 @@ class Group:
     unit: int = 1
     exact: bool = True
     index: int = field(default=0, compare=False)
+    inputs: tuple[HeadInput, ...] = ()  # arguments narrowed to the kept heads (Bloom's ALiBi)
 
     def slots_of(self, *kinds: str, roles: tuple[str, ...] | None = None) -> list[Slot]:
         return [s for s in self.slots if s.kind in kinds and (roles is None or s.role in roles)]

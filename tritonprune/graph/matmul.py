@@ -22,6 +22,7 @@ from torch import fx
 
 from .channels import NONE, has_ids, none_like
 from .elementwise import align, couple
+from .entries import adapt_entry
 from .walker import Walker, no_identity, overloads, rule, unknown, where
 
 aten = torch.ops.aten
@@ -174,6 +175,8 @@ def baddbmm(w: Walker, node: fx.Node) -> object:
         return ids
     inp = align(inp if isinstance(inp, torch.Tensor) else none_like(shape), 3)
     shape = (1,) * (3 - len(shape)) + tuple(shape)
+    if not has_ids(inp) and adapt_entry(w, node, node.args[0], align(ids, 3), shape):
+        return align(ids, 3)  # a bias the module receives per head (Bloom's ALiBi): narrowed at its entry
     return couple(w, node, align(ids, 3), out, inp, shape)
 
 

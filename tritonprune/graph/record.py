@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import threading
 import types
 import weakref
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .entries import entry_arguments
 from .module_stack import ModuleStack
 
 aten = torch.ops.aten
@@ -43,6 +45,8 @@ class Trace:
     graph: fx.Graph
     tensor_names: dict[str, tuple[str, bool]] = field(default_factory=dict)  # placeholder -> (name, buffer)
     out_paths: list[tuple] = field(default_factory=list)  # per output leaf: its keys/indices (free_outputs)
+    # (module path, node) -> the forward parameter name the module received that value as (see entries.py)
+    entries: dict[tuple[str, fx.Node], str] = field(default_factory=dict)
 
 
 # ---- composite ops recorded whole (as torch.export shows them) -----------------------------------
@@ -256,6 +260,7 @@ class Recorder:
         self.where: dict[str, dict] = {}  # module path -> its nn_module_stack entry
         self.suppress = 0
         self.op: object = None  # the op running now: names the op of a failing forward
+        self.entries: dict[tuple[str, fx.Node], str] = {}
 
     # tensors <-> nodes
     def bind(self, t: torch.Tensor, node: fx.Node) -> None:
@@ -337,6 +342,19 @@ class Recorder:
         scatter = self.graph.add("call_function", aten.slice_scatter.default, (entry[1], node, *sliced.args[1:]))
         scatter.meta.update({k: v for k, v in sliced.meta.items() if k == "nn_module_stack"}, val=_meta(base))
         self.bind(base, scatter)
+
+    def entered(self, module: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
+        """A module's forward returned: note which recorded values it received, under which parameter name
+        (a value computed outside it, such as Bloom's ALiBi tensor, may then be narrowed at its entry)."""
+        path = self.running.names.get(id(module))
+        if path is None or threading.get_ident() != self.running.thread:
+            return
+        for name, t in entry_arguments(module, args, kwargs):
+            entry = self.nodes.get(id(t))
+            if entry is not None and entry[0]() is t:
+                key = (path, entry[1])
+                # one module called twice with the same value under two names: ambiguous, not adapted
+                self.entries[key] = name if self.entries.get(key, name) == name else ""
 
     def finish(self, out: object) -> None:
         found = _tensors_with_paths(out)
@@ -514,13 +532,17 @@ def record_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Trace, 
     for t in _input_tensors(args, kwargs):
         rec.add_input(t)
     ops = _Ops(rec)
-    with rec.running.hooked(), torch.no_grad(), _Layers(rec, table, ops), ops:
-        try:
-            out = model(*args, **kwargs)
-        except Exception as e:  # the model's own error: name where it happened
-            raise ForwardFailed(rec.running.innermost(), rec.op, e) from e
+    entered = nn.modules.module.register_module_forward_hook(rec.entered, with_kwargs=True)
+    try:
+        with rec.running.hooked(), torch.no_grad(), _Layers(rec, table, ops), ops:
+            try:
+                out = model(*args, **kwargs)
+            except Exception as e:  # the model's own error: name where it happened
+                raise ForwardFailed(rec.running.innermost(), rec.op, e) from e
+    finally:
+        entered.remove()
     rec.finish(out)
-    return Trace(rec.graph, rec.tensor_names, rec.out_paths), out
+    return Trace(rec.graph, rec.tensor_names, rec.out_paths, rec.entries), out
 
 
 def op_name(op: object) -> str:

@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from .._files import read_json, require_object, to_json, write_json, write_text
 from ..pruning.history import ORIGINAL_CONFIG, applied_plans, config_snapshot
+from ..pruning.kept_heads import hooks_of
 
 FILE = "tritonprune.json"
 FORMAT = "tritonprune.hf_checkpoint"
@@ -81,6 +82,9 @@ def _scalars(m: nn.Module) -> dict[str, Any]:
 
 def plain_load_problem(model: nn.Module) -> str | None:
     """Why `type(model)(model.config)` would not be this model (None if it would, exactly)."""
+    for name, hooks in hooks_of(model).items():
+        return (f"{name} narrows its argument {hooks[0].arg!r} to the heads it kept ({hooks[0]}), a forward pre-hook "
+                "that a plain from_pretrained does not install")
     try:
         fresh = _build(type(model), copy.deepcopy(model.config))
     except Exception as e:  # the config rejects itself (hidden size not a multiple of the heads, ...)

@@ -161,6 +161,15 @@ def grouped_rows(name: str, m: nn.Module) -> tuple[Rows, tuple[str, int], int, i
     [that group's query heads, its key head, its value head] (Falcon's new decoder architecture), or None."""
     fused = dict(m.named_children()).get("query_key_value")
     kvh, d = _int_attr(m, ("num_kv_heads",)), _int_attr(m, ("head_dim",))
+    if fused is not None and not getattr(m, "new_decoder_architecture", False) and not getattr(m, "multi_query", False) \
+            and kvh is None and d is not None and _int_attr(m, ("num_heads",)) is not None:
+        # Bloom (and Falcon's old architecture without multi-query): [query, key, value] per head, a group
+        # of one query head per key/value head
+        kvh = _int_attr(m, ("num_heads",))
+        found = _linear_rows(_q(name, "query_key_value"), fused)
+        if found is None or found[0].length != 3 * kvh * d:
+            return None
+        return found[0], found[1], kvh, d
     if fused is None or getattr(m, "new_decoder_architecture", False) is not True or kvh is None or d is None:
         return None
     found = _linear_rows(_q(name, "query_key_value"), fused)
@@ -598,6 +607,10 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
             ups += _mha_updates(m, after)
         else:
             ups += _hf_updates(m, after)
+            if grouped is not None and not getattr(m, "new_decoder_architecture", False) \
+                    and _int_attr(m, ("hidden_size",)) == before.heads * before.head_dim:
+                # Bloom's attention keeps its width as hidden_size (read to split the output projection)
+                ups.append((m, "hidden_size", after.heads * after.head_dim))
             if _reads_config_counts(m):
                 own.append((m, after))
             if unnamed is not None and before.heads != after.heads:

@@ -247,6 +247,7 @@ class PrunePlan:
                     "origin": g.origin,
                     "removed": list(map(int, r)),
                     "slots": [asdict(s) for s in g.slots],
+                    **({"inputs": [dict(asdict(h), channels=list(h.channels)) for h in g.inputs]} if g.inputs else {}),
                 }
                 for g, r in zip(self.groups, self.removed)
             ],

@@ -15,11 +15,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..graph.group import AFFINE, IN, OUT, STAT, Group, Slot
+from ..graph.group import AFFINE, IN, OUT, STAT, Group, HeadInput, Slot
 
 ROLES = (OUT, IN, AFFINE, STAT)
 TOP_KEYS = {"format", "version", "model_class", "groups", "shapes", "info"}
-GROUP_KEYS = {"size", "blocks", "unit", "exact", "origin", "removed", "slots"}
+GROUP_KEYS = {"size", "blocks", "unit", "exact", "origin", "removed", "slots", "inputs"}
+INPUT_KEYS = {"module", "arg", "dim", "heads", "channels"}
 GROUP_REQUIRED = {"size", "removed", "slots"}
 _TYPES = {"str": str, "int": int, "bool": bool}
 
@@ -121,12 +122,29 @@ def parse(d: Any) -> tuple[str, list[Group], list[list[int]], dict[str, list[int
             for k, v in s.items():
                 _typed(v, fields[k][0], sw, k)
             slots.append(Slot(**s))
+        inputs = tuple(_head_input(h, size, f"{where}, input {i}") for i, h in enumerate(g.get("inputs", [])))
         groups.append(
-            Group(size=size, slots=tuple(slots), blocks=blocks, unit=unit, exact=exact, origin=origin, index=gi)
+            Group(size=size, slots=tuple(slots), blocks=blocks, unit=unit, exact=exact, origin=origin, index=gi,
+                  inputs=inputs)
         )
         removed.append(list(rem))
     check_groups(groups, removed, shapes)
     return model_class, groups, [sorted(r) for r in removed], shapes, dict(info)
+
+
+def _head_input(h: Any, size: int, where: str) -> HeadInput:
+    """One module argument narrowed to the kept heads (optional key `inputs`; plans before it have none)."""
+    _keys(h, INPUT_KEYS, INPUT_KEYS, where)
+    for k in ("module", "arg"):
+        _typed(h[k], str, where, k)
+    for k in ("dim", "heads"):
+        if not _is(h[k], int) or h[k] < 0:
+            raise PlanError(f"{where}: {k} must be a non-negative int, got {h[k]!r}")
+    chans = h["channels"]
+    if not isinstance(chans, (list, tuple)) or len(chans) != h["heads"] or len(set(chans)) != len(chans) \
+            or not all(_is(c, int) and 0 <= c < size for c in chans):
+        raise PlanError(f"{where}: channels must list {h['heads']} distinct group channels in [0, {size}), got {chans!r}")
+    return HeadInput(h["module"], h["arg"], h["dim"], h["heads"], tuple(chans))
 
 
 def check_groups(groups: Sequence[Group], removed: Sequence[Sequence[int]], shapes: Mapping[str, Sequence[int]]) -> None:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..graph.geometry import slot_geometry, slot_view
 from ..graph.group import Group, Slot
+from . import kept_heads
 from .attention_attrs import attention_updates, commit, conv1d_attributes
 from .module_attrs import Choices, module_updates
 
@@ -42,6 +43,8 @@ class Cut:
     dim: int
     removed: torch.Tensor  # bool [blocks, size]
     units: set[int] = field(default_factory=set)  # run lengths of whole-unit groups cut here (head dims)
+    # (HeadInput, kept heads): arguments of the group's modules narrowed to the kept heads (kept_heads.py)
+    inputs: list = field(default_factory=list)
 
     @property
     def blocks(self) -> int:
@@ -163,6 +166,7 @@ def build_cuts(
                 raise ValueError(
                     f"group {group.origin!r}: channels must be removed in whole runs of {group.unit} (whole heads)"
                 )
+        first = None
         for slot in group.slots:
             if slot.name not in tensors:
                 raise ValueError(
@@ -183,6 +187,7 @@ def build_cuts(
                     f"{slot.name}: dim {slot.dim} is cut both per conv group ({max(G, cut.blocks)} blocks) and as a whole; "
                     "the groups are inconsistent"
                 )
+            first = cut if first is None else first
             if not sub.any():
                 continue
             if G > 1:
@@ -194,6 +199,8 @@ def build_cuts(
                 span.view(slot.length, slot.repeat).logical_or_(sub[:, None])
                 if group.unit > 1:
                     cut.units.add(group.unit * slot.repeat)
+        for hi in group.inputs if mask.any() else ():
+            first.inputs.append((hi, [h for h in range(hi.heads) if not mask[hi.channels[h]]]))
     # same count in every block, and conv-group rows cut evenly where columns are cut per conv group
     for (name, _), cut in cuts.items():
         if cut.blocks > 1:  # one block keeps one count
@@ -377,6 +384,8 @@ def prepare_cuts(
     attention = attention_updates(model, tensors, cuts)
     set_here = [(modules[m], k, v) for m, a in attrs.items() for k, v in a.items()]
     others = module_updates(model, tensors, cuts, attention + set_here)  # model-code integers (ViT's hidden_dim)
+    unique = {id(c): c for c in cuts.values()}.values()
+    hooks = kept_heads.plan_hooks(model, [x for c in unique for x in c.inputs])
     params = dict(model.named_parameters())
     old_to_new: dict[int, nn.Parameter] = {}
     grads: dict[int, torch.Tensor | None] = {}
@@ -401,6 +410,7 @@ def prepare_cuts(
     def commit_all() -> None:
         _commit(model, modules, params, new, tensors, old_to_new, grads, attrs, attention, others, optimizer,
                 states, new_groups, choices)
+        kept_heads.install(hooks)
 
     return commit_all
 
@@ -522,5 +532,12 @@ def remap_groups(groups: Iterable[Group], cuts: Mapping[tuple[str, int], Cut]) -
                     slot, offset=slot.offset - int(removed[: slot.offset].sum()), length=length, start=start
                 )
             )
-        out.append(replace(group, size=size, slots=tuple(slots), index=len(out)))
+        inputs = tuple(_remap_input(hi, removed) for hi in group.inputs)
+        out.append(replace(group, size=size, slots=tuple(slots), index=len(out), inputs=inputs))
     return out
+
+
+def _remap_input(hi, removed: torch.Tensor):
+    """A HeadInput after the cut: the kept heads, renumbered (the module's hook now narrows to them)."""
+    kept = [c for c in hi.channels if not removed[c]]
+    return replace(hi, heads=len(kept), channels=tuple(c - int(removed[:c].sum()) for c in kept))
