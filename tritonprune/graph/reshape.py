@@ -381,7 +381,13 @@ def split(w: Walker, node: fx.Node) -> object:
         # equal parts (q, k, v of a fused projection): allowed while every channel owns as many
         # elements in each part, so the parts stay equal after pruning
         parts = full.movedim(d, 0).reshape(len(sizes), sizes[0], -1).flatten(1)
-        w.space.require_balanced(parts, where(w, node, "split along a channel dim into parts that pruning would make unequal"))
+        vec = channel_vector(ids, d, src[d])
+        # parts sized by an attribute of the module running the split (C2PSA's `split((self.c, self.c))`)
+        # may instead fall into different groups, kept equal as a chunk's blocks (see assemble)
+        sized_by = w.module_of(node).replace("<root>", "") if vec is not None and bool((vec >= 0).all()) \
+            and len(sizes) > 1 and _sizes_are_attributes(w, node, sizes) else None
+        w.space.require_balanced(parts, where(w, node, "split along a channel dim into parts that pruning would make unequal"),
+                                 sized_by=sized_by)
     elif _sizes_are_attributes(w, node, sizes):
         # unequal parts whose sizes the module keeps as attributes (multi-query q | k | v by embed_dim,
         # kv_dim or num_heads): each part keeps its own channels, slicing updates the attributes, and

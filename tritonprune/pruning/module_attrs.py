@@ -8,7 +8,9 @@ such attributes per class does not scale; this module finds them from evidence i
 
 - a resized dim is one tensor dim the cuts shrink, old size -> new size; it is *seen* by the module
   owning the tensor and by that module's parent (ViT's `hidden_dim` lives on the model, the patch
-  embedding conv is its child);
+  embedding conv is its child), and by the modules the graph found sizing an op on those channels by
+  an attribute of their own (`Group.readers`: C2PSA's `split((self.c, self.c))` runs two levels above
+  the conv it splits);
 - an integer attribute of a module (or an int inside a tuple/list attribute) whose value equals the
   old size of a resized dim the module sees is updated to the new size, when every dim of that old
   size the module sees agrees on the new one (a dim of that size left whole counts as a vote for the
@@ -115,7 +117,8 @@ def _resized(tensors: Mapping[str, torch.Tensor], cuts: Mapping[tuple[str, int],
         old = tensors[name].shape[dim]
         new = old - int(cut.removed[0].sum())  # kept per block (build_cuts checked the blocks agree)
         if new != old:
-            for s in _scopes(name):
+            # the module running an op sized by this width (Group.readers) sees it too, wherever it sits
+            for s in (*_scopes(name), *sorted(cut.readers)):
                 seen.setdefault(s, {}).setdefault(old, set()).add(new)
     if seen:
         for name, t in tensors.items():

@@ -247,6 +247,7 @@ class PrunePlan:
                     "origin": g.origin,
                     "removed": list(map(int, r)),
                     "slots": [asdict(s) for s in g.slots],
+                    **({"readers": list(g.readers)} if g.readers else {}),
                 }
                 for g, r in zip(self.groups, self.removed)
             ],

@@ -42,6 +42,7 @@ class Cut:
     dim: int
     removed: torch.Tensor  # bool [blocks, size]
     units: set[int] = field(default_factory=set)  # run lengths of whole-unit groups cut here (head dims)
+    readers: set[str] = field(default_factory=set)  # modules sizing an op by this width (Group.readers)
 
     @property
     def blocks(self) -> int:
@@ -185,6 +186,7 @@ def build_cuts(
                 )
             if not sub.any():
                 continue
+            cut.readers.update(group.readers)
             if G > 1:
                 per = slot.length // G
                 cut.removed[:, slot.start : slot.start + per] |= sub.view(G, per)
