@@ -134,3 +134,31 @@ def test_a_part_that_must_stay_whole_keeps_the_other_whole():
         groups = tpr.find_groups(m, torch.randn(2, 4, 6, 6))
     assert not [g for g in groups if any(s.name == "cv1.0.weight" and s.role == "out" for s in g.slots)]
     assert not [g for g in groups if any(s.name == "m.0.weight" and s.role == "in" for s in g.slots)]
+
+
+def test_yolo11n_c2psa_split_is_one_group_and_what_stays_is_named():
+    """YOLO11n's C2PSA: the split is a blocked group read by 'model.10'; its residual stream still meets the
+    attention's value width (`view(B, C, H, W)` with C from the input), so the run check leaves it and the
+    head group out, naming the attention module, and the pruned model runs and trains (issue 22: 0.511)."""
+    import beyond_zoo as zoo
+
+    if not zoo.available("yolo11n"):
+        pytest.skip("ultralytics is not installed")
+    case = zoo.build("yolo11n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = tpr.find_groups(case.model, case.inputs, free_outputs=case.free_outputs)
+    assert not [w for w in caught if "model.10" in str(w.message)]  # before: the split was left out, warned
+    (g,) = [g for g in groups if g.readers]
+    assert g.readers == ("model.10",) and g.blocks == 2 and g.origin == "model.10.cv1.conv"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = tpr.prune(case.model, case.inputs, ratio=0.3, groups=groups, free_outputs=case.free_outputs)
+    dropped = plan.info.get("dropped") or []
+    assert {d["module"] for d in dropped} == {"model.10.m.0.attn"}
+    assert any("model.10.m.0.attn" in str(w.message) for w in caught)  # never silent
+    case.model.train()
+    case.loss(case.model, case.inputs).backward()
+    case.model.eval()
+    with torch.no_grad():
+        case.model(case.inputs)
