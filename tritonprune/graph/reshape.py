@@ -106,12 +106,29 @@ def view(w: Walker, node: fx.Node) -> object:
     ids = w.act(node.args[0])
     if not isinstance(ids, torch.Tensor):
         return no_identity(w, node)
-    new = reshape_ids(ids, w.shape(node.args[0]), w.out_shape(node), w.space)
+    src, dst = w.shape(node.args[0]), w.out_shape(node)
+    new = reshape_ids(ids, src, dst, w.space)
     if new is None:
         w.warn(node, "cannot follow channels through this reshape")
         w.space.exclude(ids)
         return no_identity(w, node)
+    _note_outer_count(w, node, ids, src, dst)
     return new
+
+
+def _note_outer_count(w: Walker, node: fx.Node, ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...]) -> None:
+    """A channel dim viewed as (outer, inner, ...) where `outer` is an integer attribute of the module
+    running the view (Ultralytics' Attention: `qkv.view(B, self.num_heads, ..., N)`, qkv's conv two levels
+    down): that module reads the count of the group its channels fall into (heads, when they go whole),
+    so slicing updates the attribute there (Group.readers)."""
+    runs = reshape_runs(src, dst)
+    for si, sj in runs or ():
+        big = [k for k in sj if dst[k] > 1]
+        if len(si) != 1 or len(big) < 2 or ids.shape[si[0]] == 1:
+            continue
+        vec = channel_vector(ids, si[0], src[si[0]])
+        if vec is not None and bool((vec >= 0).all()) and dst[big[0]] in _int_attributes(_running_module(w, node)):
+            w.space.readers.append((vec.clone(), w.module_of(node).replace("<root>", "")))
 
 
 @rule(*overloads(aten.expand, aten.expand_as, aten.repeat))

@@ -42,7 +42,9 @@ class Cut:
     dim: int
     removed: torch.Tensor  # bool [blocks, size]
     units: set[int] = field(default_factory=set)  # run lengths of whole-unit groups cut here (head dims)
-    readers: set[str] = field(default_factory=set)  # modules sizing an op by this width (Group.readers)
+    # (module, count per block before, after) of the groups cut here that a module's own integer
+    # attribute sizes an op by (Group.readers): module_attrs updates the attribute equal to `before`
+    readers: set[tuple[str, int, int]] = field(default_factory=set)
 
     @property
     def blocks(self) -> int:
@@ -141,6 +143,7 @@ def build_cuts(
     names = _aliases(tensors)  # a tied tensor is cut once, under its canonical name, and found under all
     for group, removed in removals:
         mask = _channel_mask(group, removed)
+        n_removed = int(mask.sum())
         if group.blocks > 1:
             if group.size % group.blocks:
                 raise ValueError(
@@ -186,7 +189,8 @@ def build_cuts(
                 )
             if not sub.any():
                 continue
-            cut.readers.update(group.readers)
+            cut.readers.update((r, group.size // group.blocks, (group.size - n_removed) // group.blocks)
+                               for r in group.readers)
             if G > 1:
                 per = slot.length // G
                 cut.removed[:, slot.start : slot.start + per] |= sub.view(G, per)
