@@ -81,6 +81,7 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
     blocks, units, merges, inputs = _apply_requirements(space, labels, bad, group_of_label, built, index_of, failed)
 
     mixed_group = _any_per_group(mixed, group_of_label, len(orders))
+    readers = _readers(space, labels, group_of_label)
     groups = []
     merged_member = {m for members in merges.values() for m in members[1:]}
     for gi, _ in sorted(built.items(), key=lambda kv: kv[1]["first"]):
@@ -102,9 +103,20 @@ def assemble(space: IdSpace, ignored: set[str]) -> list[g.Group]:
             continue
         origin = next((s.module for s in slots if s.role == g.OUT), slots[0].module or slots[0].name)
         exact = not any(mixed_group[m] for m in members)
+        read_by = tuple(sorted({r for m in members for r in readers.get(m, ())}))
         groups.append(g.Group(size=size, slots=tuple(slots), blocks=blocks.get(gi, 1), origin=origin,
-                              unit=units.get(gi, 1), exact=exact, index=len(groups), inputs=tuple(head_inputs)))
+                              unit=units.get(gi, 1), exact=exact, index=len(groups), inputs=tuple(head_inputs), readers=read_by))
     return groups
+
+
+def _readers(space: IdSpace, labels: torch.Tensor, group_of_label: torch.Tensor) -> dict[int, set[str]]:
+    """Per group: the modules whose integer attributes size an op on its channels (IdSpace.readers)."""
+    out: dict[int, set[str]] = {}
+    for ids, module in space.readers:
+        for gi in group_of_label[labels[ids]].unique().tolist():
+            if gi >= 0:
+                out.setdefault(gi, set()).add(module)
+    return out
 
 
 def _classes(regs: list, labels: torch.Tensor) -> list[list[int]]:
@@ -177,6 +189,13 @@ def _check_balanced(space: IdSpace, labels: torch.Tensor, bad: torch.Tensor) -> 
                 # heads: q/k heads and v heads meet different projections): find_groups walks again with
                 # the parts joined position by position, so they lose the same heads
                 space.uneven_selects.add(space.balanced_selects[k])
+            if k in space.balanced_sized_by and parts.shape[1] > 1 and not bool(bad[lab[lab >= 0]].any()):
+                # parts sized by one attribute of the module running the op: every part loses the same
+                # count (a chunk's equal blocks; groups in several parts merge), the attribute follows;
+                # a part that must stay whole (an output, an ignored layer) keeps them all whole
+                space.require_blocks(parts, parts.shape[0])
+                space.readers.append((parts.reshape(-1), space.balanced_sized_by[k]))
+                continue
             hit = uniq[uneven]
             fresh = hit[~bad[hit]]
             if fresh.numel():

@@ -55,6 +55,11 @@ class IdSpace:
         # (ids [parts, n], why): every channel must own as many elements in each part (select/split)
         self.balanced: list[tuple[torch.Tensor, str]] = []
         self.balanced_selects: dict[int, str] = {}  # balanced index -> the select node that stated it
+        # balanced index -> (module name): the parts are sized by an integer attribute of that module
+        # (C2PSA's `split((self.c, self.c))`); where they are uneven they become equal blocks instead,
+        # the module a reader of the group's width (Group.readers) whose attribute follows the cut
+        self.balanced_sized_by: dict[int, str] = {}
+        self.readers: list[tuple[torch.Tensor, str]] = []  # (ids, module name) of those blocks
         self.uneven_selects: set[str] = set()  # those whose parts fell into different groups (see assemble)
         # (lines [n, L], why): each line runs along a dim whose size the code fixes (slices of it, or
         # elementwise partners without identity such as rotary cos/sin); pruning must never shorten
@@ -121,12 +126,16 @@ class IdSpace:
     def mix(self, ids: torch.Tensor) -> None:
         _append_known(self.mixing, ids)
 
-    def require_balanced(self, parts: torch.Tensor, why: str, select: str = "") -> None:
+    def require_balanced(self, parts: torch.Tensor, why: str, select: str = "", sized_by: str | None = None) -> None:
         """Each row of `parts` is one part of a dim an op indexes by position; pruning must keep the parts
         equal, so every channel must own the same number of elements in each part. `select`: the node
-        name of a select stating it (find_groups may join its parts, see assemble._check_balanced)."""
+        name of a select stating it (find_groups may join its parts, see assemble._check_balanced).
+        `sized_by`: the module whose integer attribute sizes the parts (rows of `parts` are then 1-D
+        channel runs): parts in different groups are kept equal as blocks, that module reading the width."""
         if select:
             self.balanced_selects[len(self.balanced)] = select
+        if sized_by is not None:
+            self.balanced_sized_by[len(self.balanced)] = sized_by
         self.balanced.append((parts.reshape(parts.shape[0], -1).clone(), why))
 
     def components(self) -> torch.Tensor:

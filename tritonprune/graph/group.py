@@ -97,6 +97,10 @@ class Group:
     exact: bool = True
     index: int = field(default=0, compare=False)
     inputs: tuple[HeadInput, ...] = ()  # arguments narrowed to the kept heads (Bloom's ALiBi)
+    # modules whose forward sizes an op on these channels by one of their own integer attributes (C2PSA's
+    # `split((self.c, self.c))`, `self.c` on the module running the split, above the layers): slicing
+    # looks for the attribute there too (pruning/module_attrs)
+    readers: tuple[str, ...] = ()
 
     def slots_of(self, *kinds: str, roles: tuple[str, ...] | None = None) -> list[Slot]:
         return [s for s in self.slots if s.kind in kinds and (roles is None or s.role in roles)]

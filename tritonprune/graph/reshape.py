@@ -106,12 +106,29 @@ def view(w: Walker, node: fx.Node) -> object:
     ids = w.act(node.args[0])
     if not isinstance(ids, torch.Tensor):
         return no_identity(w, node)
-    new = reshape_ids(ids, w.shape(node.args[0]), w.out_shape(node), w.space)
+    src, dst = w.shape(node.args[0]), w.out_shape(node)
+    new = reshape_ids(ids, src, dst, w.space)
     if new is None:
         w.warn(node, "cannot follow channels through this reshape")
         w.space.exclude(ids)
         return no_identity(w, node)
+    _note_outer_count(w, node, ids, src, dst)
     return new
+
+
+def _note_outer_count(w: Walker, node: fx.Node, ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...]) -> None:
+    """A channel dim viewed as (outer, inner, ...) where `outer` is an integer attribute of the module
+    running the view (Ultralytics' Attention: `qkv.view(B, self.num_heads, ..., N)`, qkv's conv two levels
+    down): that module reads the count of the group its channels fall into (heads, when they go whole),
+    so slicing updates the attribute there (Group.readers)."""
+    runs = reshape_runs(src, dst)
+    for si, sj in runs or ():
+        big = [k for k in sj if dst[k] > 1]
+        if len(si) != 1 or len(big) < 2 or ids.shape[si[0]] == 1:
+            continue
+        vec = channel_vector(ids, si[0], src[si[0]])
+        if vec is not None and bool((vec >= 0).all()) and dst[big[0]] in _int_attributes(_running_module(w, node)):
+            w.space.readers.append((vec.clone(), w.module_of(node).replace("<root>", "")))
 
 
 @rule(*overloads(aten.expand, aten.expand_as, aten.repeat))
@@ -414,7 +431,13 @@ def split(w: Walker, node: fx.Node) -> object:
         # equal parts (q, k, v of a fused projection): allowed while every channel owns as many
         # elements in each part, so the parts stay equal after pruning
         parts = full.movedim(d, 0).reshape(len(sizes), sizes[0], -1).flatten(1)
-        w.space.require_balanced(parts, where(w, node, "split along a channel dim into parts that pruning would make unequal"))
+        vec = channel_vector(ids, d, src[d])
+        # parts sized by an attribute of the module running the split (C2PSA's `split((self.c, self.c))`)
+        # may instead fall into different groups, kept equal as a chunk's blocks (see assemble)
+        sized_by = w.module_of(node).replace("<root>", "") if vec is not None and bool((vec >= 0).all()) \
+            and len(sizes) > 1 and _sizes_are_attributes(w, node, sizes) else None
+        w.space.require_balanced(parts, where(w, node, "split along a channel dim into parts that pruning would make unequal"),
+                                 sized_by=sized_by)
     elif _sizes_are_attributes(w, node, sizes):
         # unequal parts whose sizes the module keeps as attributes (multi-query q | k | v by embed_dim,
         # kv_dim or num_heads): each part keeps its own channels, slicing updates the attributes, and

@@ -8,7 +8,9 @@ such attributes per class does not scale; this module finds them from evidence i
 
 - a resized dim is one tensor dim the cuts shrink, old size -> new size; it is *seen* by the module
   owning the tensor and by that module's parent (ViT's `hidden_dim` lives on the model, the patch
-  embedding conv is its child);
+  embedding conv is its child); a module the graph found sizing an op on a group by an attribute of
+  its own (`Group.readers`: C2PSA's `split((self.c, self.c))` runs two levels above the conv it splits,
+  its attention views qkv by `self.num_heads`) sees the group's count per block, old -> new;
 - an integer attribute of a module (or an int inside a tuple/list attribute) whose value equals the
   old size of a resized dim the module sees is updated to the new size, when every dim of that old
   size the module sees agrees on the new one (a dim of that size left whole counts as a vote for the
@@ -114,6 +116,11 @@ def _resized(tensors: Mapping[str, torch.Tensor], cuts: Mapping[tuple[str, int],
             continue  # aliases of tied tensors carry the same cut
         old = tensors[name].shape[dim]
         new = old - int(cut.removed[0].sum())  # kept per block (build_cuts checked the blocks agree)
+        for module, before, after in cut.readers:
+            if after != before:
+                # a module sizing an op on the group by an attribute of its own (Group.readers), wherever
+                # it sits, sees the group's count per block (C2PSA's `self.c`, a head count)
+                seen.setdefault(module, {}).setdefault(before, set()).add(after)
         if new != old:
             for s in _scopes(name):
                 seen.setdefault(s, {}).setdefault(old, set()).add(new)

@@ -248,6 +248,7 @@ class PrunePlan:
                     "removed": list(map(int, r)),
                     "slots": [asdict(s) for s in g.slots],
                     **({"inputs": [dict(asdict(h), channels=list(h.channels)) for h in g.inputs]} if g.inputs else {}),
+                    **({"readers": list(g.readers)} if g.readers else {}),
                 }
                 for g, r in zip(self.groups, self.removed)
             ],

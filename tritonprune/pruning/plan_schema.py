@@ -19,7 +19,7 @@ from ..graph.group import AFFINE, IN, OUT, STAT, Group, HeadInput, Slot
 
 ROLES = (OUT, IN, AFFINE, STAT)
 TOP_KEYS = {"format", "version", "model_class", "groups", "shapes", "info"}
-GROUP_KEYS = {"size", "blocks", "unit", "exact", "origin", "removed", "slots", "inputs"}
+GROUP_KEYS = {"size", "blocks", "unit", "exact", "origin", "removed", "slots", "inputs", "readers"}
 INPUT_KEYS = {"module", "arg", "dim", "heads", "channels"}
 GROUP_REQUIRED = {"size", "removed", "slots"}
 _TYPES = {"str": str, "int": int, "bool": bool}
@@ -107,6 +107,11 @@ def parse(d: Any) -> tuple[str, list[Group], list[list[int]], dict[str, list[int
         unit = _typed(g.get("unit", 1), int, where, "unit")
         exact = _typed(g.get("exact", True), bool, where, "exact")
         origin = _typed(g.get("origin", ""), str, where, "origin")
+        readers = g.get("readers", [])
+        if not isinstance(readers, (list, tuple)):
+            raise PlanError(f"{where}: readers must be a list of module names, got {type(readers).__name__}")
+        for x in readers:
+            _typed(x, str, where, "every reader")
         rem = g["removed"]
         if not isinstance(rem, (list, tuple)):
             raise PlanError(f"{where}: removed must be a list of channel indices, got {type(rem).__name__}")
@@ -125,7 +130,7 @@ def parse(d: Any) -> tuple[str, list[Group], list[list[int]], dict[str, list[int
         inputs = tuple(_head_input(h, size, f"{where}, input {i}") for i, h in enumerate(g.get("inputs", [])))
         groups.append(
             Group(size=size, slots=tuple(slots), blocks=blocks, unit=unit, exact=exact, origin=origin, index=gi,
-                  inputs=inputs)
+                  inputs=inputs, readers=tuple(readers))
         )
         removed.append(list(rem))
     check_groups(groups, removed, shapes)

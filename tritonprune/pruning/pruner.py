@@ -189,13 +189,29 @@ def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect,
         return removed
 
     while True:
+        asked = removed
         removed, dropped = find_breaking_groups(work, example_inputs, groups, tied(removed), ref,
                                                 learned, equalize=equalize, ties=ties)
         if not dropped:
+            _warn_grown_ties(groups, ties, asked, removed)
             return removed
         for d in dropped:
             excluded[d["group"]] = d
         removed = reselect()  # each pass excludes at least one more group, so this ends
+
+
+def _warn_grown_ties(groups, ties, asked, removed) -> None:
+    """Tied groups rounded up to a common count (whole heads next to a residual width) remove more than
+    their selection asked: say so, naming them."""
+    grown = [j for t in ties for j in t if len(removed[j]) > len(asked[j])]
+    if grown:
+        warnings.warn(
+            "tritonprune.prune: these groups only run with another's count (a forward reads one's width from the "
+            "other's tensor), rounded to whole heads or blocks of each, above the requested ratio:\n  "
+            + "\n  ".join(f"group {j} ({groups[j].origin!r}): selected {len(asked[j])} of {groups[j].size} channels, "
+                           f"removes {len(removed[j])}" for j in grown),
+            stacklevel=4,
+        )
 
 
 def _real_forward_failure(model: nn.Module, example_inputs: Any) -> str | None:

@@ -17,6 +17,7 @@ and dtype for every tensor leaf.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,8 +211,12 @@ def find_breaking_groups(
         return [i for i in out if i in active]
 
     def check(idx: Sequence[int], learn: Checked | None = None):
-        return run_check(model, example_inputs, [(groups[i], removed[i]) for i in with_ties(idx)], reference=ref,
-                         learned=learn)
+        with warnings.catch_warnings():
+            # what the slicing of a trial says (an attribute no choice settles while a group still breaks
+            # the model) is not about the plan; the real slicing says it again where it still holds
+            warnings.simplefilter("ignore")
+            return run_check(model, example_inputs, [(groups[i], removed[i]) for i in with_ties(idx)],
+                             reference=ref, learned=learn)
 
     dropped: list[dict[str, Any]] = []
 
@@ -222,11 +227,14 @@ def find_breaking_groups(
             active.remove(j)
 
     def tie(i: int, why) -> bool:
-        if equalize is None or i in tie_of:
-            return False
+        # groups of the same width first; where none ties, groups one of whose equal blocks has that
+        # width, or whose width is one block of this one (a part of an equal split read elsewhere)
+        return equalize is not None and i not in tie_of and (tie_by(i, why, _same_rows) or tie_by(i, why, _part_rows))
+
+    def tie_by(i: int, why, match: Callable[[Group, Group], bool]) -> bool:
         members, fail = [i], why
         for _ in range(MAX_TIE):
-            more = [j for j in active if j not in members and j not in tie_of and _rows(groups[j]) == _rows(groups[i])
+            more = [j for j in active if j not in members and j not in tie_of and match(groups[j], groups[i])
                     and _near(groups[j], fail.module)]
             if not more or not fail.module:
                 return False
@@ -234,7 +242,9 @@ def find_breaking_groups(
             trial = equalize(members, removed)
             if not all(trial[j] for j in members):
                 return False  # whole units of some member leave no common count
-            fail = run_check(model, example_inputs, [(groups[j], trial[j]) for j in members], reference=ref)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # as in check()
+                fail = run_check(model, example_inputs, [(groups[j], trial[j]) for j in members], reference=ref)
             if fail is None:
                 key = tuple(sorted(members))
                 ties.append(key)
@@ -275,6 +285,17 @@ MAX_TIE = 64  # groups one tie may grow through (a residual stream reaching that
 def _rows(group: Group) -> int:
     """Tensor rows a group spans (a group of whole heads as channels spans heads x head dim)."""
     return group.size * width(group)
+
+
+def _same_rows(a: Group, b: Group) -> bool:
+    return _rows(a) == _rows(b)
+
+
+def _part_rows(a: Group, b: Group) -> bool:
+    """One of the widths each group can be read at (its rows, or one of its equal blocks) is shared."""
+    def widths(g: Group) -> set[int]:
+        return {_rows(g)} | ({_rows(g) // g.blocks} if g.blocks > 1 else set())
+    return bool(widths(a) & widths(b))
 
 
 def _near(group: Group, module: str) -> bool:

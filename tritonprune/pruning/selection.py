@@ -77,17 +77,46 @@ def width(group) -> int:
 def equal_counts(groups, imps, removed: Sequence[Sequence[int]], members: Sequence[int]) -> dict[int, list[int]]:
     """Removed channels of tied groups (of one width, found by the run check: a forward reading one width
     from the other's tensor) so that each keeps as many rows: every member loses the fewest rows any of
-    them loses, rounded down to whole units in every block of each member, its weakest channels."""
+    them loses, rounded down to whole units in every block of each member, its weakest channels. Members
+    of different widths (tied through one block of some): `_equal_part_counts`."""
     w = {j: width(groups[j]) for j in members}
+    rows = {j: groups[j].size * w[j] for j in members}
+    if len(set(rows.values())) > 1:
+        return _equal_part_counts(groups, imps, removed, members, w, rows)
     step = math.lcm(*(max(1, groups[j].unit) * groups[j].blocks * w[j] for j in members))
     n = min(len(removed[j]) * w[j] for j in members)
     n -= n % step
+    return _removing_rows(groups, imps, removed, members, w, {j: n for j in members})
+
+
+def _removing_rows(groups, imps, removed, members, w, n: dict[int, int]) -> dict[int, list[int]]:
+    """Each member's removed channels for `n[j]` rows in all (its weakest units, evenly per block)."""
     out = {}
     for j in members:
         g = groups[j]
-        if len(removed[j]) * w[j] == n or imps[j] is None:
-            out[j] = list(removed[j]) if len(removed[j]) * w[j] == n else []
+        if len(removed[j]) * w[j] == n[j] or imps[j] is None:
+            out[j] = list(removed[j]) if len(removed[j]) * w[j] == n[j] else []
             continue
         uimp, u, cb = _units(g, imps[j])
-        out[j] = _channels(_removed_from(_order(uimp, g.blocks), cb - n // (w[j] * u * g.blocks)), u)
+        out[j] = _channels(_removed_from(_order(uimp, g.blocks), cb - n[j] // (w[j] * u * g.blocks)), u)
     return out
+
+
+def _equal_part_counts(groups, imps, removed, members, w, rows) -> dict[int, list[int]]:
+    """Tied groups of different widths where the forward reads one block of some (a part of an equal
+    split: C2PSA's residual half, next to its attention's values, whose width it must equal): every
+    member keeps as many rows per part of the common width, rounded to the nearest whole units of every
+    member (at least one unit, where each asks for some), each keeping some rows; empty lists where no
+    common width or count exists."""
+    widths = [{rows[j]} | ({rows[j] // groups[j].blocks} if groups[j].blocks > 1 else set()) for j in members]
+    common = set.intersection(*widths)
+    if not common:
+        return {j: [] for j in members}
+    part = max(common)
+    parts = {j: rows[j] // part for j in members}  # 1, or the member's blocks
+    step = math.lcm(*(max(1, groups[j].unit) * w[j] * (groups[j].blocks // parts[j]) for j in members))
+    asked = min(len(removed[j]) * w[j] // parts[j] for j in members)
+    n = max(round(asked / step), 1 if asked else 0) * step
+    if n >= part:
+        n = (part - 1) // step * step
+    return _removing_rows(groups, imps, removed, members, w, {j: n * parts[j] for j in members})

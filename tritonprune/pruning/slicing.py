@@ -45,6 +45,9 @@ class Cut:
     units: set[int] = field(default_factory=set)  # run lengths of whole-unit groups cut here (head dims)
     # (HeadInput, kept heads): arguments of the group's modules narrowed to the kept heads (kept_heads.py)
     inputs: list = field(default_factory=list)
+    # (module, count per block before, after) of the groups cut here that a module's own integer
+    # attribute sizes an op by (Group.readers): module_attrs updates the attribute equal to `before`
+    readers: set[tuple[str, int, int]] = field(default_factory=set)
 
     @property
     def blocks(self) -> int:
@@ -143,6 +146,7 @@ def build_cuts(
     names = _aliases(tensors)  # a tied tensor is cut once, under its canonical name, and found under all
     for group, removed in removals:
         mask = _channel_mask(group, removed)
+        n_removed = int(mask.sum())
         if group.blocks > 1:
             if group.size % group.blocks:
                 raise ValueError(
@@ -190,6 +194,8 @@ def build_cuts(
             first = cut if first is None else first
             if not sub.any():
                 continue
+            cut.readers.update((r, group.size // group.blocks, (group.size - n_removed) // group.blocks)
+                               for r in group.readers)
             if G > 1:
                 per = slot.length // G
                 cut.removed[:, slot.start : slot.start + per] |= sub.view(G, per)
