@@ -44,7 +44,7 @@ from .history import applied_plans, replace_since
 from .importance import METHODS, Importance, compute_importance
 from .plan import PrunePlan, _class_name, _numel_after, _where
 from .runcheck import Checked, RunCheckUnavailable, find_breaking_groups, input_spec, reference_output
-from .selection import _ratio_of, _search, equal_counts, iterative_ratios, kind_key, select
+from .selection import _ratio_of, _search, equal_counts, evaluate, iterative_ratios, kind_key, select
 from .slicing import model_tensors
 from .transaction import Transaction
 
@@ -171,33 +171,50 @@ def _check_layer_ratios_match(groups: Sequence[Group], layer_ratios: Mapping[str
             )
 
 
-def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect, imps, learned):
-    """Select, check on fake tensors, drop the groups that break the model, select again without
-    them; returns the final removed lists. `excluded` collects the dropped groups' records. Groups
-    the check finds tied (they run only keeping equal counts) keep equal counts in every reselection.
-    `learned` is filled by the check of the lists returned (runcheck.Checked)."""
-    ties: list[tuple[int, ...]] = []
+class _Ties:
+    """Groups the run check found tied (they run only keeping equal counts: a forward reads one's width
+    from the other's tensor), and the selection with their counts made equal."""
 
-    def equalize(members, removed):
-        return equal_counts(groups, imps, removed, members)
+    def __init__(self, groups, imps):
+        self.groups, self.imps = groups, imps
+        self.members: list[tuple[int, ...]] = []  # filled by runcheck.find_breaking_groups
 
-    def tied(removed):
+    def equalize(self, members, removed):
+        return equal_counts(self.groups, self.imps, removed, members)
+
+    def apply(self, removed):
         removed = [list(r) for r in removed]
-        for t in ties:
-            for j, r in equalize(list(t), removed).items():
+        for t in self.members:
+            for j, r in self.equalize(list(t), removed).items():
                 removed[j] = r
         return removed
 
+
+def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect, ties, learned, meets_goal=None):
+    """Select, check on fake tensors, drop the groups that break the model, select again without
+    them; returns the final removed lists. `excluded` collects the dropped groups' records. Groups
+    the check finds tied keep equal counts in every reselection (`ties`); with a target
+    (`meets_goal`), a selection that ties moved above it is searched again with the ties known.
+    `learned` is filled by the check of the lists returned (runcheck.Checked)."""
+    searched_with = 0  # ties known to the last search
     while True:
         asked = removed
-        removed, dropped = find_breaking_groups(work, example_inputs, groups, tied(removed), ref,
-                                                learned, equalize=equalize, ties=ties)
+        removed, dropped = find_breaking_groups(work, example_inputs, groups, ties.apply(removed), ref,
+                                                learned, equalize=ties.equalize, ties=ties.members)
         if not dropped:
-            _warn_grown_ties(groups, ties, asked, removed)
+            if meets_goal is not None and len(ties.members) > searched_with and not meets_goal(removed):
+                searched_with = len(ties.members)
+                removed = reselect()  # the search's choices are tied now (see prune's choose)
+                continue
+            _warn_grown_ties(groups, ties.members, asked, removed)
             return removed
         for d in dropped:
             excluded[d["group"]] = d
-        removed = reselect()  # each pass excludes at least one more group, so this ends
+        try:
+            removed = reselect()  # each pass excludes at least one more group, so this ends
+        except ValueError as e:  # a target out of reach without the groups left out: say which
+            left = "; ".join(f"group {d['group']} ({d['origin']!r}): {d['error']}" for d in excluded.values())
+            raise ValueError(f"{e}; reachable only with groups that break the model, left out: {left}") from None
 
 
 def _warn_grown_ties(groups, ties, asked, removed) -> None:
@@ -373,6 +390,8 @@ def prune(
                 work, cur_groups, importance, normalizer=normalizer, bias=bias, generator=gen
             )
             kinds = [kind_key(g, cur_shapes) for g in cur_groups] if allocation == "isomorphic" else None
+            ties = _Ties(cur_groups, imps)
+            meets_goal = None
             if target is not None:
                 if target_params is not None:
                     base = count_params(work)
@@ -386,15 +405,18 @@ def prune(
                     def metric(cuts, shapes=cur_shapes):
                         return _macs_after(shapes, shapes0, macs0, cuts)
 
-                def choose(r: float, groups=cur_groups, imps=imps, kinds=kinds) -> list[list[int]]:
+                def choose(r: float, groups=cur_groups, imps=imps, kinds=kinds, ties=ties) -> list[list[int]]:
                     live = [None if i in excluded else x for i, x in enumerate(imps)]
-                    out = select(groups, live, r, global_pruning, layer_ratios, max_ratio, round_to, kinds,
-                                 kind_ratios)
+                    out = ties.apply(select(groups, live, r, global_pruning, layer_ratios, max_ratio, round_to,
+                                            kinds, kind_ratios))
                     found_ratio.append((r, out))
                     return out
 
                 def reselect(choose=choose, groups=cur_groups, shapes=cur_shapes, metric=metric, goal=goal):
                     return _search(choose, groups, shapes, metric, goal)
+
+                def meets_goal(removed, groups=cur_groups, shapes=cur_shapes, metric=metric, goal=goal):
+                    return evaluate(groups, shapes, metric, removed) <= goal
             else:
                 r = iterative_ratios(ratio, steps)[step - 1]
                 lr = {k: iterative_ratios(v, steps)[step - 1] for k, v in layer_ratios.items()}
@@ -412,8 +434,8 @@ def prune(
             checked = None  # what the run check of this round's cuts learned on its copy
             if ref is not None and not isinstance(ref, Exception) and any(removed):
                 checked = Checked()
-                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect, imps,
-                                       checked)
+                removed = _drop_broken(work, example_inputs, cur_groups, removed, ref, excluded, reselect, ties,
+                                       checked, meets_goal)
             removed_last = removed
             step_plan = PrunePlan(_class_name(model), list(cur_groups), removed, cur_shapes)
             for a, rem in zip(alive, removed):

@@ -22,7 +22,7 @@ from ..graph.group import OUT
 from .slicing import build_cuts
 
 _ratio_of = ratio_of
-__all__ = ["select", "kind_key", "kind_label", "iterative_ratios", "equal_counts", "width"]
+__all__ = ["select", "kind_key", "kind_label", "iterative_ratios", "equal_counts", "evaluate", "width"]
 
 
 def iterative_ratios(ratio: float, steps: int) -> list[float]:
@@ -38,19 +38,25 @@ def iterative_ratios(ratio: float, steps: int) -> list[float]:
 # --------------------------------------------------------------------------------------- prune()
 
 
+def evaluate(groups, shapes, metric, removed, meta=None) -> float:
+    """`metric` (parameters or MACs left) of the model of `shapes` once `removed` is cut."""
+    meta = meta if meta is not None else {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+    return metric(build_cuts(list(zip(groups, removed)), meta))
+
+
 def _search(choose, groups, shapes, metric, goal) -> list[list[int]]:
     """The selection of the smallest ratio whose metric is <= goal (bisection: the metric falls as the ratio grows)."""
     meta = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
 
-    def evaluate(r: float):
+    def at(r: float):
         removed = choose(r)
-        return metric(build_cuts(list(zip(groups, removed)), meta)), removed
+        return evaluate(groups, shapes, metric, removed, meta), removed
 
-    value, removed = evaluate(0.0)
+    value, removed = at(0.0)
     if value <= goal:
         return removed
     hi = 1 - 1e-9
-    value, best = evaluate(hi)
+    value, best = at(hi)
     if value > goal:
         raise ValueError(
             f"target {goal:,.0f} is out of reach: pruning every group as far as allowed leaves {value:,}; "
@@ -59,7 +65,7 @@ def _search(choose, groups, shapes, metric, goal) -> list[list[int]]:
     lo = 0.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        v, rem = evaluate(mid)
+        v, rem = at(mid)
         if v <= goal:
             hi, best = mid, rem
         else:
