@@ -271,3 +271,19 @@ def test_target_params_holds_with_ties(kind):
     assert "dropped" not in plan.info, plan.info.get("dropped")
     assert plan.info["params_after"] <= 0.5 * before
     assert _apply_equals_zero(model, x, plan) < 1e-5
+
+
+def test_small_ratio_rounds_a_tie_to_nothing_instead_of_leaving_it_out():
+    # at 0.15 the residual would lose 5 channels, the heads less than one head of 8 rows: tied, whole
+    # heads leave no common count above zero, so the tie removes nothing at this ratio (warned), and a
+    # target that needs it cuts it (before: the groups were left out as breaking, the target unreachable)
+    torch.manual_seed(0)
+    model, x = Net("sr", dim=32, heads=4).eval(), torch.randn(2, 3, 16, 16)
+    plan, warned = _prune(model, x, ratio=0.15)
+    assert "dropped" not in plan.info and not any("left these groups out" in w for w in warned), warned
+    assert any("removes 0" in w for w in warned), warned
+    before = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = tpr.prune(model, x, target_params=0.7, dry_run=True)
+    assert "dropped" not in plan.info and plan.info["params_after"] <= 0.7 * before

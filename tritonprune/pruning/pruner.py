@@ -218,13 +218,13 @@ def _drop_broken(work, example_inputs, groups, removed, ref, excluded, reselect,
 
 
 def _warn_grown_ties(groups, ties, asked, removed) -> None:
-    """Tied groups rounded up to a common count (whole heads next to a residual width) remove more than
-    their selection asked: say so, naming them."""
-    grown = [j for t in ties for j in t if len(removed[j]) > len(asked[j])]
+    """Tied groups rounded to a common count (whole heads next to a residual width) remove more than
+    their selection asked, or nothing: say so, naming them."""
+    grown = [j for t in ties for j in t if len(removed[j]) > len(asked[j]) or (asked[j] and not removed[j])]
     if grown:
         warnings.warn(
             "tritonprune.prune: these groups only run with another's count (a forward reads one's width from the "
-            "other's tensor), rounded to whole heads or blocks of each, above the requested ratio:\n  "
+            "other's tensor), rounded to whole heads or blocks of each, away from the requested ratio:\n  "
             + "\n  ".join(f"group {j} ({groups[j].origin!r}): selected {len(asked[j])} of {groups[j].size} channels, "
                            f"removes {len(removed[j])}" for j in grown),
             stacklevel=4,

@@ -240,6 +240,16 @@ def find_breaking_groups(
                 return False
             members += more
             trial = equalize(members, removed)
+            if not any(trial[j] for j in members):
+                # whole units leave no common count above zero at this ratio: tied, nothing removed (not
+                # broken: a larger ratio, or a target's search with the tie known, cuts them together)
+                key = tuple(sorted(members))
+                ties.append(key)
+                for j in members:
+                    removed[j] = []
+                    tie_of[j] = key
+                    active.remove(j)
+                return True
             if not all(trial[j] for j in members):
                 return False  # whole units of some member leave no common count
             with warnings.catch_warnings():
