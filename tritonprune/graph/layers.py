@@ -458,9 +458,13 @@ def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[
 
 def _partly_shared(rows: torch.Tensor) -> bool:
     """Some id appears in two different key heads (rows): a part of the key shared by all heads."""
-    distinct = torch.unique(rows, dim=0)
-    ids = torch.cat([r[r >= 0].unique() for r in distinct])
-    return bool(ids.numel() != ids.unique().numel())
+    seen: set[int] = set()
+    for row in set(map(tuple, rows.tolist())):  # heads are few and short: plain lists
+        ids = {i for i in row if i >= 0}
+        if not seen.isdisjoint(ids):
+            return True
+        seen |= ids
+    return False
 
 
 def _latent_heads(w: Walker, node: fx.Node, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, H: int,

@@ -86,18 +86,45 @@ def _split_structure(space: IdSpace, new: torch.Tensor, runs, varying, dst) -> N
         return
     sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
     sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
-    if sub.shape[1] > 1:
-        # a channel repeated along the inner dim (GroupNorm's view of (C/G, H, W) as one dim): once each
-        new_run = torch.ones_like(sub, dtype=torch.bool)
-        new_run[:, 1:] = sub[:, 1:] != sub[:, :-1]
-        if bool((new_run == new_run[:1]).all()):
-            sub = sub[:, new_run[0]]
+    blocks = _blocks(sub)
+    if blocks is not None:
+        space.soft_requirements.append(blocks)
+
+
+def _blocks(sub: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """The distinct rows of `sub` [outer, inner] (a channel repeated along the inner dim counted once)
+    as blocks (ids in order, count) when they are at least two and hold distinct channels; else None."""
+    if sub.numel() <= 4096:
+        # attention heads (a few short rows): the same on Python lists, a dozen small torch calls less
+        listed = sub.tolist()
+        if not any(a == b for r in listed for a, b in zip(r, r[1:])):
+            return _distinct_rows(sub, listed)
+    # a channel repeated along the inner dim (GroupNorm's view of (C/G, H, W) as one dim): once each
+    new_run = torch.ones_like(sub, dtype=torch.bool)
+    new_run[:, 1:] = sub[:, 1:] != sub[:, :-1]
+    if bool((new_run == new_run[:1]).all()):
+        sub = sub[:, new_run[0]]
     rows = torch.unique_consecutive(sub, dim=0) if sub.shape[0] > 1 else sub
     rows = torch.unique(rows, dim=0, sorted=False) if rows.shape[0] > 1 else rows
     flat = rows.reshape(-1)
     if rows.shape[0] > 1 and bool((flat >= 0).all()) and flat.unique().numel() == flat.numel():
         order = torch.argsort(rows[:, 0])
-        space.soft_requirements.append((rows[order].reshape(-1).clone(), rows.shape[0]))
+        return rows[order].reshape(-1).clone(), rows.shape[0]
+    return None
+
+
+def _distinct_rows(sub: torch.Tensor, listed: list[list[int]]) -> tuple[torch.Tensor, int] | None:
+    """`_blocks` for rows without repeats, read from their list `listed`."""
+    first: dict[tuple, int] = {}
+    for i, r in enumerate(listed):
+        first.setdefault(tuple(r), i)
+    flat = [v for r in first for v in r]
+    if len(first) < 2 or min(flat) < 0 or len(set(flat)) != len(flat):
+        return None
+    order = sorted(first.values(), key=lambda i: listed[i][0])  # distinct ids: by first id is by row
+    if order == list(range(len(listed))):
+        return sub.reshape(-1), len(order)  # heads in order (the common case): no copy to make
+    return sub[order].reshape(-1), len(order)
 
 
 @rule(*overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
