@@ -238,7 +238,7 @@ def expand_dims(ids: torch.Tensor, shape: tuple[int, ...], dims: list[int]) -> t
     target = list(ids.shape)
     for d in dims:
         target[d] = shape[d]
-    return ids.expand(target)
+    return ids.expand(target) if target != list(ids.shape) else ids
 
 
 def channel_vector(ids: torch.Tensor, dim: int, size: int) -> torch.Tensor | None:

@@ -56,6 +56,8 @@ def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
     runs = reshape_runs(src, dst)
     if runs is None:
         return None
+    if ids.numel() == 1:
+        return ids.reshape((1,) * len(dst))  # one id everywhere (mostly: no identity): nothing to move
     varying = [any(ids.shape[k] > 1 for k in si) for si, _ in runs]
     spread = [d for (si, _), v in zip(runs, varying) if v for d in si]
     full = expand_dims(ids, src, spread)
