@@ -450,11 +450,13 @@ def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[
     if w.head_pruning == "heads" and H > 1 and (Hk == 1 or bool((krows == krows[:1]).all() and (krows >= 0).any())):
         # one key/value head, possibly repeated to every query head (repeat_kv) before the call
         return _query_heads(w, node, qf, kf, vf, H)
-    kf, vf = kf.repeat_interleave(r, 1), vf.repeat_interleave(r, 1)
+    if r > 1:
+        kf, vf = kf.repeat_interleave(r, 1), vf.repeat_interleave(r, 1)
     for a, b in ((qf, kf), (qf, vf)):
         w.space.union(a, b)
-        w.space.exclude(torch.where(b < 0, a, NONE))
-        w.space.exclude(torch.where(a < 0, b, NONE))
+        if bool(((a < 0) | (b < 0)).any()):  # (mostly not: every dim of every head has channels)
+            w.space.exclude(torch.where(b < 0, a, NONE))
+            w.space.exclude(torch.where(a < 0, b, NONE))
     _attention_bias(w, node, qf, H)
     heads = torch.where(full[1] >= 0, full[1], full[2])[0, :, 0, :]  # [Hk, d] in key/value order
     if w.head_pruning == "dims":

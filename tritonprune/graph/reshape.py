@@ -74,8 +74,10 @@ def compact(ids: torch.Tensor) -> torch.Tensor:
     """Ids that are the same all along a dim kept as size 1 there (a view back from (G, C/G*H*W) to
     (C, H, W) leaves the channels on C alone)."""
     for d in range(ids.dim()):
-        if ids.shape[d] > 1 and bool((ids == ids.narrow(d, 0, 1)).all()):
-            ids = ids.narrow(d, 0, 1)
+        if ids.shape[d] > 1:
+            first = ids.narrow(d, 0, 1)
+            if torch.equal(ids, first.expand_as(ids)):  # (one call where == and all() are three)
+                ids = first
     return ids
 
 
@@ -86,8 +88,11 @@ def _split_structure(space: IdSpace, new: torch.Tensor, runs, varying, dst) -> N
     big = [k for k in sj if dst[k] > 1]
     if len(big) < 2:
         return
-    sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
-    sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
+    if all(new.shape[k] == 1 for k in range(new.dim()) if k not in big):
+        sub = new.reshape(-1, dst[big[-1]])  # nothing but the split dims (heads): their rows as they are
+    else:
+        sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
+        sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
     blocks = _blocks(sub)
     if blocks is not None:
         space.soft_requirements.append(blocks)
