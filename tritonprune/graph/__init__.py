@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from .._gc import fewer_collections
@@ -63,15 +64,18 @@ def _lazy_graph_modules() -> contextlib.AbstractContextManager:
 
 def _walk(programs: list, model: nn.Module, ignored: set[str], head_pruning: str, merged_heads: set[str],
           free_outputs: tuple = (), joined_selects: frozenset[str] = frozenset()):
-    # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
-    walkers = [Walker(ep, model, head_pruning) for ep in programs]
-    for walker in walkers:
-        walker.space = walkers[0].space
-        walker.merged_heads = merged_heads
-        walker.joined_selects = joined_selects
-        walker.free_outputs = free_outputs
-        walker.run()
-    return walkers[0].space, assemble(walkers[0].space, ignored)
+    # the walk and the assembly compute on small id tensors of their own (never the model's, nothing kept
+    # after find_groups): inference mode spares each of their many small ops autograd's bookkeeping
+    with torch.inference_mode():
+        # both modes where layers run in one only (auxiliary classifiers): one channel space for all graphs
+        walkers = [Walker(ep, model, head_pruning) for ep in programs]
+        for walker in walkers:
+            walker.space = walkers[0].space
+            walker.merged_heads = merged_heads
+            walker.joined_selects = joined_selects
+            walker.free_outputs = free_outputs
+            walker.run()
+        return walkers[0].space, assemble(walkers[0].space, ignored)
 
 
 def find_groups(model: nn.Module, example_inputs: object, ignored_layers: Iterable[object] = (), *,

@@ -333,14 +333,14 @@ def _apply_requirements(space, labels, bad, group_of_label, built, index_of, fai
             if kind == "blocks" and lab.numel() % nb == 0 and nb > 1 and bool((lab.reshape(nb, -1) == lab.reshape(nb, -1)[:1]).all()):
                 continue  # every part holds the same channels (q, k, v of a head as one channel): parts stay equal
             if kind == "soft":
+                gi = int(group_of_label[lab[0]])
+                if gi in units or gi in failed or gi not in built:
+                    continue  # attention heads state their own structure (checked first: the cheapest)
                 rows = lab.reshape(nb, -1)
                 if bool((rows == rows[:1]).all()):
                     continue  # the parts are copies of one channel set (packed q/k/v): sizes stay equal
                 if bool((rows == rows[:, :1]).all()):
                     continue  # each part is one channel (a whole head): removing it removes the part
-                gi = int(group_of_label[lab[0]])
-                if gi in units or gi in failed or gi not in built:
-                    continue  # attention heads state their own structure
             gis = group_of_label[lab]
             runs, run_len = torch.unique_consecutive(gis, return_counts=True)
             runs = runs.tolist()

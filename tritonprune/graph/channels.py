@@ -141,31 +141,92 @@ class IdSpace:
     def components(self) -> torch.Tensor:
         """Component label of every id (the smallest id in its component)."""
         n = self.count
-        labels = torch.arange(n + 1)  # n: a sink for the NONE ends of edges, kept at its own label
         if not self.edges_a:
-            return labels[:n]
-        # pairs with a NONE side are dropped by pointing them at the sink (cheaper than masking them out)
-        a = torch.cat(self.edges_a)
-        a = torch.where(a < 0, n, a)
-        b = torch.cat(self.edges_b)
-        b = torch.where(b < 0, n, b)
-        while True:
-            la, lb = labels[a], labels[b]
-            low = torch.minimum(la, lb)
-            new = labels.clone()
-            new.scatter_reduce_(0, la, low, reduce="amin")
-            new.scatter_reduce_(0, lb, low, reduce="amin")
-            new[n] = n  # the sink joins nothing: an edge to it changes no other label
-            # pointer jumping until every id points at a fixed point of the label map
-            while True:
-                jumped = new[new]
-                if torch.equal(jumped, new):
-                    break
-                new = jumped
-            if torch.equal(new, labels):
-                return labels[:n]
-            labels = new
+            return torch.arange(n)
+        a, b = torch.cat(self.edges_a), torch.cat(self.edges_b)
+        # unions pair aligned id ranges (a layer's channels with the next one's): a few hundred runs stand
+        # for ~10^5 edges, so the components are found on intervals of ids; else on the ids themselves
+        runs = _runs(a, b) if a.numel() > 8192 else None  # (small graphs: propagation is cheaper)
+        labels = _interval_labels(n, *runs) if runs is not None else None
+        return labels if labels is not None else _propagate(n, a, b)
 
+
+def _runs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The edges (a[i], b[i]) without NONE ends as runs (a0, b0, k): a0 + j ~ b0 + j for j < k; None
+    where runs would not be much fewer than edges."""
+    e = a.numel()
+    brk = torch.ones(e, dtype=torch.bool)
+    brk[1:] = (a[1:] != a[:-1] + 1) | (b[1:] != b[:-1] + 1)
+    if e and bool((a.min() < 0) | (b.min() < 0)):
+        # no run continues through a NONE end (it would need -2 before it), but one could start after it:
+        # cut there too; the NONE edges stay runs of one, dropped below (masking the edges costs more)
+        brk[1:] |= ((a < 0) | (b < 0))[:-1]
+    starts = brk.nonzero().squeeze(1)
+    if starts.numel() > max(64, e // 8):
+        return None
+    lengths = torch.diff(starts, append=torch.tensor([e]))
+    a0, b0 = a[starts], b[starts]
+    keep = (a0 >= 0) & (b0 >= 0) & (a0 != b0)  # (an edge of an id to itself joins nothing)
+    return a0[keep], b0[keep], lengths[keep]
+
+
+def _interval_labels(n: int, a0: torch.Tensor, b0: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """Components of the runs' edges, found on intervals: the ids are cut at every run's ends, and every
+    cut inside one side of a run is carried by its shift to the other side, until each run maps the
+    intervals of one side onto those of the other. Run-joined intervals are then one component position
+    by position: an id's label is the smallest start in its interval's component plus its offset. None
+    where the cuts keep multiplying (runs overlapping their own shift): the caller works on the ids."""
+    if not a0.numel():
+        return torch.arange(n)
+    shift = b0 - a0
+    cuts = torch.unique(torch.cat([torch.tensor([0, n]), a0, a0 + k, b0, b0 + k]))  # sorted
+    limit = 8 * cuts.numel()
+    for _ in range(16):
+        ia, ib = torch.searchsorted(cuts, a0), torch.searchsorted(cuts, b0)
+        ma, mb = torch.searchsorted(cuts, a0 + k) - ia, torch.searchsorted(cuts, b0 + k) - ib
+        pa, pb = _ranges(ia, ma), _ranges(ib, mb)
+        more = torch.unique(torch.cat([cuts, cuts[pa] + shift.repeat_interleave(ma),
+                                       cuts[pb] - shift.repeat_interleave(mb)]))
+        if more.numel() == cuts.numel():
+            break  # closed: the cuts of each run's sides match one to one after its shift
+        if more.numel() > limit:
+            return None
+        cuts = more
+    else:
+        return None
+    root = _propagate(cuts.numel() - 1, pa, pb)  # intervals joined; the smallest index has the smallest start
+    starts = cuts[:-1]
+    return torch.arange(n) - (starts - starts[root]).repeat_interleave(torch.diff(cuts))
+
+
+def _ranges(first: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """first[i], first[i] + 1, ..., first[i] + count[i] - 1 for every i, concatenated."""
+    offsets = torch.cumsum(count, 0) - count
+    return first.repeat_interleave(count) + torch.arange(int(count.sum())) - offsets.repeat_interleave(count)
+
+
+def _propagate(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Components by label propagation over the edges (any edge list)."""
+    labels = torch.arange(n + 1)  # n: a sink for the NONE ends of edges, kept at its own label
+    # pairs with a NONE side are dropped by pointing them at the sink (cheaper than masking them out)
+    a = torch.where(a < 0, n, a)
+    b = torch.where(b < 0, n, b)
+    while True:
+        la, lb = labels[a], labels[b]
+        low = torch.minimum(la, lb)
+        new = labels.clone()
+        new.scatter_reduce_(0, la, low, reduce="amin")
+        new.scatter_reduce_(0, lb, low, reduce="amin")
+        new[n] = n  # the sink joins nothing: an edge to it changes no other label
+        # pointer jumping until every id points at a fixed point of the label map
+        while True:
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, labels):
+            return labels[:n]
+        labels = new
 
 
 # ---- compact id tensors -------------------------------------------------------------------------
@@ -191,7 +252,7 @@ def expand_dims(ids: torch.Tensor, shape: tuple[int, ...], dims: list[int]) -> t
     target = list(ids.shape)
     for d in dims:
         target[d] = shape[d]
-    return ids.expand(target)
+    return ids.expand(target) if target != list(ids.shape) else ids
 
 
 def channel_vector(ids: torch.Tensor, dim: int, size: int) -> torch.Tensor | None:

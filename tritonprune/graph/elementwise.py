@@ -18,6 +18,8 @@ aten = torch.ops.aten
 
 
 def align(ids: torch.Tensor, ndim: int) -> torch.Tensor:
+    if ids.dim() == ndim:
+        return ids
     return ids.reshape((1,) * (ndim - ids.dim()) + tuple(ids.shape))
 
 
@@ -107,8 +109,10 @@ def _read_tables(w: Walker, node: fx.Node, acc: torch.Tensor | None, tables: lis
     over nothing (a layer left with one key/value head): it is shared by all its readers as a QK-norm
     weight is by the heads, so the readers' dims along its columns keep their size (whole heads only).
     Coupling only single-head readers would tie their channels to every other reader's, in every layer."""
+    if not tables:
+        return acc if acc is not None else none_like(out)
     if acc is None or not has_ids(acc):
-        return tables[0] if tables else acc if acc is not None else none_like(out)
+        return tables[0]
     for t in tables:
         _shared(w, node, acc, t)
     return acc
@@ -201,9 +205,13 @@ def couple(w: Walker, node: fx.Node, a: torch.Tensor, a_shape: tuple[int, ...], 
     """Channels at the same (broadcast) position of two values are one channel; returns the ids."""
     a, b = torch.broadcast_tensors(a, b)
     w.space.union(a, b)
+    a_none = a < 0
+    if not bool((a_none | (b < 0)).any()):
+        # identity on both sides everywhere (a residual add): nothing meets a value without identity
+        return a.contiguous()
     _meet_without_identity(w, node, a, b, b_shape)
     _meet_without_identity(w, node, b, a, a_shape)
-    return torch.where(a >= 0, a, b)
+    return torch.where(a_none, b, a)
 
 
 def combine_all(w: Walker, node: fx.Node, parts: list[tuple[torch.Tensor, tuple[int, ...]]],

@@ -24,10 +24,20 @@ def _arg(node: fx.Node, pos: int, name: str, default: object = None) -> object:
     return node.kwargs.get(name, default)
 
 
-def _link_channels(w: Walker, x_vec: torch.Tensor, ids: torch.Tensor) -> None:
-    """Input channels meet a parameter dim: same channel where the input has identity, fixed where not."""
+def _link_channels(w: Walker, x_vec: torch.Tensor, ids: torch.Tensor, missing: object = ...) -> None:
+    """Input channels meet a parameter dim: same channel where the input has identity, fixed where not.
+    `missing`: `_missing(x_vec)` where the caller links several parameters to the same input."""
     w.space.union(x_vec, ids)
-    w.space.exclude(torch.where(x_vec < 0, ids, NONE))
+    missing = _missing(x_vec) if missing is ... else missing
+    if missing is not None:
+        w.space.exclude(torch.where(missing, ids, NONE))
+
+
+def _missing(x_vec: torch.Tensor) -> torch.Tensor | None:
+    """The positions of input channels without identity; None where there are none (the common case:
+    nothing to fix)."""
+    missing = x_vec < 0
+    return missing if bool(missing.any()) else None
 
 
 def _channel_input(w: Walker, node: fx.Node, x: fx.Node, dim: int) -> torch.Tensor | None:
@@ -130,8 +140,9 @@ def _linear(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object,
     full = expand_dims(ids, xshape, [last])
     w.space.union(full, along(in_ids, last, full.dim()))
     # a column fed by a value without identity anywhere in the batch is fixed
-    missing = (full < 0).reshape(-1, xshape[last]).any(0)
-    w.space.exclude(in_ids[missing])
+    none = full < 0
+    if bool(none.any()):
+        w.space.exclude(in_ids[none.reshape(-1, xshape[last]).any(0)])
     out_ids = w.pid(weight, out_dim, kind=g.LINEAR, role=g.OUT)
     if bias is not None:
         w.space.union(w.pid(bias, 0, kind=g.LINEAR, role=g.OUT, is_bias=True), out_ids)
@@ -187,7 +198,9 @@ def _linear_rows(w: Walker, node: fx.Node, x: fx.Node, weight: tuple[fx.Node, in
     last = len(xshape) - 1
     full = expand_dims(ids, xshape, [last])
     w.space.union(full, along(in_ids, last, full.dim()))
-    w.space.exclude(in_ids[(full < 0).reshape(-1, xshape[last]).any(0)])
+    none = full < 0
+    if bool(none.any()):
+        w.space.exclude(in_ids[none.reshape(-1, xshape[last]).any(0)])
     out_ids = w.pid(param, 0, kind=g.LINEAR, role=g.OUT)[start : start + rows]
     if bias is not None:
         w.space.union(w.pid(bias[0], 0, kind=g.LINEAR, role=g.OUT, is_bias=True)[start : start + rows], out_ids)
@@ -265,9 +278,10 @@ def _per_channel(w: Walker, node: fx.Node, x: fx.Node, dim: int, kind: str,
     x_vec = _channel_input(w, node, x, dim)
     if kind in (g.LAYERNORM, g.GROUPNORM):
         w.space.mix(x_vec)
+    missing = _missing(x_vec) if x_vec is not None else None  # once for all its parameters (a BatchNorm's four)
     for p, role, is_bias in params:
         if p is not None and w.shape(p)[0] == xshape[dim] and xshape[dim] > 1:
-            _link_channels(w, x_vec, w.pid(p, 0, kind=kind, role=role, is_bias=is_bias))
+            _link_channels(w, x_vec, w.pid(p, 0, kind=kind, role=role, is_bias=is_bias), missing)
     if blocks > 1:
         w.space.require_blocks(x_vec, blocks)
     val = node.meta["val"]
@@ -436,11 +450,13 @@ def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[
     if w.head_pruning == "heads" and H > 1 and (Hk == 1 or bool((krows == krows[:1]).all() and (krows >= 0).any())):
         # one key/value head, possibly repeated to every query head (repeat_kv) before the call
         return _query_heads(w, node, qf, kf, vf, H)
-    kf, vf = kf.repeat_interleave(r, 1), vf.repeat_interleave(r, 1)
+    if r > 1:
+        kf, vf = kf.repeat_interleave(r, 1), vf.repeat_interleave(r, 1)
     for a, b in ((qf, kf), (qf, vf)):
         w.space.union(a, b)
-        w.space.exclude(torch.where(b < 0, a, NONE))
-        w.space.exclude(torch.where(a < 0, b, NONE))
+        if bool(((a < 0) | (b < 0)).any()):  # (mostly not: every dim of every head has channels)
+            w.space.exclude(torch.where(b < 0, a, NONE))
+            w.space.exclude(torch.where(a < 0, b, NONE))
     _attention_bias(w, node, qf, H)
     heads = torch.where(full[1] >= 0, full[1], full[2])[0, :, 0, :]  # [Hk, d] in key/value order
     if w.head_pruning == "dims":
@@ -458,9 +474,13 @@ def _sdpa(w: Walker, node: fx.Node, ids: list[torch.Tensor], shapes: list[tuple[
 
 def _partly_shared(rows: torch.Tensor) -> bool:
     """Some id appears in two different key heads (rows): a part of the key shared by all heads."""
-    distinct = torch.unique(rows, dim=0)
-    ids = torch.cat([r[r >= 0].unique() for r in distinct])
-    return bool(ids.numel() != ids.unique().numel())
+    seen: set[int] = set()
+    for row in set(map(tuple, rows.tolist())):  # heads are few and short: plain lists
+        ids = {i for i in row if i >= 0}
+        if not seen.isdisjoint(ids):
+            return True
+        seen |= ids
+    return False
 
 
 def _latent_heads(w: Walker, node: fx.Node, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, H: int,

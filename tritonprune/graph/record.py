@@ -57,22 +57,25 @@ def _schema_binder(op, names: list[str] | None = None):
     defaults dropped). `names`: the Python function's positional parameter names, where they differ
     from the schema's (F.batch_norm's order); `self` is also found as `input`."""
     schema = op._schema.arguments
-    pos = [a for a in schema if not a.kwarg_only]
-    kwo = [a for a in schema if a.kwarg_only]
-    order = names or [a.name for a in pos] + [a.name for a in kwo]
+    # (name, has a default, default) read once: the schema's accessors cost a C++ call each
+    pos = [(a.name, a.has_default_value(), a.default_value if a.has_default_value() else None)
+           for a in schema if not a.kwarg_only]
+    kwo = [(a.name, a.default_value if a.has_default_value() else None) for a in schema if a.kwarg_only]
+    order = names or [a[0] for a in pos] + [a[0] for a in kwo]
+    self_alias = "self" in order
 
     def bind(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         given = dict(zip(order, args))
         for k, v in kwargs.items():
-            given["self" if k == "input" and "self" in order else k] = v
+            given["self" if k == "input" and self_alias else k] = v
         out = []
-        for a in pos:
-            key = a.name if a.name in given or a.name != "self" else "input"
-            out.append(given[key] if key in given else (a.default_value if a.has_default_value() else None))
+        for name, _, default in pos:
+            key = name if name in given or name != "self" else "input"
+            out.append(given[key] if key in given else default)
         n = len(out)
-        while n and pos[n - 1].has_default_value() and _same(out[n - 1], pos[n - 1].default_value):
+        while n and pos[n - 1][1] and _same(out[n - 1], pos[n - 1][2]):
             n -= 1
-        kw = {a.name: given[a.name] for a in kwo if a.name in given and not _same(given[a.name], a.default_value)}
+        kw = {name: given[name] for name, default in kwo if name in given and not _same(given[name], default)}
         return tuple(out[:n]), kw
 
     return bind
@@ -227,6 +230,7 @@ def _functional(func):
 
 
 _FUNCTIONAL: dict[object, tuple[object, bool]] = {}
+_PLAIN = {int, float, bool, type(None)}  # argument types recorded as they are
 
 
 class _Graph(fx.Graph):
@@ -290,7 +294,11 @@ class Recorder:
                 return entry[1]
             return self.node_of(a)
         if isinstance(a, (list, tuple)):
-            return type(a)(self.arg(x) for x in a) if type(a) in (list, tuple) else [self.arg(x) for x in a]
+            if type(a) in (list, tuple):
+                if all(type(x) in _PLAIN for x in a):
+                    return a  # sizes, strides: nothing to map (fx copies the container)
+                return type(a)(self.arg(x) for x in a)
+            return [self.arg(x) for x in a]
         return a
 
     def record(self, op: object, args: tuple, kwargs: dict, out: object, inplace: bool = False) -> None:

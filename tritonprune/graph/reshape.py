@@ -56,6 +56,8 @@ def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
     runs = reshape_runs(src, dst)
     if runs is None:
         return None
+    if ids.numel() == 1:
+        return ids.reshape((1,) * len(dst))  # one id everywhere (mostly: no identity): nothing to move
     varying = [any(ids.shape[k] > 1 for k in si) for si, _ in runs]
     spread = [d for (si, _), v in zip(runs, varying) if v for d in si]
     full = expand_dims(ids, src, spread)
@@ -72,8 +74,10 @@ def compact(ids: torch.Tensor) -> torch.Tensor:
     """Ids that are the same all along a dim kept as size 1 there (a view back from (G, C/G*H*W) to
     (C, H, W) leaves the channels on C alone)."""
     for d in range(ids.dim()):
-        if ids.shape[d] > 1 and bool((ids == ids.narrow(d, 0, 1)).all()):
-            ids = ids.narrow(d, 0, 1)
+        if ids.shape[d] > 1:
+            first = ids.narrow(d, 0, 1)
+            if torch.equal(ids, first.expand_as(ids)):  # (one call where == and all() are three)
+                ids = first
     return ids
 
 
@@ -84,20 +88,50 @@ def _split_structure(space: IdSpace, new: torch.Tensor, runs, varying, dst) -> N
     big = [k for k in sj if dst[k] > 1]
     if len(big) < 2:
         return
-    sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
-    sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
-    if sub.shape[1] > 1:
-        # a channel repeated along the inner dim (GroupNorm's view of (C/G, H, W) as one dim): once each
-        new_run = torch.ones_like(sub, dtype=torch.bool)
-        new_run[:, 1:] = sub[:, 1:] != sub[:, :-1]
-        if bool((new_run == new_run[:1]).all()):
-            sub = sub[:, new_run[0]]
+    if all(new.shape[k] == 1 for k in range(new.dim()) if k not in big):
+        sub = new.reshape(-1, dst[big[-1]])  # nothing but the split dims (heads): their rows as they are
+    else:
+        sub = new.movedim(big, list(range(new.dim() - len(big), new.dim())))
+        sub = sub.reshape(-1, *[dst[k] for k in big])[0].reshape(-1, dst[big[-1]])
+    blocks = _blocks(sub)
+    if blocks is not None:
+        space.soft_requirements.append(blocks)
+
+
+def _blocks(sub: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """The distinct rows of `sub` [outer, inner] (a channel repeated along the inner dim counted once)
+    as blocks (ids in order, count) when they are at least two and hold distinct channels; else None."""
+    if sub.numel() <= 4096:
+        # attention heads (a few short rows): the same on Python lists, a dozen small torch calls less
+        listed = sub.tolist()
+        if not any(a == b for r in listed for a, b in zip(r, r[1:])):
+            return _distinct_rows(sub, listed)
+    # a channel repeated along the inner dim (GroupNorm's view of (C/G, H, W) as one dim): once each
+    new_run = torch.ones_like(sub, dtype=torch.bool)
+    new_run[:, 1:] = sub[:, 1:] != sub[:, :-1]
+    if bool((new_run == new_run[:1]).all()):
+        sub = sub[:, new_run[0]]
     rows = torch.unique_consecutive(sub, dim=0) if sub.shape[0] > 1 else sub
     rows = torch.unique(rows, dim=0, sorted=False) if rows.shape[0] > 1 else rows
     flat = rows.reshape(-1)
     if rows.shape[0] > 1 and bool((flat >= 0).all()) and flat.unique().numel() == flat.numel():
         order = torch.argsort(rows[:, 0])
-        space.soft_requirements.append((rows[order].reshape(-1).clone(), rows.shape[0]))
+        return rows[order].reshape(-1).clone(), rows.shape[0]
+    return None
+
+
+def _distinct_rows(sub: torch.Tensor, listed: list[list[int]]) -> tuple[torch.Tensor, int] | None:
+    """`_blocks` for rows without repeats, read from their list `listed`."""
+    first: dict[tuple, int] = {}
+    for i, r in enumerate(listed):
+        first.setdefault(tuple(r), i)
+    flat = [v for r in first for v in r]
+    if len(first) < 2 or min(flat) < 0 or len(set(flat)) != len(flat):
+        return None
+    order = sorted(first.values(), key=lambda i: listed[i][0])  # distinct ids: by first id is by row
+    if order == list(range(len(listed))):
+        return sub.reshape(-1), len(order)  # heads in order (the common case): no copy to make
+    return sub[order].reshape(-1), len(order)
 
 
 @rule(*overloads(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,

@@ -45,7 +45,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training is not flag:  # (Module.__setattr__ is slow: only the flags that changed)
+                m.training = flag
         with torch.no_grad():
             for b, saved in buffers:
                 if b.shape == saved.shape:

@@ -286,13 +286,14 @@ def _rule_of(op: object) -> Rule | None:
 
 def _within(ids: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     """`ids` hold channel ids, all inside one of the id ranges."""
-    if not ranges:
+    if not ranges or not ids.numel():
         return False
-    known = ids[ids >= 0]
-    if not known.numel():
-        return False
-    lo, hi = int(known.min()), int(known.max())
-    return any(a <= lo and hi < b for a, b in ranges)
+    hi = int(ids.max())  # the largest id (NONE, -1, is below every id)
+    around = [a for a, b in ranges if a <= hi < b]
+    if hi < 0 or not around:
+        return False  # no ids, or the largest outside every range: one reduction, no masking
+    lo = int(ids[ids >= 0].min())
+    return any(a <= lo for a in around)
 
 
 def owner(name: str) -> str:
