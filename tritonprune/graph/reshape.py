@@ -52,13 +52,17 @@ def reshape_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int]
 
 
 def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
-                space: IdSpace | None = None) -> torch.Tensor | None:
-    runs = reshape_runs(src, dst)
+                space: IdSpace | None = None, runs: list | None = None) -> torch.Tensor | None:
+    runs = reshape_runs(src, dst) if runs is None else runs
     if runs is None:
         return None
     if ids.numel() == 1:
         return ids.reshape((1,) * len(dst))  # one id everywhere (mostly: no identity): nothing to move
     varying = [any(ids.shape[k] > 1 for k in si) for si, _ in runs]
+    moved = [r for r, v in zip(runs, varying) if v]
+    if len(moved) == 1 and len(moved[0][0]) == 1 and len(moved[0][1]) == 1:
+        # the one channel dim passes as it is, the view regroups others (`x.view(-1, C)`, `view(B, N, C)`)
+        return ids.reshape([dst[k] if v else 1 for (_, sj), v in zip(runs, varying) for k in sj])
     spread = [d for (si, _), v in zip(runs, varying) if v for d in si]
     full = expand_dims(ids, src, spread)
     target = []
@@ -141,27 +145,32 @@ def view(w: Walker, node: fx.Node) -> object:
     if not isinstance(ids, torch.Tensor):
         return no_identity(w, node)
     src, dst = w.shape(node.args[0]), w.out_shape(node)
-    new = reshape_ids(ids, src, dst, w.space)
+    runs = reshape_runs(src, dst)
+    new = reshape_ids(ids, src, dst, w.space, runs) if runs is not None else None
     if new is None:
         w.warn(node, "cannot follow channels through this reshape")
         w.space.exclude(ids)
         return no_identity(w, node)
-    _note_outer_count(w, node, ids, src, dst)
+    _note_outer_count(w, node, ids, src, dst, runs)
     return new
 
 
-def _note_outer_count(w: Walker, node: fx.Node, ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...]) -> None:
+def _note_outer_count(w: Walker, node: fx.Node, ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
+                      runs: list) -> None:
     """A channel dim viewed as (outer, inner, ...) where `outer` is an integer attribute of the module
     running the view (Ultralytics' Attention: `qkv.view(B, self.num_heads, ..., N)`, qkv's conv two levels
     down): that module reads the count of the group its channels fall into (heads, when they go whole),
     so slicing updates the attribute there (Group.readers)."""
-    runs = reshape_runs(src, dst)
-    for si, sj in runs or ():
-        big = [k for k in sj if dst[k] > 1]
-        if len(si) != 1 or len(big) < 2 or ids.shape[si[0]] == 1:
+    for si, sj in runs:
+        if len(si) != 1 or len(sj) < 2 or ids.shape[si[0]] == 1:
             continue
+        big = [k for k in sj if dst[k] > 1]
+        if len(big) < 2:
+            continue
+        if dst[big[0]] not in _int_attributes(_running_module(w, node)):
+            continue  # checked first: the attribute is rarely there, the channel vector costs torch calls
         vec = channel_vector(ids, si[0], src[si[0]])
-        if vec is not None and bool((vec >= 0).all()) and dst[big[0]] in _int_attributes(_running_module(w, node)):
+        if vec is not None and bool((vec >= 0).all()):
             w.space.readers.append((vec.clone(), w.module_of(node).replace("<root>", "")))
 
 
