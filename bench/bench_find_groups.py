@@ -6,7 +6,8 @@ with where our time goes; and the scaling on a deep narrow MLP.
     TRITONPRUNE_BENCH_MODELS=resnet18,resnet50 python bench/bench_find_groups.py --no-scaling
     python -m pytest bench/bench_find_groups.py --benchmark-only   # the same, under pytest-benchmark
 
-Per model: the median of `rounds` calls of each (after one warm-up call), alternated (ours, theirs,
+Per model: the median of `rounds` calls of each (more for fast models, until each side ran 0.5 s; after one
+warm-up call), alternated (ours, theirs,
 ours, ...) so load swings hit both, plus one instrumented call of ours split into its phases (CPU time)
 (recording the forward, the walk applying the coupling rules, assembly into Groups), and one plain
 no_grad forward of the model for scale. Wall and CPU (process)
@@ -110,6 +111,9 @@ def phases(model: nn.Module, x: object) -> dict[str, float]:
             "groups": len(groups), "nodes": len(tr.graph.nodes)}
 
 
+MIN_SECONDS, MAX_ROUNDS = 0.5, 200
+
+
 def compare(model: nn.Module, x: object, rounds: int) -> dict:
     import torch_pruning as tp
 
@@ -121,7 +125,9 @@ def compare(model: nn.Module, x: object, rounds: int) -> dict:
 
     ours(), theirs()  # warm-up: first-call caches
     a, b, ca, cb = [], [], [], []
-    for _ in range(rounds):
+    # at least `rounds` rounds, more for fast models until each side has run MIN_SECONDS: a 10 ms call
+    # measured 5 times swings by +-20% on a shared machine
+    while len(a) < rounds or (sum(a) + sum(b) < 2 * MIN_SECONDS and len(a) < MAX_ROUNDS):
         for fn, out, cpu in ((ours, a, ca), (theirs, b, cb)):
             t, c = time.perf_counter(), time.process_time()
             fn()
@@ -130,7 +136,7 @@ def compare(model: nn.Module, x: object, rounds: int) -> dict:
     return {"ours_s": statistics.median(a), "ours_iqr_s": iqr(a), "tp_s": statistics.median(b),
             "tp_iqr_s": iqr(b), "ratio": statistics.median(x_ / y_ for x_, y_ in zip(a, b)),
             "ours_cpu_s": statistics.median(ca), "tp_cpu_s": statistics.median(cb),
-            "cpu_ratio": statistics.median(x_ / y_ for x_, y_ in zip(ca, cb)), "rounds": rounds,
+            "cpu_ratio": statistics.median(x_ / y_ for x_, y_ in zip(ca, cb)), "rounds": len(a),
             "tp_groups": len(theirs()), **phases(model, x)}
 
 

@@ -354,6 +354,8 @@ class Recorder:
     def entered(self, module: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
         """A module's forward returned: note which recorded values it received, under which parameter name
         (a value computed outside it, such as Bloom's ALiBi tensor, may then be narrowed at its entry)."""
+        if len(args) + len(kwargs) < 2:
+            return  # one input: what the module works on, no side input (most layers; runs on every call)
         path = self.running.names.get(id(module))
         if path is None or threading.get_ident() != self.running.thread:
             return
