@@ -92,6 +92,18 @@ def _linear_rows(prefix: str, m: nn.Module) -> tuple[Rows, tuple[str, int]] | No
     return None
 
 
+# the child names projections / grouped_rows / latent_rows look for: a module with none of them (and not
+# an nn.MultiheadAttention) is no attention layer they know, found without their attribute lookups
+_PROJECTION_CHILDREN = frozenset({
+    "q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v", "kv", "query_proj", "key_proj",
+    "value_proj", "wq", "wk", "wv", "to_q", "to_k", "to_v", "c_attn", "query_key_value", "qkv_proj", "qkv",
+    "to_qkv", "q_b_proj", "kv_b_proj"})
+
+
+def _may_be_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or not _PROJECTION_CHILDREN.isdisjoint(m._modules)
+
+
 def projections(name: str, m: nn.Module) -> Projections | None:
     """Where an attention module's q, k and v rows are, or None if it is not one we know."""
     if isinstance(m, nn.MultiheadAttention):
@@ -583,12 +595,16 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
     ups: list[Update] = []
     shapes: list[tuple[Shape, Shape]] = []
     own: list[tuple[nn.Module, Shape]] = []  # modules whose forward reads head counts from the config
+    attention: set[int] = set()  # the attention modules found (ids)
     for name, m in model.named_modules():
+        if not _may_be_attention(m):
+            continue
         p = projections(name, m)
         grouped = grouped_rows(name, m) if p is None else None
         latent = latent_rows(name, m) if p is None and grouped is None else None
         if p is None and grouped is None and latent is None:
             continue
+        attention.add(id(m))
         if p is not None:
             s = new_shape(name, m, p, tensors, cuts)
         else:
@@ -618,15 +634,15 @@ def attention_updates(model: nn.Module, tensors: Mapping[str, torch.Tensor], cut
     hidden = _uniform([(b.hidden, a.hidden) for b, a in shapes])
     mlps = _intermediate_sizes(model, tensors, cuts)
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) or projections(name, m) is not None or grouped_rows(name, m) \
-                or latent_rows(name, m):
+        if id(m) in attention or isinstance(m, nn.MultiheadAttention):
             continue
+        own_attrs = vars(m)  # the sizes below are plain attributes set in __init__ (no Module.__getattr__)
         # modules that store the hidden size (LlamaMLP, LlamaDecoderLayer, GPT2Model.embed_dim)
         if hidden is not None and hidden[0] != hidden[1]:
             for attr in ("hidden_size", "embed_dim"):
-                if _int_attr(m, (attr,)) == hidden[0]:
+                if attr in own_attrs and _int_attr(m, (attr,)) == hidden[0]:
                     ups.append((m, attr, hidden[1]))
-        if _int_attr(m, ("intermediate_size",)) is not None:
+        if "intermediate_size" in own_attrs and _int_attr(m, ("intermediate_size",)) is not None:
             s = _mlp_size(m, tensors, cuts, name)
             if s is not None and s[0] != s[1] and m.intermediate_size == s[0]:
                 ups.append((m, "intermediate_size", s[1]))
