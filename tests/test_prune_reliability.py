@@ -618,3 +618,17 @@ def test_fake_forwards_never_write_into_the_real_model():
     assert torch.equal(model.cache["s"], torch.full((4,), 2.0))
     out = model(x)
     assert type(out) is torch.Tensor and torch.isfinite(out).all()
+
+
+def test_transaction_takes_back_a_forward_pre_hook_added_in_place():
+    # slicing installs the kept-heads hook into the module's own hook dict (graph/entries, Bloom's ALiBi):
+    # a failure after that must leave the module without it
+    from tritonprune.pruning.kept_heads import KeptHeads
+    from tritonprune.pruning.transaction import Transaction
+
+    m = nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="later step"):
+        with Transaction(m):
+            m.register_forward_pre_hook(KeptHeads("input", 0, 2, [1]), with_kwargs=True)
+            raise RuntimeError("a later step fails")
+    assert not m._forward_pre_hooks and not m._forward_pre_hooks_with_kwargs

@@ -5,8 +5,8 @@ module attributes (sizes, head counts, even `__class__`), config fields, and rep
 optimizer's `param_groups` and `state`. So a snapshot of references is enough to undo it, and it costs
 no copy of any weight:
 
-- every module: its class and a shallow copy of its `__dict__` (with `_parameters`, `_buffers` and
-  `_modules` copied one level down),
+- every module: its class and a shallow copy of its `__dict__` (with `_parameters`, `_buffers`,
+  `_modules` and the forward pre-hooks copied one level down),
 - every config object a module holds (Hugging Face `config`): a shallow copy of its `__dict__`,
 - the optimizer: each param group's dict and params list, the `state` mapping, and a
   RegularizedOptimizer's groups,
@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from ..graph.module_copy import is_config
 
-_NESTED = ("_parameters", "_buffers", "_modules")
+# copied one level down: slicing adds to them in place (forward pre-hooks: the kept-heads hook)
+_NESTED = ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
 
 def _configs(obj: Any, seen: dict[int, Any]) -> None:
