@@ -62,7 +62,7 @@ def reshape_ids(ids: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...],
     moved = [r for r, v in zip(runs, varying) if v]
     if len(moved) == 1 and len(moved[0][0]) == 1 and len(moved[0][1]) == 1:
         # the one channel dim passes as it is, the view regroups others (`x.view(-1, C)`, `view(B, N, C)`)
-        return ids.reshape([dst[k] if v else 1 for (_, sj), v in zip(runs, varying) for k in sj])
+        return compact(ids.reshape([dst[k] if v else 1 for (_, sj), v in zip(runs, varying) for k in sj]))
     spread = [d for (si, _), v in zip(runs, varying) if v for d in si]
     full = expand_dims(ids, src, spread)
     target = []
