@@ -128,13 +128,13 @@ def convolution(w: Walker, node: fx.Node) -> object:
 # ---- linear maps ------------------------------------------------------------------------------
 
 
-def _linear(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object, in_dim: int,
-            out_dim: int) -> object:
+def _couple_input(w: Walker, x: fx.Node, weight: fx.Node, in_dim: int) -> bool:
+    """The last dim of `x` and the input dim of a Linear's `weight` are one set of channels; False (nothing
+    coupled) where `x` has no ids or shape."""
     ids = w.act(x)
     xshape = w.shape(x)
-    out_shape = w.out_shape(node)
     if not isinstance(ids, torch.Tensor) or xshape is None:
-        return no_identity(w, node)
+        return False
     in_ids = w.pid(weight, in_dim, kind=g.LINEAR, role=g.IN)
     last = len(xshape) - 1
     full = expand_dims(ids, xshape, [last])
@@ -143,6 +143,14 @@ def _linear(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object,
     none = full < 0
     if bool(none.any()):
         w.space.exclude(in_ids[none.reshape(-1, xshape[last]).any(0)])
+    return True
+
+
+def _linear(w: Walker, node: fx.Node, x: fx.Node, weight: fx.Node, bias: object, in_dim: int,
+            out_dim: int) -> object:
+    out_shape = w.out_shape(node)
+    if not _couple_input(w, x, weight, in_dim):
+        return no_identity(w, node)
     out_ids = w.pid(weight, out_dim, kind=g.LINEAR, role=g.OUT)
     if bias is not None:
         w.space.union(w.pid(bias, 0, kind=g.LINEAR, role=g.OUT, is_bias=True), out_ids)
@@ -190,17 +198,8 @@ def _linear_rows(w: Walker, node: fx.Node, x: fx.Node, weight: tuple[fx.Node, in
                  bias: tuple[fx.Node, int, int] | None) -> object:
     """A Linear whose weight (and bias) are a block of rows of a parameter: its outputs are those rows."""
     param, start, rows = weight
-    ids = w.act(x)
-    xshape = w.shape(x)
-    if not isinstance(ids, torch.Tensor) or xshape is None or len(w.shape(param)) != 2:
+    if len(w.shape(param)) != 2 or not _couple_input(w, x, param, 1):
         return no_identity(w, node)
-    in_ids = w.pid(param, 1, kind=g.LINEAR, role=g.IN)
-    last = len(xshape) - 1
-    full = expand_dims(ids, xshape, [last])
-    w.space.union(full, along(in_ids, last, full.dim()))
-    none = full < 0
-    if bool(none.any()):
-        w.space.exclude(in_ids[none.reshape(-1, xshape[last]).any(0)])
     out_ids = w.pid(param, 0, kind=g.LINEAR, role=g.OUT)[start : start + rows]
     if bias is not None:
         w.space.union(w.pid(bias[0], 0, kind=g.LINEAR, role=g.OUT, is_bias=True)[start : start + rows], out_ids)
